@@ -1,0 +1,1 @@
+//! Sampling schedulers (in progress)

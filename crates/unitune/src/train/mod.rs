@@ -1,0 +1,1 @@
+//! Training: optimizers and the tune loop (in progress)
