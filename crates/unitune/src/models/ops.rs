@@ -1,1 +1,221 @@
-//! (in progress)
+//! Differentiable building blocks shared by the networks.
+//!
+//! candle's `softmax_last_dim` and the fused path of `candle_nn::LayerNorm` are registered without a
+//! backward: gradients through them silently come out missing. Everything here is composed of ops
+//! that have one, and the tests below check the gradients against finite differences.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+/// Half-precision inputs are normalised in f32, as torch does inside its fused kernels.
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs = xs.to_dtype(compute_dtype(dtype))?;
+    // The max only keeps exp() in range; softmax does not depend on it, so no gradient is needed.
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let num = xs.broadcast_sub(&max)?.exp()?;
+    let den = num.sum_keepdim(D::Minus1)?;
+    num.broadcast_div(&den)?.to_dtype(dtype)
+}
+
+/// Layer normalisation over the last dimension, as `torch.nn.LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let xs = xs.to_dtype(compute_dtype(dtype))?;
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let centered = xs.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// `torch.nn.GroupNorm` (candle's is composed of differentiable ops).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
+    candle_nn::group_norm(groups, channels, eps, vb)
+}
+
+/// Activation functions named as in diffusers' `act_fn` and transformers' `hidden_act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Exact GELU (erf), torch's default.
+    Gelu,
+    /// CLIP's x * sigmoid(1.702 x).
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" => Some(Self::Gelu),
+            "quick_gelu" => Some(Self::QuickGelu),
+            _ => None,
+        }
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => xs.silu(),
+            Self::Gelu => xs.gelu_erf(),
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+        }
+    }
+}
+
+/// Nearest-neighbour upsampling of `[b, c, h, w]` to `[b, c, out_h, out_w]`, as
+/// `F.interpolate(mode="nearest")`. The factor-2 case is a broadcast (cheap, and its backward sums
+/// correctly; candle's `upsample_nearest2d` backward overwrites rather than accumulates).
+pub fn upsample_nearest(xs: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    if out_h == 2 * h && out_w == 2 * w {
+        return xs
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, out_h, out_w));
+    }
+    // torch's legacy "nearest": source index floor(dst * in / out).
+    let index = |out: usize, len: usize| {
+        let idx: Vec<u32> = (0..out).map(|i| ((i * len) / out) as u32).collect();
+        Tensor::new(idx, xs.device())
+    };
+    xs.index_select(&index(out_h, h)?, 2)?.index_select(&index(out_w, w)?, 3)
+}
+
+/// `[b, n, heads * d]` -> `[b, heads, n, d]`.
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, hd) = xs.dims3()?;
+    xs.reshape((b, n, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// `[b, heads, n, d]` -> `[b, n, heads * d]`.
+pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
+    let (b, heads, n, d) = xs.dims4()?;
+    xs.transpose(1, 2)?.reshape((b, n, heads * d))
+}
+
+/// Scaled dot-product attention on `[b, heads, n, d]` tensors; `mask` is added to the scores
+/// (e.g. `-inf` above the diagonal for CLIP's causal mask).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, n_q, n_k]
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Checks the autograd gradient of `sum(f(x) * w)` (w fixed random) against central finite
+    /// differences, in f64.
+    pub(crate) fn check_grad(f: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize]) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev).unwrap()).unwrap();
+        let out_shape = f(x.as_tensor()).unwrap().dims().to_vec();
+        let w = Tensor::randn(0f64, 1.0, out_shape, &dev).unwrap();
+        let loss = |x: &Tensor| (f(x).unwrap() * &w).unwrap().sum_all().unwrap();
+        let grads = loss(x.as_tensor()).backward().unwrap();
+        let g = grads.get(x.as_tensor()).expect("no gradient reached the input").flatten_all().unwrap();
+        let g: Vec<f64> = g.to_vec1().unwrap();
+        let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        for (i, &gi) in g.iter().enumerate() {
+            let probe = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let t = Tensor::from_vec(v, shape, &dev).unwrap();
+                loss(&t).to_scalar::<f64>().unwrap()
+            };
+            let fd = (probe(eps) - probe(-eps)) / (2.0 * eps);
+            assert!((fd - gi).abs() <= 1e-5 * (1.0 + fd.abs()), "element {i}: autograd {gi}, finite differences {fd}");
+        }
+    }
+
+    #[test]
+    fn softmax_matches_candle_and_has_gradient() {
+        let x = Tensor::randn(0f32, 3.0, (2, 5, 7), &Device::Cpu).unwrap();
+        let ours = softmax_last_dim(&x).unwrap();
+        let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let diff = (ours - fused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{diff}");
+        check_grad(softmax_last_dim, &[3, 6]);
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_and_has_gradient() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
+        let ln = LayerNorm { weight: weight.clone(), bias: bias.clone(), eps: 1e-5 };
+        let x = Tensor::randn(0f32, 2.0, (3, 6), &dev).unwrap();
+        let fused = candle_nn::LayerNorm::new(weight, bias, 1e-5).forward(&x).unwrap();
+        let diff = (ln.forward(&x).unwrap() - fused).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let ln = LayerNorm { weight: to64(&ln.weight), bias: to64(&ln.bias), eps: 1e-5 };
+        check_grad(|x| ln.forward(x), &[2, 6]);
+    }
+
+    #[test]
+    fn activations_have_gradients() {
+        for act in [Activation::Silu, Activation::Gelu, Activation::QuickGelu] {
+            check_grad(|x| act.forward(x), &[10]);
+        }
+        let x = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
+        let q: Vec<f64> = Activation::QuickGelu.forward(&x).unwrap().to_vec1().unwrap();
+        assert!((q[0] - 1.0 / (1.0 + (-1.702f64).exp())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn upsample_matches_torch_nearest_and_has_gradient() {
+        let x = Tensor::arange(0f64, 6.0, &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap();
+        let up: Vec<Vec<f64>> = upsample_nearest(&x, 4, 6).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(up[1], vec![0., 0., 1., 1., 2., 2.]);
+        assert_eq!(up[3], vec![3., 3., 4., 4., 5., 5.]);
+        // Odd target size (diffusers' forward_upsample_size): torch gives rows [0, 0, 1] for 2 -> 3.
+        let odd: Vec<Vec<f64>> = upsample_nearest(&x, 3, 3).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(odd, vec![vec![0., 1., 2.], vec![0., 1., 2.], vec![3., 4., 5.]]);
+        check_grad(|x| upsample_nearest(x, 4, 6), &[1, 2, 2, 3]);
+        check_grad(|x| upsample_nearest(x, 3, 5), &[1, 1, 2, 3]);
+    }
+
+    #[test]
+    fn attention_has_gradient_through_q_k_and_v() {
+        let dev = Device::Cpu;
+        let k = Tensor::randn(0f64, 1.0, (1, 2, 4, 3), &dev).unwrap();
+        let v = Tensor::randn(0f64, 1.0, (1, 2, 4, 3), &dev).unwrap();
+        check_grad(|q| attention(q, &k, &v, None), &[1, 2, 3, 3]);
+        let q = Tensor::randn(0f64, 1.0, (1, 2, 3, 3), &dev).unwrap();
+        check_grad(|k| attention(&q, k, &v, None), &[1, 2, 4, 3]);
+    }
+}
