@@ -28,6 +28,10 @@ pub enum Error {
     #[error("invalid {name}: {message}")]
     Argument { name: String, message: String },
 
+    /// The user asked to stop (Ctrl-C); nothing was written.
+    #[error("interrupted")]
+    Interrupted,
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -1,1 +1,211 @@
-//! Pipelines (in progress)
+//! Pipelines: a loaded Stable Diffusion folder ([`StableDiffusion`]) and the stages built on it,
+//! named as in diffusers (`encode_prompt`, `prepare_latents`, the denoising loop, `decode_latents`).
+
+mod generate;
+mod progress;
+
+pub use generate::{generate, GenerateRequest};
+pub use progress::{NoProgress, Progress};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{read_json, Error, Result};
+use crate::models::clip::ClipTextModel;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKl, VaeConfig};
+use crate::noise::Noise;
+use crate::schedulers::SchedulerConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::train::session::Session;
+use crate::weights::{TrainableFilter, WeightStore};
+
+/// How to load a model folder.
+#[derive(Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// The dtype networks compute in (f32 on CPU).
+    pub dtype: DType,
+    /// Weights variant to require, e.g. `fp16` for `*.fp16.safetensors`; `None` takes the
+    /// full-precision files, or the fp16 ones when they are all the folder has.
+    pub variant: Option<String>,
+    /// UNet tensors to load as trainable `Var`s (for tuning); `None` loads all frozen.
+    pub trainable: Option<TrainableFilter>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, variant: None, trainable: None }
+    }
+}
+
+/// Pipeline classes whose folders hold exactly the SD 1.x/2.x components we load.
+const PIPELINE_CLASSES: [&str; 3] =
+    ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"];
+/// The class each component must have, as `model_index.json` names it.
+const COMPONENTS: [(&str, &str); 5] = [
+    ("unet", "UNet2DConditionModel"),
+    ("vae", "AutoencoderKL"),
+    ("text_encoder", "CLIPTextModel"),
+    ("tokenizer", "CLIPTokenizer"),
+    ("scheduler", ""),
+];
+
+/// A Stable Diffusion 1.x / 2.x model loaded from a diffusers-layout folder.
+pub struct StableDiffusion {
+    pub dir: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub vae: AutoencoderKl,
+    pub vae_config: VaeConfig,
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNet2DConditionConfig,
+    /// The UNet's weights as stored (the base a session's deltas apply to) and its trainable vars.
+    pub unet_store: WeightStore,
+    pub scheduler_config: SchedulerConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl StableDiffusion {
+    /// Loads every component of the folder `dir`, checking `model_index.json` first so that a
+    /// folder of another pipeline (SDXL, SD3, ...) is refused by name rather than by a missing tensor.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        check_model_index(dir)?;
+        let variant = options.variant.as_deref();
+        let (device, dtype) = (&options.device, options.dtype);
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let (text_encoder, _) = ClipTextModel::load(&dir.join("text_encoder"), variant, dtype, device)?;
+        let (vae, vae_config) = AutoencoderKl::load(&dir.join("vae"), variant, dtype, device)?;
+        let unet_config = UNet2DConditionConfig::from_file(&dir.join("unet/config.json"))?;
+        let mut unet_store = WeightStore::open(&dir.join("unet"), variant, device)?;
+        if let Some(filter) = &options.trainable {
+            unet_store = unet_store.with_trainable(filter.clone());
+        }
+        let unet = UNet2DConditionModel::from_store(&unet_store, &unet_config, dtype, device)?;
+        let scheduler_config = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            vae,
+            vae_config,
+            unet,
+            unet_config,
+            unet_store,
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Pixels per latent along each side (8 for Stable Diffusion).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_config.scale_factor()
+    }
+
+    /// Text embeddings `[1, 77, d]` for `prompt`, and the part of the prompt that did not fit.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Option<String>)> {
+        let encoding = self.tokenizer.encode(prompt);
+        let ids = Tensor::new(encoding.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok((self.text_encoder.forward(&ids)?, encoding.truncated))
+    }
+
+    /// Scaled latents `[1, c, h/8, w/8]` of an image tensor in `[-1, 1]`, sampled from the VAE's
+    /// posterior as diffusers' img2img does (one noise draw).
+    pub fn encode_image(&self, image: &Tensor, noise: &mut Noise) -> Result<Tensor> {
+        let posterior = self.vae.encode(&image.to_dtype(self.dtype)?)?;
+        let z = posterior.sample(noise)?;
+        self.scale_latents(&z)
+    }
+
+    /// VAE latents to the scale the UNet works in: `(z - shift) * scaling_factor`.
+    pub fn scale_latents(&self, z: &Tensor) -> Result<Tensor> {
+        Ok(self.vae_config.scale_latents(z)?)
+    }
+
+    /// Image tensor `[b, 3, h, w]` in `[-1, 1]` from scaled latents.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&self.vae_config.unscale_latents(latents)?)
+    }
+
+    /// Replaces the UNet with `base + deltas` of a tuned session (tune once, edit many).
+    pub fn apply_session(&mut self, session: &Session) -> Result<()> {
+        let tuned = session.apply(self.unet_store.tensors(), self.unet_store.origin())?;
+        let store = WeightStore::from_tensors(self.unet_store.origin(), tuned);
+        self.unet = UNet2DConditionModel::from_store(&store, &self.unet_config, self.dtype, &self.device)?;
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    #[serde(flatten)]
+    components: HashMap<String, serde_json::Value>,
+}
+
+fn check_model_index(dir: &Path) -> Result<()> {
+    let path = dir.join("model_index.json");
+    if !path.is_file() {
+        return Err(Error::weights(
+            dir,
+            "not a diffusers model folder (no model_index.json); expected unet/, vae/, text_encoder/, tokenizer/, scheduler/",
+        ));
+    }
+    let index: ModelIndex = read_json(&path)?;
+    let class = index.class_name.unwrap_or_default();
+    if !PIPELINE_CLASSES.contains(&class.as_str()) {
+        return Err(Error::config(
+            &path,
+            "_class_name",
+            format!("`{class}` is not supported; unitune loads Stable Diffusion 1.x/2.x folders ({})", PIPELINE_CLASSES.join(", ")),
+        ));
+    }
+    for (name, expected) in COMPONENTS {
+        // Each entry is ["library", "ClassName"].
+        let found = index.components.get(name).and_then(|v| v.get(1)).and_then(|c| c.as_str());
+        match found {
+            None => return Err(Error::config(&path, name, "component missing")),
+            Some(found) if !expected.is_empty() && found != expected => {
+                return Err(Error::config(&path, name, format!("class `{found}` is not supported (expected `{expected}`)")))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
+    }
+
+    #[test]
+    fn loads_both_fixture_styles() {
+        for name in ["tiny-sd1", "tiny-sd2"] {
+            let sd = StableDiffusion::load(&fixture(name), &LoadOptions::default()).unwrap();
+            assert_eq!(sd.vae_scale_factor(), 8);
+            let (emb, cut) = sd.encode_prompt("a photo of a cat").unwrap();
+            assert_eq!(emb.dims(), &[1, 77, 32]);
+            assert!(cut.is_none());
+        }
+    }
+
+    #[test]
+    fn other_pipelines_are_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("unitune-index-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
+        let err = StableDiffusion::load(&dir, &LoadOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("_class_name") && err.contains("StableDiffusionXLPipeline"), "{err}");
+        let err = StableDiffusion::load(&dir.join("nowhere"), &LoadOptions::default()).err().unwrap().to_string();
+        assert!(err.contains("model_index.json"), "{err}");
+    }
+}

@@ -1,0 +1,145 @@
+//! `unitune generate`: txt2img, or img2img with `--image`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use unitune::image_io;
+use unitune::noise::Noise;
+use unitune::pipelines::{generate, GenerateRequest, LoadOptions, StableDiffusion};
+use unitune::schedulers::SchedulerKind;
+
+use crate::progress::BarProgress;
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout (model_index.json, unet/, vae/, ...).
+    #[arg(long)]
+    model: PathBuf,
+    /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from (the unconditional prompt of classifier-free guidance).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Start from this image (img2img): PNG, JPEG or WebP.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// img2img: fraction of the schedule re-run from the noised image (1.0 ignores the image).
+    #[arg(long, default_value_t = 0.8)]
+    strength: f64,
+    /// Number of denoising steps of the full schedule.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Classifier-free guidance scale; 1.0 or less skips the unconditional pass.
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, ddpm, euler, euler-a or dpm++ [default: the folder's scheduler if supported, else ddim].
+    #[arg(long)]
+    scheduler: Option<SchedulerKind>,
+    /// Override a field of scheduler_config.json, e.g. `timestep_spacing=trailing` or `eta=0.5`.
+    #[arg(long = "scheduler-option", value_name = "KEY=VALUE")]
+    scheduler_options: Vec<String>,
+    /// Width in pixels, a multiple of 8 [default: the model's size, or the image's for img2img].
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Seed of the noise [default: random, printed].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// safetensors file whose f32 tensor `latents` [1, 4, H/8, W/8] replaces the initial noise
+    /// (as diffusers' `latents=`).
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Output PNG file.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    check_output(&args.output, args.image.as_deref())?;
+    let options = LoadOptions { variant: args.variant.clone(), ..LoadOptions::default() };
+    let mut sd = StableDiffusion::load(&args.model, &options)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    apply_scheduler_options(&mut sd, &args.scheduler_options)?;
+    let scheduler = match args.scheduler {
+        Some(kind) => kind,
+        None => default_scheduler(&sd),
+    };
+
+    let factor = sd.vae_scale_factor();
+    let mut request = GenerateRequest::new(args.prompt.clone());
+    let image = args.image.as_deref().map(image_io::load_image).transpose()?;
+    let (default_w, default_h) = match &image {
+        // As diffusers: the image's size rounded down to a multiple of 8.
+        Some(img) => ((img.width() as usize) / factor * factor, (img.height() as usize) / factor * factor),
+        None => (sd.unet_config.sample_size * factor, sd.unet_config.sample_size * factor),
+    };
+    request.width = args.width.unwrap_or(default_w);
+    request.height = args.height.unwrap_or(default_h);
+    request.negative_prompt = args.negative_prompt;
+    request.num_inference_steps = args.steps;
+    request.guidance_scale = args.guidance;
+    request.scheduler = scheduler;
+    request.strength = args.strength;
+    if let Some(img) = image {
+        let img = image_io::resize(img, request.width as u32, request.height as u32);
+        request.image = Some(image_io::image_to_tensor(&img, &sd.device)?);
+    }
+    if let Some(path) = &args.init_noise {
+        request.latents = Some(read_init_noise(path, &sd.device)?);
+    }
+
+    let seed = args.seed.unwrap_or_else(rand_seed);
+    eprintln!("seed {seed}, {scheduler:?}, {} steps, {}x{}", request.num_inference_steps, request.width, request.height);
+    let mut progress = BarProgress::new();
+    let images = generate(&sd, &request, &mut Noise::seeded(seed), &mut progress)?;
+    image_io::save_png(&image_io::tensor_to_image(&images, 0)?, &args.output)?;
+    eprintln!("wrote {}", args.output.display());
+    Ok(())
+}
+
+/// Refuses to write anything but a PNG, and never over the input image.
+pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
+    let is_png = output.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        bail!("--output {}: only PNG output is supported (use a .png name)", output.display());
+    }
+    if let (Some(input), Ok(out)) = (input, output.canonicalize()) {
+        if input.canonicalize().is_ok_and(|inp| inp == out) {
+            bail!("--output {} is the input image; choose another name so the input is kept", output.display());
+        }
+    }
+    Ok(())
+}
+
+fn default_scheduler(sd: &StableDiffusion) -> SchedulerKind {
+    sd.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name).unwrap_or(SchedulerKind::Ddim)
+}
+
+fn apply_scheduler_options(sd: &mut StableDiffusion, options: &[String]) -> Result<()> {
+    let pairs = options
+        .iter()
+        .map(|o| o.split_once('=').with_context(|| format!("--scheduler-option `{o}`: expected KEY=VALUE")))
+        .collect::<Result<Vec<_>>>()?;
+    sd.scheduler_config = sd.scheduler_config.with_overrides(&pairs).context("--scheduler-option")?;
+    Ok(())
+}
+
+fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("--init-noise {}: not a readable safetensors file", path.display()))?;
+    let latents = tensors
+        .get("latents")
+        .with_context(|| format!("--init-noise {}: no tensor named `latents`", path.display()))?;
+    Ok(latents.to_dtype(candle_core::DType::F32)?)
+}
+
+fn rand_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
+}

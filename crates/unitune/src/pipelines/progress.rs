@@ -1,0 +1,27 @@
+//! How long-running work reports progress and learns that the user wants it to stop. The CLI
+//! implements it with a progress bar and a Ctrl-C flag; tests use [`NoProgress`].
+
+pub trait Progress {
+    /// A new phase of `total` steps begins (e.g. "denoising").
+    fn start(&mut self, label: &str, total: usize);
+    /// One step of the current phase is done; `message` carries extra state (e.g. the loss).
+    fn step(&mut self, message: Option<&str>);
+    /// The current phase is over.
+    fn finish(&mut self);
+    /// Something the user should know that is not an error (a truncated prompt, a fallback).
+    fn warn(&mut self, text: &str);
+    /// True once the user asked to stop; loops check it between steps.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Reports nothing and never cancels.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&mut self, _: &str, _: usize) {}
+    fn step(&mut self, _: Option<&str>) {}
+    fn finish(&mut self) {}
+    fn warn(&mut self, _: &str) {}
+}

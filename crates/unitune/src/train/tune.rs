@@ -1,0 +1,259 @@
+//! UniTune's tuning stage: fine-tune the UNet on (image, "token") pairs so that the token comes to
+//! mean this one image. As in the paper: batch 4, 128 steps, Adafactor at a fixed lr of 1e-4, text
+//! encoder (and VAE) frozen, most UNet layers trained; no prior-preservation loss.
+//!
+//! One step, as diffusers' DreamBooth script: the image's latent mean (times the VAE scaling
+//! factor) repeated to the batch, per-sample noise and timesteps drawn uniformly from the training
+//! schedule, the target chosen by `prediction_type`, an MSE loss, backward, optimizer step.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+
+use super::session::{fingerprint, Session};
+use super::{OptimizerKind, TrainOptimizer};
+use crate::noise::Noise;
+use crate::pipelines::{Progress, StableDiffusion};
+use crate::schedulers::{NoiseSchedule, PredictionType};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::TrainableFilter;
+use crate::{Error, Result};
+
+/// Made-up words tried in order for the default token (the first is the paper's).
+const TOKEN_CANDIDATES: [&str; 3] = ["beikkpic", "qlomvtex", "zwerpikd"];
+
+/// Which UNet tensors the tune changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainableLayers {
+    /// Every UNet tensor except normalisation scales/shifts and the timestep embedding MLP
+    /// (about 99.9% of the weights): the paper's "most layers".
+    #[default]
+    Most,
+    All,
+    /// The transformer blocks only (self- and cross-attention, feed-forward, projections).
+    Attention,
+    /// The cross-attention layers (`attn2`) only: the smallest, text-facing part.
+    CrossAttention,
+}
+
+impl FromStr for TrainableLayers {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "most" => Ok(Self::Most),
+            "all" => Ok(Self::All),
+            "attention" => Ok(Self::Attention),
+            "cross-attention" => Ok(Self::CrossAttention),
+            _ => Err(Error::argument("layers", format!("`{s}` is not one of: most, all, attention, cross-attention"))),
+        }
+    }
+}
+
+impl TrainableLayers {
+    /// Whether the UNet tensor `name` (diffusers' naming) is tuned.
+    pub fn includes(self, name: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Most => !name.starts_with("time_embedding.") && !name.split('.').any(|part| part.contains("norm")),
+            Self::Attention => name.contains(".attentions."),
+            Self::CrossAttention => name.contains(".attn2."),
+        }
+    }
+
+    pub fn filter(self) -> TrainableFilter {
+        Arc::new(move |name: &str| self.includes(name))
+    }
+}
+
+/// Everything that decides a tune, recorded in the session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TuneSettings {
+    pub token: String,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    #[serde(serialize_with = "display")]
+    pub optimizer: OptimizerKind,
+    pub layers: TrainableLayers,
+    pub seed: u64,
+}
+
+fn display<S: serde::Serializer>(v: &OptimizerKind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&v.to_string())
+}
+
+impl TuneSettings {
+    /// The paper's settings with the given token and seed.
+    pub fn new(token: impl Into<String>, seed: u64) -> Self {
+        Self {
+            token: token.into(),
+            steps: 128,
+            batch_size: 4,
+            learning_rate: 1e-4,
+            optimizer: OptimizerKind::Adafactor,
+            layers: TrainableLayers::Most,
+            seed,
+        }
+    }
+}
+
+/// The default rare token for `tokenizer`: the first candidate that the tokenizer splits into
+/// several pieces, i.e. that is no word of its vocabulary and so carries no meaning of its own.
+pub fn default_token(tokenizer: &ClipTokenizer) -> String {
+    TOKEN_CANDIDATES
+        .iter()
+        .find(|t| tokenizer.tokenize(t).len() >= 2)
+        .unwrap_or(&TOKEN_CANDIDATES[0])
+        .to_string()
+}
+
+/// Why `token` is a poor choice, if it is: one vocabulary entry is a word the model already
+/// knows, and tuning would overwrite that meaning.
+pub fn token_warning(tokenizer: &ClipTokenizer, token: &str) -> Option<String> {
+    let pieces = tokenizer.tokenize(token);
+    match pieces.len() {
+        0 => Some("the token is empty after normalisation".into()),
+        1 => Some(format!(
+            "`{token}` is a single word of the model's vocabulary, so it already means something; a made-up word such as `{}` binds more cleanly",
+            default_token(tokenizer)
+        )),
+        _ => None,
+    }
+}
+
+/// The noise and timesteps of one step, drawn by [`Tuner::step`] or given by a test.
+pub struct StepInputs {
+    /// [b, c, h, w]
+    pub noise: Tensor,
+    /// [b] u32, each in 0..num_train_timesteps.
+    pub timesteps: Tensor,
+}
+
+/// A tune in progress: the frozen inputs (latents, text embedding), the optimizer, the RNG.
+pub struct Tuner<'a> {
+    sd: &'a StableDiffusion,
+    settings: TuneSettings,
+    schedule: NoiseSchedule,
+    /// [b, c, h, w]: the image's latents, repeated.
+    latents: Tensor,
+    /// [b, 77, d]: the token's embedding, repeated.
+    text: Tensor,
+    optimizer: TrainOptimizer,
+    timestep_rng: rand_chacha::ChaCha8Rng,
+}
+
+impl<'a> Tuner<'a> {
+    /// `sd` must have been loaded with a trainable filter (`LoadOptions::trainable`); `image` is
+    /// `[1, 3, h, w]` in `[-1, 1]`.
+    pub fn new(sd: &'a StableDiffusion, image: &Tensor, settings: TuneSettings) -> Result<Self> {
+        if settings.steps == 0 || settings.batch_size == 0 {
+            return Err(Error::argument("steps/batch", "must be at least 1"));
+        }
+        let vars: Vec<_> = sd.unet_store.trainable_vars().into_iter().map(|(_, v)| v).collect();
+        if vars.is_empty() {
+            return Err(Error::argument("layers", "no UNet tensor is trainable"));
+        }
+        let b = settings.batch_size;
+        let posterior = sd.vae.encode(&image.to_dtype(sd.dtype)?)?;
+        let latents = sd.scale_latents(&posterior.mean)?.detach().repeat((b, 1, 1, 1))?;
+        let (text, _) = sd.encode_prompt(&settings.token)?;
+        let text = text.detach().repeat((b, 1, 1))?;
+        Ok(Self {
+            sd,
+            schedule: NoiseSchedule::new(&sd.scheduler_config)?,
+            latents,
+            text,
+            optimizer: settings.optimizer.build(vars, settings.learning_rate)?,
+            timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
+            settings,
+        })
+    }
+
+    /// Draws a step's noise and per-sample timesteps.
+    pub fn draw_inputs(&mut self, noise: &mut Noise) -> Result<StepInputs> {
+        let n = self.schedule.num_train_timesteps() as u32;
+        let timesteps: Vec<u32> = (0..self.settings.batch_size).map(|_| self.timestep_rng.gen_range(0..n)).collect();
+        Ok(StepInputs {
+            noise: noise.randn(self.latents.shape(), self.latents.device())?.to_dtype(self.latents.dtype())?,
+            timesteps: Tensor::new(timesteps, self.latents.device())?,
+        })
+    }
+
+    /// The training loss for given inputs (no update).
+    pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
+        let noisy = self.schedule.add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
+        let target = match self.sd.scheduler_config.prediction_type {
+            PredictionType::Epsilon => inputs.noise.clone(),
+            PredictionType::VPrediction => self.schedule.get_velocity(&self.latents, &inputs.noise, &inputs.timesteps)?,
+            PredictionType::Sample => self.latents.clone(),
+        };
+        let t = inputs.timesteps.to_dtype(DType::F32)?;
+        let pred = self.sd.unet.forward(&noisy, &t, &self.text)?;
+        Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+    }
+
+    /// One optimisation step; returns the loss before the update.
+    pub fn step(&mut self, inputs: &StepInputs) -> Result<f32> {
+        let loss = self.loss(inputs)?;
+        self.optimizer.backward_step(&loss)?;
+        Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// The tuned weights as a session (deltas against the base weights) for `image`, the
+    /// picture the tune saw.
+    pub fn into_session(self, image: RgbImage, losses: Vec<f32>) -> Result<Session> {
+        let base = self.sd.unet_store.tensors();
+        let mut deltas = BTreeMap::new();
+        for (name, var) in self.sd.unet_store.trainable_vars() {
+            let delta = (var.as_tensor().to_dtype(DType::F32)? - base[&name].to_dtype(DType::F32)?)?;
+            if delta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
+                deltas.insert(name, delta);
+            }
+        }
+        Ok(Session {
+            token: self.settings.token.clone(),
+            base_fingerprint: fingerprint(base)?,
+            image,
+            settings: serde_json::to_value(&self.settings).expect("settings serialize"),
+            losses,
+            deltas,
+        })
+    }
+}
+
+/// Runs a whole tune on `image` (already at the size to train at) and returns the session.
+/// `on_step(step, loss)` is called after every step (e.g. for a JSON log).
+pub fn tune(
+    sd: &StableDiffusion,
+    image: &RgbImage,
+    settings: TuneSettings,
+    noise: &mut Noise,
+    progress: &mut dyn Progress,
+    on_step: &mut dyn FnMut(usize, f32) -> Result<()>,
+) -> Result<Session> {
+    if let Some(warning) = token_warning(&sd.tokenizer, &settings.token) {
+        progress.warn(&warning);
+    }
+    let pixels = crate::image_io::image_to_tensor(image, &sd.device)?;
+    let steps = settings.steps;
+    let mut tuner = Tuner::new(sd, &pixels, settings)?;
+    let mut losses = Vec::with_capacity(steps);
+    progress.start("tuning", steps);
+    for step in 0..steps {
+        if progress.cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let inputs = tuner.draw_inputs(noise)?;
+        let loss = tuner.step(&inputs)?;
+        losses.push(loss);
+        on_step(step, loss)?;
+        progress.step(Some(&format!("loss {loss:.4}")));
+    }
+    progress.finish();
+    tuner.into_session(image.clone(), losses)
+}
