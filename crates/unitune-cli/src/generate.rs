@@ -70,16 +70,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => default_scheduler(&sd),
     };
 
-    let factor = sd.vae_scale_factor();
-    let mut request = GenerateRequest::new(args.prompt.clone());
     let image = args.image.as_deref().map(image_io::load_image).transpose()?;
-    let (default_w, default_h) = match &image {
-        // As diffusers: the image's size rounded down to a multiple of 8.
-        Some(img) => ((img.width() as usize) / factor * factor, (img.height() as usize) / factor * factor),
-        None => (sd.unet_config.sample_size * factor, sd.unet_config.sample_size * factor),
-    };
-    request.width = args.width.unwrap_or(default_w);
-    request.height = args.height.unwrap_or(default_h);
+    let (width, height) = default_size(&sd, args.width, args.height, image.as_ref().map(|i| i.dimensions()))?;
+    let mut request = GenerateRequest::new(args.prompt.clone());
+    (request.width, request.height) = (width, height);
     request.negative_prompt = args.negative_prompt;
     request.num_inference_steps = args.steps;
     request.guidance_scale = args.guidance;
@@ -102,6 +96,25 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// The size to work at: the flags if given, else the image's size rounded down to a multiple of 8
+/// (as diffusers), else the model's native size (`unet.sample_size * 8`).
+pub fn default_size(
+    sd: &StableDiffusion,
+    width: Option<usize>,
+    height: Option<usize>,
+    image: Option<(u32, u32)>,
+) -> Result<(usize, usize)> {
+    let f = sd.vae_scale_factor();
+    let native = sd.unet_config.sample_size.map(|s| s * f);
+    let pick = |flag: Option<usize>, from_image: Option<u32>, name: &str| match (flag, from_image, native) {
+        (Some(v), _, _) => Ok(v),
+        (None, Some(v), _) => Ok(v as usize / f * f),
+        (None, None, Some(v)) => Ok(v),
+        (None, None, None) => bail!("the model's unet/config.json has no sample_size: pass --{name}"),
+    };
+    Ok((pick(width, image.map(|d| d.0), "width")?, pick(height, image.map(|d| d.1), "height")?))
+}
+
 /// Refuses to write anything but a PNG, and never over the input image.
 pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
     let is_png = output.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
@@ -120,12 +133,13 @@ fn default_scheduler(sd: &StableDiffusion) -> SchedulerKind {
     sd.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name).unwrap_or(SchedulerKind::Ddim)
 }
 
+/// Applies `--scheduler-option KEY=VALUE` overrides (VALUE read as JSON, else as a string).
 fn apply_scheduler_options(sd: &mut StableDiffusion, options: &[String]) -> Result<()> {
     let pairs = options
         .iter()
         .map(|o| o.split_once('=').with_context(|| format!("--scheduler-option `{o}`: expected KEY=VALUE")))
         .collect::<Result<Vec<_>>>()?;
-    sd.scheduler_config = sd.scheduler_config.with_overrides(&pairs).context("--scheduler-option")?;
+    sd.scheduler_config = sd.scheduler_config.with_overrides(&pairs)?;
     Ok(())
 }
 
@@ -138,7 +152,7 @@ fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_c
     Ok(latents.to_dtype(candle_core::DType::F32)?)
 }
 
-fn rand_seed() -> u64 {
+pub fn rand_seed() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)

@@ -1,7 +1,10 @@
 //! The `unitune` command: argument parsing and reporting only; the work is in the `unitune` library.
 
+mod bench;
+mod edit;
 mod generate;
 mod progress;
+mod tune;
 
 use clap::{Parser, Subcommand};
 
@@ -16,12 +19,22 @@ struct Cli {
 enum Command {
     /// Generate an image from a prompt (txt2img), or from a prompt and an image (img2img).
     Generate(generate::GenerateArgs),
+    /// Fine-tune the model on one image bound to a rare token; writes a session file.
+    Tune(tune::TuneArgs),
+    /// Edit the tuned image with a prompt, from a session written by `tune`.
+    Edit(edit::EditArgs),
+    /// Time the model's building blocks (benchmarks; see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Tune(args) => tune::run(args),
+        Command::Edit(args) => edit::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     if let Err(err) = result {
         // The full chain: what we were doing, then the library's error naming the file or flag.

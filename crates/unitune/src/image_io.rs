@@ -34,6 +34,19 @@ pub fn resize(image: RgbImage, width: u32, height: u32) -> RgbImage {
     image::imageops::resize(&image, width, height, image::imageops::FilterType::Lanczos3)
 }
 
+/// Scales `image` to cover `width` x `height` (aspect kept, Lanczos3), then crops the centre: the
+/// rule DreamBooth-style training uses (`Resize(shorter side)` + `CenterCrop`).
+pub fn resize_and_center_crop(image: RgbImage, width: u32, height: u32) -> RgbImage {
+    let (w, h) = image.dimensions();
+    if (w, h) == (width, height) {
+        return image;
+    }
+    let scale = f64::max(width as f64 / w as f64, height as f64 / h as f64);
+    let (sw, sh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
+    let scaled = resize(image, sw, sh);
+    image::imageops::crop_imm(&scaled, (sw - width) / 2, (sh - height) / 2, width, height).to_image()
+}
+
 /// `[1, 3, h, w]` f32 in `[-1, 1]`, as diffusers' `VaeImageProcessor.preprocess`.
 pub fn image_to_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
@@ -101,6 +114,15 @@ mod tests {
         let max = t.max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!((min, max), (-1.0, 1.0));
         assert_eq!(tensor_to_image(&t, 0).unwrap(), image);
+    }
+
+    #[test]
+    fn cover_and_centre_crop() {
+        // A 40x20 image, left half red, right half blue, to 10x10: scaled to 20x10, centre kept.
+        let image = RgbImage::from_fn(40, 20, |x, _| if x < 20 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let out = resize_and_center_crop(image, 10, 10);
+        assert_eq!(out.dimensions(), (10, 10));
+        assert!(out.get_pixel(1, 5)[0] > 200 && out.get_pixel(8, 5)[2] > 200);
     }
 
     #[test]

@@ -272,12 +272,12 @@ mod tests {
     fn session() -> (Session, HashMap<String, Tensor>) {
         let dev = Device::Cpu;
         let base = HashMap::from([
-            ("a.weight".to_string(), Tensor::randn(0f32, 1.0, (8, 3, 3, 3), &dev).unwrap()),
+            ("a.weight".to_string(), Tensor::randn(0f32, 1.0, (64, 16, 3, 3), &dev).unwrap()),
             ("a.bias".to_string(), Tensor::randn(0f32, 1.0, 8, &dev).unwrap()),
             ("b.weight".to_string(), Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap()),
         ]);
         let deltas = BTreeMap::from([
-            ("a.weight".to_string(), (Tensor::randn(0f32, 1e-3, (8, 3, 3, 3), &dev).unwrap())),
+            ("a.weight".to_string(), (Tensor::randn(0f32, 1e-3, (64, 16, 3, 3), &dev).unwrap())),
             ("a.bias".to_string(), Tensor::randn(0f32, 1e-3, 8, &dev).unwrap()),
         ]);
         let image = RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));

@@ -1,0 +1,126 @@
+//! `unitune tune`: fine-tune the UNet on one image bound to a rare token; writes a session.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use unitune::image_io;
+use unitune::noise::Noise;
+use unitune::pipelines::{LoadOptions, StableDiffusion};
+use unitune::train::session::DeltaEncoding;
+use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
+use unitune::train::OptimizerKind;
+
+use crate::generate::{default_size, rand_seed};
+use crate::progress::BarProgress;
+
+#[derive(Args)]
+pub struct TuneArgs {
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout.
+    #[arg(long)]
+    model: PathBuf,
+    /// Weights variant to load, e.g. `fp16`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// The photo to tune on (PNG, JPEG or WebP).
+    #[arg(long)]
+    image: PathBuf,
+    /// The rare token the image is bound to [default: a made-up word the tokenizer splits, e.g. beikkpic].
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    steps: usize,
+    /// Images per step (copies of the one image, each with its own noise and timestep).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// adafactor (the paper's) or adamw.
+    #[arg(long, default_value = "adafactor")]
+    optimizer: OptimizerKind,
+    /// UNet tensors to tune: most (all but norms and the timestep MLP), all, attention, cross-attention.
+    #[arg(long, default_value = "most")]
+    layers: TrainableLayers,
+    /// Training size; the image is scaled to cover it and centre-cropped [default: the model's size].
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Write one JSON object per step ({"step", "loss"}) to this file.
+    #[arg(long)]
+    log_json: Option<PathBuf>,
+    /// How weight deltas are stored: q8 (int8 per-row, default), f16 or f32 (exact).
+    #[arg(long, default_value = "q8")]
+    delta_encoding: DeltaEncoding,
+    /// The session file to write (safetensors).
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+pub fn run(args: TuneArgs) -> Result<()> {
+    for (flag, path) in [("--output", Some(&args.output)), ("--log-json", args.log_json.as_ref())] {
+        if let Some(path) = path {
+            if path.canonicalize().ok().is_some_and(|p| args.image.canonicalize().ok() == Some(p)) {
+                anyhow::bail!("{flag} {} is the input image; choose another name", path.display());
+            }
+        }
+    }
+    let image = image_io::load_image(&args.image)?;
+    let options = LoadOptions {
+        variant: args.variant.clone(),
+        trainable: Some(args.layers.filter()),
+        ..LoadOptions::default()
+    };
+    let sd = StableDiffusion::load(&args.model, &options)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let (width, height) = default_size(&sd, args.width, args.height, None)?;
+    let image = image_io::resize_and_center_crop(image, width as u32, height as u32);
+
+    let seed = args.seed.unwrap_or_else(rand_seed);
+    let token = args.token.unwrap_or_else(|| default_token(&sd.tokenizer));
+    let settings = TuneSettings {
+        token: token.clone(),
+        steps: args.steps,
+        batch_size: args.batch,
+        learning_rate: args.lr,
+        optimizer: args.optimizer,
+        layers: args.layers,
+        seed,
+    };
+    let trainable = sd.unet_store.trainable_vars();
+    let n_trainable: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "tuning {} tensors ({:.1} M weights, layers {:?}) on {width}x{height}, token `{token}`, seed {seed}",
+        trainable.len(),
+        n_trainable as f64 / 1e6,
+        args.layers
+    );
+
+    let mut log = match &args.log_json {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("--log-json {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let mut on_step = |step: usize, loss: f32| -> unitune::Result<()> {
+        if let Some(log) = log.as_mut() {
+            writeln!(log, "{{\"step\": {step}, \"loss\": {loss}}}")
+                .and_then(|()| log.flush())
+                .map_err(|e| unitune::Error::io(args.log_json.as_ref().expect("log path"), e))?;
+        }
+        Ok(())
+    };
+    let session = tune(&sd, &image, settings, &mut Noise::seeded(seed), &mut BarProgress::new(), &mut on_step)?;
+    session.save(&args.output, args.delta_encoding)?;
+    let first = session.losses.iter().take(8).sum::<f32>() / session.losses.len().min(8).max(1) as f32;
+    let last = session.losses.iter().rev().take(8).sum::<f32>() / session.losses.len().min(8).max(1) as f32;
+    eprintln!(
+        "wrote {} ({} tensors changed; loss {first:.4} -> {last:.4}, means of first/last 8 steps)",
+        args.output.display(),
+        session.deltas.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! The real `unitune` binary, end to end: `generate --init-noise` reproduces diffusers' image, and
+//! bad input is refused with a message naming the flag or file, without writing anything.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn unitune(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_unitune")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("unitune-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn init_noise_reproduces_diffusers() {
+    let out = tempdir("init-noise").join("out.png");
+    let model = fixtures().join("tiny-sd1");
+    let noise = fixtures().join("ref/sd1-init-noise.safetensors");
+    let (ok, stderr) = unitune(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a red circle on a blue background",
+        "--negative-prompt", "blurry, low quality", "--steps", "8", "--guidance", "7.5", "--scheduler", "ddim",
+        "--width", "64", "--height", "64", "--init-noise", noise.to_str().unwrap(), "--output", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let ours = image::open(&out).unwrap().to_rgb8();
+    let refs = candle_core::safetensors::load(fixtures().join("ref/pipelines.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let expected: Vec<f32> = refs["sd1_txt2img_image"].flatten_all().unwrap().to_vec1().unwrap();
+    let max = ours.as_raw().iter().zip(&expected).map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs()).fold(0.0, f32::max);
+    assert!(max <= 3.0, "max diff {max}/255");
+}
+
+#[test]
+fn bad_input_is_named_and_nothing_is_written() {
+    let dir = tempdir("bad-input");
+    let model = fixtures().join("tiny-sd1");
+    let model = model.to_str().unwrap();
+    let input = dir.join("in.png");
+    std::fs::copy(fixtures().join("ref/img2img-input.png"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    let input = input.to_str().unwrap();
+
+    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--image", input, "--output", input]);
+    assert!(!ok && err.contains("--output") && err.contains("input image"), "{err}");
+    assert_eq!(std::fs::read(input).unwrap(), before, "input image changed");
+
+    let out = dir.join("out.jpg");
+    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("PNG"), "{err}");
+
+    let out = dir.join("out.png");
+    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--width", "60", "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("width") && err.contains("multiple of 8"), "{err}");
+    let (ok, err) = unitune(&["generate", "--model", "/nonexistent/model", "--prompt", "x", "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("/nonexistent/model") && err.contains("model_index.json"), "{err}");
+    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--scheduler-option", "timestep_spacing=sideways", "--output", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("timestep_spacing"), "{err}");
+    assert!(!out.exists(), "a failed run wrote its output");
+}
