@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Subcommand, ValueEnum};
 use unitune::models::ops::Activation;
-use unitune::models::unet::{DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType};
+use unitune::models::unet::{
+    DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType,
+};
 use unitune::noise::Noise;
 use unitune::train::OptimizerKind;
 
@@ -88,9 +90,27 @@ impl Preset {
         use DownBlockType::{CrossAttnDownBlock2D as CrossDown, DownBlock2D as Down};
         match self {
             Preset::Tiny => (sd_config(&[32, 64], &[CrossDown, Down], 1, 4, 32, 8), 16, 8),
-            Preset::Medium => (sd_config(&[128, 256, 512], &[CrossDown, CrossDown, Down], 2, 8, 768, 32), 32, 77),
+            Preset::Medium => (
+                sd_config(
+                    &[128, 256, 512],
+                    &[CrossDown, CrossDown, Down],
+                    2,
+                    8,
+                    768,
+                    32,
+                ),
+                32,
+                77,
+            ),
             Preset::Sd15 => (
-                sd_config(&[320, 640, 1280, 1280], &[CrossDown, CrossDown, CrossDown, Down], 2, 8, 768, 32),
+                sd_config(
+                    &[320, 640, 1280, 1280],
+                    &[CrossDown, CrossDown, CrossDown, Down],
+                    2,
+                    8,
+                    768,
+                    32,
+                ),
                 64,
                 77,
             ),
@@ -149,14 +169,28 @@ struct Setup {
 
 impl Setup {
     fn new(args: &CommonArgs) -> Result<Self> {
-        let device = if args.cuda { Device::new_cuda(0)? } else { Device::Cpu };
-        let dtype: DType = args.dtype.parse().with_context(|| format!("--dtype {}", args.dtype))?;
+        if args.iters == 0 || args.batch == 0 {
+            bail!("--iters and --batch must be at least 1");
+        }
+        let device = if args.cuda {
+            Device::new_cuda(0)?
+        } else {
+            Device::Cpu
+        };
+        let dtype: DType = args
+            .dtype
+            .parse()
+            .with_context(|| format!("--dtype {}", args.dtype))?;
         if !dtype.is_float() || dtype == DType::F64 {
-            bail!("--dtype {}: only f32, f16 and bf16 are benchmarked", args.dtype);
+            bail!(
+                "--dtype {}: only f32, f16 and bf16 are benchmarked",
+                args.dtype
+            );
         }
         let (cfg, size, tokens) = args.preset.shape();
         let varmap = VarMap::new();
-        let unet = UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, dtype, &device), &cfg)?;
+        let unet =
+            UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, dtype, &device), &cfg)?;
         // Norm scales come out of a VarMap as zeros (plain `vb.get`); torch starts them at one.
         for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
             if name.ends_with(".weight") && var.rank() == 1 {
@@ -184,19 +218,31 @@ impl Setup {
             })
             .collect();
         let timesteps = Tensor::from_vec(steps, b, &device)?;
-        Ok(Self { varmap, unet, params, sample, timesteps, context, target })
+        Ok(Self {
+            varmap,
+            unet,
+            params,
+            sample,
+            timesteps,
+            context,
+            target,
+        })
     }
 
     fn loss(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
         let out = unet.forward(&self.sample, &self.timesteps, &self.context)?; // [b, 4, h, w]
-        Ok((out - &self.target)?.sqr()?.mean_all()?.to_dtype(DType::F32)?)
+        Ok((out - &self.target)?
+            .sqr()?
+            .mean_all()?
+            .to_dtype(DType::F32)?)
     }
 
     /// The same weights as constants: candle records no graph for them, like torch's `no_grad`.
     fn inference_unet(&self, args: &CommonArgs) -> Result<UNet2DConditionModel> {
-        let consts: HashMap<String, Tensor> = (self.varmap.data().lock().expect("varmap lock").iter())
-            .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
-            .collect();
+        let consts: HashMap<String, Tensor> =
+            (self.varmap.data().lock().expect("varmap lock").iter())
+                .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+                .collect();
         let vb = VarBuilder::from_tensors(consts, self.sample.dtype(), self.sample.device());
         Ok(UNet2DConditionModel::new(vb, &args.preset.shape().0)?)
     }
@@ -224,9 +270,9 @@ impl Report {
             self.params
         );
         for (name, secs) in &self.phases {
-            let _ = write!(s, ",\"{name}\":{secs:.4}");
+            let _ = write!(s, ",\"{name}\":{}", json_number(*secs, 4));
         }
-        let _ = write!(s, ",\"peak_rss_mb\":{:.0}}}", self.peak_rss_mb);
+        let _ = write!(s, ",\"peak_rss_mb\":{}}}", json_number(self.peak_rss_mb, 0));
         s
     }
 
@@ -236,7 +282,11 @@ impl Report {
             return;
         }
         let (preset, batch, iters) = (self.preset.name(), self.batch, self.iters);
-        println!("{} bench, preset {preset}, batch {batch}, {:.1} M weights, median of {iters}:", self.bench, self.params as f64 / 1e6);
+        println!(
+            "{} bench, preset {preset}, batch {batch}, {:.1} M weights, median of {iters}:",
+            self.bench,
+            self.params as f64 / 1e6
+        );
         for (name, secs) in &self.phases {
             println!("  {name:<20} {secs:>8.3}");
         }
@@ -277,7 +327,10 @@ fn bench_tune_step(args: &TuneStepArgs) -> Result<Report> {
     let kind: OptimizerKind = args.optimizer.parse()?;
     let mut optimizer = kind.build(setup.varmap.all_vars(), args.lr)?;
     let device = setup.sample.device().clone();
-    let mut times = Timings::new(common, &["forward_s", "backward_s", "optimizer_s", "step_s"]);
+    let mut times = Timings::new(
+        common,
+        &["forward_s", "backward_s", "optimizer_s", "step_s"],
+    );
     for _ in 0..common.warmup + common.iters {
         let t0 = Instant::now();
         let loss = setup.loss(&setup.unet)?;
@@ -305,20 +358,50 @@ struct Timings {
 
 impl Timings {
     fn new(args: &CommonArgs, names: &'static [&'static str]) -> Self {
-        Self { names, warmup: args.warmup, seen: 0, samples: vec![Vec::new(); names.len()] }
+        Self {
+            names,
+            warmup: args.warmup,
+            seen: 0,
+            samples: vec![Vec::new(); names.len()],
+        }
     }
 
     fn push(&mut self, secs: &[f64]) {
         self.seen += 1;
         if self.seen > self.warmup {
-            self.samples.iter_mut().zip(secs).for_each(|(s, &x)| s.push(x));
+            self.samples
+                .iter_mut()
+                .zip(secs)
+                .for_each(|(s, &x)| s.push(x));
         }
     }
 
     fn report(self, bench: &'static str, args: &CommonArgs, params: usize) -> Report {
-        let phases = self.names.iter().zip(self.samples).map(|(&name, s)| (name, median(s))).collect();
+        let phases = self
+            .names
+            .iter()
+            .zip(self.samples)
+            .map(|(&name, s)| (name, median(s)))
+            .collect();
         let (preset, batch, iters) = (args.preset, args.batch, args.iters);
-        Report { bench, preset, batch, iters, params, phases, peak_rss_mb: peak_rss_mb() }
+        Report {
+            bench,
+            preset,
+            batch,
+            iters,
+            params,
+            phases,
+            peak_rss_mb: peak_rss_mb(),
+        }
+    }
+}
+
+/// `x` with `decimals` digits, or `null` for NaN (JSON has no NaN).
+fn json_number(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "null".into()
     }
 }
 
@@ -335,6 +418,106 @@ fn median(mut xs: Vec<f64>) -> f64 {
 /// `VmHWM` of /proc/self/status in MiB; NaN where there is no procfs.
 fn peak_rss_mb() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok());
+    let kib = status.lines().find_map(|l| {
+        l.strip_prefix("VmHWM:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    });
     kib.map_or(f64::NAN, |k| k / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: BenchCommand,
+    }
+
+    /// The number after `"key":` in a flat JSON object.
+    fn field(json: &str, key: &str) -> f64 {
+        let start = json
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("no {key} in {json}"))
+            + key.len()
+            + 3;
+        let rest = &json[start..];
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        rest[..end]
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+    }
+
+    #[test]
+    fn tiny_benches_report_every_phase() {
+        let args = [
+            "unitune-bench",
+            "tune-step",
+            "--preset",
+            "tiny",
+            "--batch",
+            "2",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+        ];
+        let BenchCommand::TuneStep(args) = Cli::parse_from(args).command else {
+            panic!("not tune-step")
+        };
+        let json = bench_tune_step(&args).unwrap().json();
+        assert!(
+            json.starts_with("{\"bench\":\"tune-step\",\"impl\":\"candle\",\"preset\":\"tiny\""),
+            "{json}"
+        );
+        assert_eq!(field(&json, "batch"), 2.0);
+        for key in [
+            "forward_s",
+            "backward_s",
+            "optimizer_s",
+            "step_s",
+            "peak_rss_mb",
+            "params",
+        ] {
+            assert!(field(&json, key) > 0.0, "{key} in {json}");
+        }
+        // The step is the three phases of the same iteration, so its median is at least the largest.
+        assert!(
+            field(&json, "step_s") >= field(&json, "backward_s"),
+            "{json}"
+        );
+
+        let args = [
+            "unitune-bench",
+            "unet",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--json",
+        ];
+        let BenchCommand::Unet(args) = Cli::parse_from(args).command else {
+            panic!("not unet")
+        };
+        let json = bench_unet(&args).unwrap().json();
+        for key in ["forward_s", "forward_backward_s", "peak_rss_mb"] {
+            assert!(field(&json, key) > 0.0, "{key} in {json}");
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

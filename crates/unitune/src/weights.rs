@@ -175,6 +175,25 @@ impl WeightStore {
         VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
     }
 
+    /// Builds a network with `new` from this store, then checks that it used every stored tensor.
+    /// A build failure (missing tensor, wrong shape) becomes a weights error for this store's file.
+    pub fn build<M>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        new: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+    ) -> Result<M> {
+        let model = new(self.var_builder(dtype, device)).map_err(|err| {
+            // Our backend's messages already start with the path: keep it once.
+            let origin = format!("{}: ", self.inner.origin.display());
+            let message = err.to_string();
+            let message = message.strip_prefix(&origin).map(str::to_string).unwrap_or(message);
+            Error::weights(&self.inner.origin, message)
+        })?;
+        self.ensure_all_used()?;
+        Ok(model)
+    }
+
     /// Fails if the file holds tensors the network did not ask for: the config and the weights
     /// disagree (wrong `config.json`, or weights of another architecture).
     pub fn ensure_all_used(&self) -> Result<()> {

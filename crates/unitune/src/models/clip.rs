@@ -270,10 +270,7 @@ impl ClipTextModel {
         device: &Device,
     ) -> Result<(Self, ClipTextConfig)> {
         let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let store = WeightStore::open(dir, variant, device)?;
-        let model = Self::new(store.var_builder(dtype, device), &cfg)
-            .map_err(|e| weights_error(&store, e))?;
-        store.ensure_all_used()?;
+        let model = WeightStore::open(dir, variant, device)?.build(dtype, device, |vb| Self::new(vb, &cfg))?;
         Ok((model, cfg))
     }
 
@@ -351,16 +348,6 @@ fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<T
 
 /// A candle error raised while building from `store`, as our weights error for its file. The
 /// store's own messages already start with the file name; it is not repeated.
-fn weights_error(store: &WeightStore, err: candle_core::Error) -> Error {
-    let origin = store.origin().display().to_string();
-    let message = err.to_string();
-    let message = message
-        .strip_prefix(&format!("{origin}: "))
-        .map(str::to_string)
-        .unwrap_or(message);
-    Error::weights(store.origin(), message)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;

@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::{
-    check_steps, div, draw_noise, mul, spaced_timesteps, steps_not_set, NoiseSchedule,
-    PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
+    div, draw_noise, integer_timesteps, mul, steps_not_set, NoiseSchedule, PredictionType, Scheduler,
+    SchedulerConfig, SchedulerKind,
 };
 use crate::noise::Noise;
 use crate::Result;
@@ -61,19 +61,7 @@ impl Scheduler for Ddim {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps, &self.config)?;
-        let spacing = self.config.timestep_spacing_for(SchedulerKind::Ddim);
-        let timesteps = spaced_timesteps(
-            spacing,
-            self.config.num_train_timesteps,
-            num_inference_steps,
-            self.config.steps_offset,
-        );
-        // Linspace values are fractional; diffusers rounds them (half to even) to int64.
-        self.timesteps = match spacing {
-            TimestepSpacing::Linspace => timesteps.into_iter().map(f64::round_ties_even).collect(),
-            _ => timesteps,
-        };
+        self.timesteps = integer_timesteps(SchedulerKind::Ddim, &self.config, num_inference_steps)?;
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }

@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::{
-    check_steps, div, draw_noise, mul, spaced_timesteps, NoiseSchedule, PredictionType, Scheduler,
-    SchedulerConfig, SchedulerKind, TimestepSpacing,
+    div, draw_noise, integer_timesteps, mul, NoiseSchedule, PredictionType, Scheduler, SchedulerConfig,
+    SchedulerKind,
 };
 use crate::noise::Noise;
 use crate::{Error, Result};
@@ -73,18 +73,7 @@ impl Scheduler for Ddpm {
     }
 
     fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()> {
-        check_steps(num_inference_steps, &self.config)?;
-        let spacing = self.config.timestep_spacing_for(SchedulerKind::Ddpm);
-        let timesteps = spaced_timesteps(
-            spacing,
-            self.config.num_train_timesteps,
-            num_inference_steps,
-            self.config.steps_offset,
-        );
-        self.timesteps = match spacing {
-            TimestepSpacing::Linspace => timesteps.into_iter().map(f64::round_ties_even).collect(),
-            _ => timesteps,
-        };
+        self.timesteps = integer_timesteps(SchedulerKind::Ddpm, &self.config, num_inference_steps)?;
         self.num_inference_steps = Some(num_inference_steps);
         Ok(())
     }

@@ -103,9 +103,7 @@ impl AutoencoderKl {
         device: &Device,
     ) -> Result<(Self, VaeConfig)> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let store = WeightStore::open(dir, variant, device)?;
-        let vae = Self::new(store.var_builder(dtype, device), &cfg)?;
-        store.ensure_all_used()?;
+        let vae = WeightStore::open(dir, variant, device)?.build(dtype, device, |vb| Self::new(vb, &cfg))?;
         Ok((vae, cfg))
     }
 
