@@ -245,9 +245,11 @@ impl ClipTextModel {
             emb.get_unchecked_dtype("position_ids", DType::I64)?;
         }
         let token_embedding = candle_nn::embedding(cfg.vocab_size, c, emb.pp("token_embedding"))?;
+        // From scratch: N(0, 0.02), CLIP's own initialisation.
+        let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
         let position_embedding = emb
             .pp("position_embedding")
-            .get((cfg.max_position_embeddings, c), "weight")?;
+            .get_with_hints((cfg.max_position_embeddings, c), "weight", init)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;

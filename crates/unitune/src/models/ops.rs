@@ -35,8 +35,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Loads `weight` and `bias`; when built from scratch (a `VarMap`), they start at 1 and 0.
     pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps })
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
     }
 }
 
@@ -169,6 +172,16 @@ pub(crate) mod tests {
         let diff = (ours - fused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-6, "{diff}");
         check_grad(softmax_last_dim, &[3, 6]);
+    }
+
+    #[test]
+    fn layer_norm_from_scratch_is_the_identity_norm() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let ln = LayerNorm::new(4, 1e-5, vb).unwrap();
+        let w: Vec<f32> = ln.weight.to_vec1().unwrap();
+        let b: Vec<f32> = ln.bias.to_vec1().unwrap();
+        assert_eq!((w, b), (vec![1.0; 4], vec![0.0; 4]));
     }
 
     #[test]

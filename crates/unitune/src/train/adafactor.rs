@@ -70,17 +70,15 @@ impl Factoring {
     }
 }
 
-/// Hyper-parameters, named and defaulted as transformers' `Adafactor` (`eps = (eps1, eps2)`).
+/// Hyper-parameters, named and defaulted as transformers' `Adafactor`. Its second epsilon (1e-3)
+/// only floors the parameter-RMS scaling of relative step sizes (`scale_parameter=True`), which
+/// this fixed-step optimizer does not do, so it has no field here.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdafactorConfig {
     /// Fixed step size (UniTune: 1e-4).
     pub lr: f64,
     /// Added to `g²` before averaging, so the second moment never is 0.
     pub eps1: f64,
-    /// transformers' floor on the parameter-RMS step scaling (`scale_parameter=True`). That scaling is
-    /// off in the fixed-step mode implemented here, so this value is not used; it is kept so that a
-    /// transformers config maps over field by field.
-    pub eps2: f64,
     /// The update is scaled down so that its RMS is at most this.
     pub clip_threshold: f64,
     /// Exponent of the second-moment decay, `beta2_t = 1 - t^decay_rate`; must be negative.
@@ -97,7 +95,6 @@ impl Default for AdafactorConfig {
         Self {
             lr: 1e-4,
             eps1: 1e-30,
-            eps2: 1e-3,
             clip_threshold: 1.0,
             decay_rate: -0.8,
             beta1: None,
