@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Subcommand, ValueEnum};
@@ -77,61 +77,29 @@ enum Preset {
 }
 
 impl Preset {
-    fn name(self) -> &'static str {
-        match self {
-            Preset::Tiny => "tiny",
-            Preset::Medium => "medium",
-            Preset::Sd15 => "sd15",
-        }
-    }
-
     /// The config, the latent size and the number of context tokens.
     fn shape(self) -> (UNet2DConditionConfig, usize, usize) {
-        use DownBlockType::{CrossAttnDownBlock2D as CrossDown, DownBlock2D as Down};
         match self {
-            Preset::Tiny => (sd_config(&[32, 64], &[CrossDown, Down], 1, 4, 32, 8), 16, 8),
-            Preset::Medium => (
-                sd_config(
-                    &[128, 256, 512],
-                    &[CrossDown, CrossDown, Down],
-                    2,
-                    8,
-                    768,
-                    32,
-                ),
-                32,
-                77,
-            ),
-            Preset::Sd15 => (
-                sd_config(
-                    &[320, 640, 1280, 1280],
-                    &[CrossDown, CrossDown, CrossDown, Down],
-                    2,
-                    8,
-                    768,
-                    32,
-                ),
-                64,
-                77,
-            ),
+            Preset::Tiny => (sd_config(&[32, 64], 1, 4, 32, 8), 16, 8),
+            Preset::Medium => (sd_config(&[128, 256, 512], 2, 8, 768, 32), 32, 77),
+            Preset::Sd15 => (sd_config(&[320, 640, 1280, 1280], 2, 8, 768, 32), 64, 77),
         }
     }
 }
 
-/// An SD 1.x-style config; the up blocks mirror the down blocks.
+/// An SD 1.x-style config: cross-attention on every level but the deepest, up blocks mirrored.
 fn sd_config(
     channels: &[usize],
-    down: &[DownBlockType],
     layers: usize,
     heads: usize,
     cross_attention_dim: usize,
     groups: usize,
 ) -> UNet2DConditionConfig {
-    let up = down.iter().rev().map(|d| match d {
-        DownBlockType::DownBlock2D => UpBlockType::UpBlock2D,
-        DownBlockType::CrossAttnDownBlock2D => UpBlockType::CrossAttnUpBlock2D,
-    });
     let n = channels.len();
+    let mut down_block_types = vec![DownBlockType::CrossAttnDownBlock2D; n - 1];
+    down_block_types.push(DownBlockType::DownBlock2D);
+    let mut up_block_types = vec![UpBlockType::UpBlock2D];
+    up_block_types.extend(vec![UpBlockType::CrossAttnUpBlock2D; n - 1]);
     UNet2DConditionConfig {
         sample_size: None,
         in_channels: 4,
@@ -139,8 +107,8 @@ fn sd_config(
         center_input_sample: false,
         flip_sin_to_cos: true,
         freq_shift: 0.0,
-        down_block_types: down.to_vec(),
-        up_block_types: up.collect(),
+        down_block_types,
+        up_block_types,
         block_out_channels: channels.to_vec(),
         layers_per_block: vec![layers; n],
         num_attention_heads: vec![heads; n],
@@ -160,7 +128,6 @@ fn sd_config(
 struct Setup {
     varmap: VarMap,
     unet: UNet2DConditionModel,
-    params: usize,
     sample: Tensor,    // [b, 4, h, w]
     timesteps: Tensor, // [b], integers in 0..1000
     context: Tensor,   // [b, tokens, cross_attention_dim]
@@ -177,16 +144,12 @@ impl Setup {
         } else {
             Device::Cpu
         };
-        let dtype: DType = args
-            .dtype
-            .parse()
-            .with_context(|| format!("--dtype {}", args.dtype))?;
-        if !dtype.is_float() || dtype == DType::F64 {
-            bail!(
-                "--dtype {}: only f32, f16 and bf16 are benchmarked",
-                args.dtype
-            );
-        }
+        let dtype = match args.dtype.as_str() {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+        };
         let (cfg, size, tokens) = args.preset.shape();
         let varmap = VarMap::new();
         let unet =
@@ -197,7 +160,6 @@ impl Setup {
                 var.set(&var.ones_like()?)?;
             }
         }
-        let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
         let b = args.batch;
         let mut noise = Noise::seeded(args.seed);
         let mut randn = |shape: &[usize]| -> Result<Tensor> {
@@ -206,14 +168,13 @@ impl Setup {
         let sample = randn(&[b, cfg.in_channels, size, size])?;
         let context = randn(&[b, tokens, cfg.cross_attention_dim])?;
         let target = randn(&[b, cfg.out_channels, size, size])?;
-        // SplitMix64: per-sample timesteps without another dependency.
+        // SplitMix64 for the per-sample timesteps.
         let mut state = args.seed;
         let steps: Vec<f32> = (0..b)
             .map(|_| {
                 state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let z = (state ^ (state >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
                 ((z ^ (z >> 31)) % 1000) as f32
             })
             .collect();
@@ -221,12 +182,15 @@ impl Setup {
         Ok(Self {
             varmap,
             unet,
-            params,
             sample,
             timesteps,
             context,
             target,
         })
+    }
+
+    fn params(&self) -> usize {
+        self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
     fn loss(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
@@ -238,100 +202,86 @@ impl Setup {
     }
 
     /// The same weights as constants: candle records no graph for them, like torch's `no_grad`.
-    fn inference_unet(&self, args: &CommonArgs) -> Result<UNet2DConditionModel> {
-        let consts: HashMap<String, Tensor> =
-            (self.varmap.data().lock().expect("varmap lock").iter())
-                .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
-                .collect();
+    fn inference_unet(&self, cfg: &UNet2DConditionConfig) -> Result<UNet2DConditionModel> {
+        let vars = self.varmap.data().lock().expect("varmap lock");
+        let consts: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
+            .collect();
         let vb = VarBuilder::from_tensors(consts, self.sample.dtype(), self.sample.device());
-        Ok(UNet2DConditionModel::new(vb, &args.preset.shape().0)?)
-    }
-}
-
-/// Median seconds of each named phase, and the process's memory high-water mark.
-struct Report {
-    bench: &'static str,
-    preset: Preset,
-    batch: usize,
-    iters: usize,
-    params: usize,
-    phases: Vec<(&'static str, f64)>,
-    peak_rss_mb: f64,
-}
-
-impl Report {
-    fn json(&self) -> String {
-        let mut s = format!(
-            "{{\"bench\":\"{}\",\"impl\":\"candle\",\"preset\":\"{}\",\"batch\":{},\"iters\":{},\"params\":{}",
-            self.bench,
-            self.preset.name(),
-            self.batch,
-            self.iters,
-            self.params
-        );
-        for (name, secs) in &self.phases {
-            let _ = write!(s, ",\"{name}\":{}", json_number(*secs, 4));
-        }
-        let _ = write!(s, ",\"peak_rss_mb\":{}}}", json_number(self.peak_rss_mb, 0));
-        s
+        Ok(UNet2DConditionModel::new(vb, cfg)?)
     }
 
-    fn print(&self, json: bool) {
-        if json {
-            println!("{}", self.json());
-            return;
+    /// Runs `iteration` `warmup + iters` times; each run returns the seconds of each of `names`
+    /// (waiting for the device first). The result is the JSON object of the medians.
+    fn time(
+        &self,
+        bench: &str,
+        args: &CommonArgs,
+        names: &[&str],
+        mut iteration: impl FnMut() -> Result<Vec<f64>>,
+    ) -> Result<String> {
+        let mut samples = vec![Vec::new(); names.len()];
+        for i in 0..args.warmup + args.iters {
+            let secs = iteration()?;
+            if i >= args.warmup {
+                samples.iter_mut().zip(secs).for_each(|(s, x)| s.push(x));
+            }
         }
-        let (preset, batch, iters) = (self.preset.name(), self.batch, self.iters);
-        println!(
-            "{} bench, preset {preset}, batch {batch}, {:.1} M weights, median of {iters}:",
-            self.bench,
-            self.params as f64 / 1e6
+        let preset = args.preset.to_possible_value().expect("no skipped presets");
+        let mut json = format!(
+            "{{\"bench\":\"{bench}\",\"impl\":\"candle\",\"preset\":\"{}\",\"batch\":{},\"iters\":{},\"params\":{}",
+            preset.get_name(),
+            args.batch,
+            args.iters,
+            self.params()
         );
-        for (name, secs) in &self.phases {
-            println!("  {name:<20} {secs:>8.3}");
+        for (name, s) in names.iter().zip(samples) {
+            let _ = write!(json, ",\"{name}\":{}", json_number(median(s), 4));
         }
-        println!("  {:<20} {:>8.0}", "peak_rss_mb", self.peak_rss_mb);
+        let _ = write!(json, ",\"peak_rss_mb\":{}}}", json_number(peak_rss_mb(), 0));
+        Ok(json)
     }
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
-    let (report, json) = match command {
+    let (json, as_json) = match command {
         BenchCommand::Unet(args) => (bench_unet(&args)?, args.json),
         BenchCommand::TuneStep(args) => (bench_tune_step(&args)?, args.common.json),
     };
-    report.print(json);
+    if as_json {
+        println!("{json}");
+    } else {
+        // One `key: value` line per field of the flat object.
+        let body = json.trim_matches(|c| c == '{' || c == '}').replace('"', "");
+        body.split(',')
+            .for_each(|field| println!("{}", field.replacen(':', ": ", 1)));
+    }
     Ok(())
 }
 
-fn bench_unet(args: &CommonArgs) -> Result<Report> {
+fn bench_unet(args: &CommonArgs) -> Result<String> {
     let setup = Setup::new(args)?;
-    let inference = setup.inference_unet(args)?;
-    let device = setup.sample.device().clone();
-    let mut times = Timings::new(args, &["forward_s", "forward_backward_s"]);
-    for _ in 0..args.warmup + args.iters {
-        let t = Instant::now();
+    let inference = setup.inference_unet(&args.preset.shape().0)?;
+    let device = setup.sample.device();
+    setup.time("unet", args, &["forward_s", "forward_backward_s"], || {
+        let t0 = Instant::now();
         inference.forward(&setup.sample, &setup.timesteps, &setup.context)?;
         device.synchronize()?;
-        let forward = t.elapsed().as_secs_f64();
-        let t = Instant::now();
+        let t1 = Instant::now();
         setup.loss(&setup.unet)?.backward()?;
         device.synchronize()?;
-        times.push(&[forward, t.elapsed().as_secs_f64()]);
-    }
-    Ok(times.report("unet", args, setup.params))
+        Ok(vec![(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()])
+    })
 }
 
-fn bench_tune_step(args: &TuneStepArgs) -> Result<Report> {
-    let common = &args.common;
-    let setup = Setup::new(common)?;
+fn bench_tune_step(args: &TuneStepArgs) -> Result<String> {
+    let setup = Setup::new(&args.common)?;
     let kind: OptimizerKind = args.optimizer.parse()?;
     let mut optimizer = kind.build(setup.varmap.all_vars(), args.lr)?;
-    let device = setup.sample.device().clone();
-    let mut times = Timings::new(
-        common,
-        &["forward_s", "backward_s", "optimizer_s", "step_s"],
-    );
-    for _ in 0..common.warmup + common.iters {
+    let device = setup.sample.device();
+    let names = ["forward_s", "backward_s", "optimizer_s", "step_s"];
+    setup.time("tune-step", &args.common, &names, || {
         let t0 = Instant::now();
         let loss = setup.loss(&setup.unet)?;
         device.synchronize()?;
@@ -342,58 +292,10 @@ fn bench_tune_step(args: &TuneStepArgs) -> Result<Report> {
         optimizer.step(&grads)?;
         device.synchronize()?;
         let t3 = Instant::now();
-        let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
-        times.push(&[secs(t0, t1), secs(t1, t2), secs(t2, t3), secs(t0, t3)]);
-    }
-    Ok(times.report("tune-step", common, setup.params))
-}
-
-/// Per-phase samples, the warm-up ones dropped.
-struct Timings {
-    names: &'static [&'static str],
-    warmup: usize,
-    seen: usize,
-    samples: Vec<Vec<f64>>,
-}
-
-impl Timings {
-    fn new(args: &CommonArgs, names: &'static [&'static str]) -> Self {
-        Self {
-            names,
-            warmup: args.warmup,
-            seen: 0,
-            samples: vec![Vec::new(); names.len()],
-        }
-    }
-
-    fn push(&mut self, secs: &[f64]) {
-        self.seen += 1;
-        if self.seen > self.warmup {
-            self.samples
-                .iter_mut()
-                .zip(secs)
-                .for_each(|(s, &x)| s.push(x));
-        }
-    }
-
-    fn report(self, bench: &'static str, args: &CommonArgs, params: usize) -> Report {
-        let phases = self
-            .names
-            .iter()
-            .zip(self.samples)
-            .map(|(&name, s)| (name, median(s)))
-            .collect();
-        let (preset, batch, iters) = (args.preset, args.batch, args.iters);
-        Report {
-            bench,
-            preset,
-            batch,
-            iters,
-            params,
-            phases,
-            peak_rss_mb: peak_rss_mb(),
-        }
-    }
+        Ok([t1 - t0, t2 - t1, t3 - t2, t3 - t0]
+            .map(|d| d.as_secs_f64())
+            .to_vec())
+    })
 }
 
 /// `x` with `decimals` digits, or `null` for NaN (JSON has no NaN).
@@ -423,10 +325,10 @@ fn peak_rss_mb() -> f64 {
             .trim()
             .strip_suffix("kB")?
             .trim()
-            .parse::<f64>()
+            .parse()
             .ok()
     });
-    kib.map_or(f64::NAN, |k| k / 1024.0)
+    kib.map_or(f64::NAN, |k: f64| k / 1024.0)
 }
 
 #[cfg(test)]
@@ -443,74 +345,47 @@ mod tests {
 
     /// The number after `"key":` in a flat JSON object.
     fn field(json: &str, key: &str) -> f64 {
-        let start = json
-            .find(&format!("\"{key}\":"))
-            .unwrap_or_else(|| panic!("no {key} in {json}"))
-            + key.len()
-            + 3;
-        let rest = &json[start..];
+        let (_, rest) = json
+            .split_once(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("no {key}: {json}"));
         let end = rest.find([',', '}']).unwrap_or(rest.len());
         rest[..end]
             .parse()
-            .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+            .unwrap_or_else(|_| panic!("{key} is not a number: {json}"))
     }
 
     #[test]
     fn tiny_benches_report_every_phase() {
-        let args = [
-            "unitune-bench",
-            "tune-step",
-            "--preset",
-            "tiny",
-            "--batch",
-            "2",
-            "--iters",
-            "2",
-            "--warmup",
-            "0",
-        ];
-        let BenchCommand::TuneStep(args) = Cli::parse_from(args).command else {
-            panic!("not tune-step")
+        let argv = "bench tune-step --preset tiny --batch 2 --iters 2 --warmup 0 --optimizer adamw";
+        let BenchCommand::TuneStep(args) = Cli::parse_from(argv.split(' ')).command else {
+            panic!()
         };
-        let json = bench_tune_step(&args).unwrap().json();
+        let json = bench_tune_step(&args).unwrap();
         assert!(
-            json.starts_with("{\"bench\":\"tune-step\",\"impl\":\"candle\",\"preset\":\"tiny\""),
+            json.starts_with(r#"{"bench":"tune-step","impl":"candle","preset":"tiny""#),
             "{json}"
         );
         assert_eq!(field(&json, "batch"), 2.0);
+        // The same weight count as diffusers' UNet2DConditionModel with this config.
+        assert_eq!(field(&json, "params"), 792_964.0);
         for key in [
             "forward_s",
             "backward_s",
             "optimizer_s",
             "step_s",
             "peak_rss_mb",
-            "params",
         ] {
-            assert!(field(&json, key) > 0.0, "{key} in {json}");
+            assert!(field(&json, key) > 0.0, "{key}: {json}");
         }
-        // The step is the three phases of the same iteration, so its median is at least the largest.
-        assert!(
-            field(&json, "step_s") >= field(&json, "backward_s"),
-            "{json}"
-        );
+        assert!(json.ends_with('}') && !json.contains("null"), "{json}");
 
-        let args = [
-            "unitune-bench",
-            "unet",
-            "--preset",
-            "tiny",
-            "--batch",
-            "1",
-            "--iters",
-            "1",
-            "--json",
-        ];
-        let BenchCommand::Unet(args) = Cli::parse_from(args).command else {
-            panic!("not unet")
+        let argv = "bench unet --preset tiny --batch 1 --iters 1 --json";
+        let BenchCommand::Unet(args) = Cli::parse_from(argv.split(' ')).command else {
+            panic!()
         };
-        let json = bench_unet(&args).unwrap().json();
+        let json = bench_unet(&args).unwrap();
         for key in ["forward_s", "forward_backward_s", "peak_rss_mb"] {
-            assert!(field(&json, key) > 0.0, "{key} in {json}");
+            assert!(field(&json, key) > 0.0, "{key}: {json}");
         }
     }
 

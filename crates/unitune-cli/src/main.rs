@@ -3,6 +3,7 @@
 mod bench;
 mod edit;
 mod generate;
+mod pretrain;
 mod progress;
 mod tune;
 
@@ -23,6 +24,8 @@ enum Command {
     Tune(tune::TuneArgs),
     /// Edit the tuned image with a prompt, from a session written by `tune`.
     Edit(edit::EditArgs),
+    /// Train a small text-to-image model from scratch (the built-in model).
+    Pretrain(pretrain::PretrainArgs),
     /// Time the model's building blocks (benchmarks; see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -34,6 +37,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Tune(args) => tune::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(command) => bench::run(command),
     };
     if let Err(err) = result {

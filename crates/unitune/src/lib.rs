@@ -13,5 +13,6 @@ pub mod schedulers;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
+pub mod world;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@
 //! have no backward, so the networks use the composite ops in [`ops`] instead.
 
 pub mod clip;
+pub mod export;
 pub mod ops;
 pub mod unet;
 pub mod vae;

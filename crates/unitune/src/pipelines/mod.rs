@@ -1,10 +1,16 @@
 //! Pipelines: a loaded Stable Diffusion folder ([`StableDiffusion`]) and the stages built on it,
 //! named as in diffusers (`encode_prompt`, `prepare_latents`, the denoising loop, `decode_latents`).
 
+mod contact_sheet;
+mod edit;
 mod generate;
+mod mask;
 mod progress;
 
-pub use generate::{generate, GenerateRequest};
+pub use contact_sheet::contact_sheet;
+pub use edit::{edit, prompt_with_token, EditBase, EditMask, EditOutput, EditRequest};
+pub use generate::{generate, GenerateRequest, Guidance, GuidanceMode};
+pub use mask::{AutoMask, Mask};
 pub use progress::{NoProgress, Progress};
 
 use std::collections::HashMap;

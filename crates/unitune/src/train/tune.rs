@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 
 use super::session::{fingerprint, Session};
 use super::{OptimizerKind, TrainOptimizer};
+use crate::models::unet::CheckpointGrads;
 use crate::noise::Noise;
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::schedulers::{NoiseSchedule, PredictionType};
@@ -149,14 +150,35 @@ pub struct Tuner<'a> {
 
 impl<'a> Tuner<'a> {
     /// `sd` must have been loaded with a trainable filter (`LoadOptions::trainable`); `image` is
-    /// `[1, 3, h, w]` in `[-1, 1]`.
+    /// `[1, 3, h, w]` in `[-1, 1]`. The optimizer is `settings.optimizer` with its defaults.
     pub fn new(sd: &'a StableDiffusion, image: &Tensor, settings: TuneSettings) -> Result<Self> {
+        let vars = trainable_vars(sd)?;
+        let optimizer = settings.optimizer.build(vars, settings.learning_rate)?;
+        Self::with_optimizer(sd, image, settings, optimizer)
+    }
+
+    /// As [`Tuner::new`] with an optimizer built by the caller over `sd`'s trainable vars, e.g. an
+    /// Adafactor with transformers' factoring to compare with PyTorch. Its kind and learning rate
+    /// must be the ones `settings` records.
+    pub fn with_optimizer(
+        sd: &'a StableDiffusion,
+        image: &Tensor,
+        settings: TuneSettings,
+        optimizer: TrainOptimizer,
+    ) -> Result<Self> {
         if settings.steps == 0 || settings.batch_size == 0 {
             return Err(Error::argument("steps/batch", "must be at least 1"));
         }
-        let vars: Vec<_> = sd.unet_store.trainable_vars().into_iter().map(|(_, v)| v).collect();
-        if vars.is_empty() {
-            return Err(Error::argument("layers", "no UNet tensor is trainable"));
+        trainable_vars(sd)?;
+        let kind_matches = matches!(
+            (settings.optimizer, &optimizer),
+            (OptimizerKind::Adafactor, TrainOptimizer::Adafactor(_)) | (OptimizerKind::AdamW, TrainOptimizer::AdamW(_))
+        );
+        if !kind_matches || optimizer.learning_rate() != settings.learning_rate {
+            return Err(Error::argument(
+                "optimizer",
+                format!("settings say {} at lr {}, the optimizer given differs", settings.optimizer, settings.learning_rate),
+            ));
         }
         let b = settings.batch_size;
         let posterior = sd.vae.encode(&image.to_dtype(sd.dtype)?)?;
@@ -168,7 +190,7 @@ impl<'a> Tuner<'a> {
             schedule: NoiseSchedule::new(&sd.scheduler_config)?,
             latents,
             text,
-            optimizer: settings.optimizer.build(vars, settings.learning_rate)?,
+            optimizer,
             timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
             settings,
         })
@@ -186,6 +208,12 @@ impl<'a> Tuner<'a> {
 
     /// The training loss for given inputs (no update).
     pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
+        Ok(self.forward_loss(inputs)?.0)
+    }
+
+    /// The loss and what back-propagates it (through checkpointed UNet units too, when the UNet
+    /// has gradient checkpointing on).
+    fn forward_loss(&self, inputs: &StepInputs) -> Result<(Tensor, CheckpointGrads)> {
         let noisy = self.schedule.add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
         let target = match self.sd.scheduler_config.prediction_type {
             PredictionType::Epsilon => inputs.noise.clone(),
@@ -193,14 +221,15 @@ impl<'a> Tuner<'a> {
             PredictionType::Sample => self.latents.clone(),
         };
         let t = inputs.timesteps.to_dtype(DType::F32)?;
-        let pred = self.sd.unet.forward(&noisy, &t, &self.text)?;
-        Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+        let (pred, grads) = self.sd.unet.forward_train(&noisy, &t, &self.text)?;
+        let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?;
+        Ok((loss, grads))
     }
 
     /// One optimisation step; returns the loss before the update.
     pub fn step(&mut self, inputs: &StepInputs) -> Result<f32> {
-        let loss = self.loss(inputs)?;
-        self.optimizer.backward_step(&loss)?;
+        let (loss, backward) = self.forward_loss(inputs)?;
+        self.optimizer.step(&backward.backward(&loss)?)?;
         Ok(loss.to_scalar::<f32>()?)
     }
 
@@ -224,6 +253,16 @@ impl<'a> Tuner<'a> {
             deltas,
         })
     }
+}
+
+/// The UNet's trainable vars; none is an error (the model was loaded without a trainable filter,
+/// or the filter matched nothing).
+fn trainable_vars(sd: &StableDiffusion) -> Result<Vec<candle_core::Var>> {
+    let vars: Vec<_> = sd.unet_store.trainable_vars().into_iter().map(|(_, v)| v).collect();
+    if vars.is_empty() {
+        return Err(Error::argument("layers", "no UNet tensor is trainable"));
+    }
+    Ok(vars)
 }
 
 /// Runs a whole tune on `image` (already at the size to train at) and returns the session.

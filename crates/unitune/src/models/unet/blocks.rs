@@ -2,9 +2,12 @@
 //! and `UpBlock2D` / `CrossAttnUpBlock2D`. A plain block is the cross-attention one without its
 //! `attentions`, so each pair shares one type here.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::checkpoint::{checkpoint, CheckpointGrads};
 use super::config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerSettings};
@@ -38,6 +41,40 @@ fn transformers(
     (0..count)
         .map(|j| Transformer2DModel::new(channels, s, vb.pp(format!("attentions.{j}"))))
         .collect()
+}
+
+/// `resnet(xs, temb)`, checkpointed into `ckpt` when given.
+fn run_resnet(
+    resnet: &ResnetBlock2D,
+    xs: &Tensor,
+    temb: &Tensor,
+    ckpt: Option<&CheckpointGrads>,
+) -> Result<Tensor> {
+    match ckpt {
+        None => resnet.forward(xs, temb),
+        Some(grads) => {
+            let resnet = resnet.clone();
+            let unit = Arc::new(move |xs: &Tensor, temb: &Tensor| resnet.forward(xs, temb));
+            checkpoint(grads, unit, xs, temb)
+        }
+    }
+}
+
+/// `attention(xs, context)`, checkpointed into `ckpt` when given.
+fn run_attention(
+    attention: &Transformer2DModel,
+    xs: &Tensor,
+    context: &Tensor,
+    ckpt: Option<&CheckpointGrads>,
+) -> Result<Tensor> {
+    match ckpt {
+        None => attention.forward(xs, context),
+        Some(grads) => {
+            let attention = attention.clone();
+            let unit = Arc::new(move |xs: &Tensor, context: &Tensor| attention.forward(xs, context));
+            checkpoint(grads, unit, xs, context)
+        }
+    }
 }
 
 /// Down block `i`: resnets (each followed by a transformer in the cross-attention variant), then a
@@ -94,19 +131,21 @@ impl DownBlock {
     }
 
     /// `xs`: [b, c_in, h, w] -> the block's output and every intermediate state kept for the skip
-    /// connections (one per resnet, plus the downsampled output).
+    /// connections (one per resnet, plus the downsampled output). With `ckpt`, each resnet and
+    /// transformer is checkpointed.
     pub fn forward(
         &self,
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
+        ckpt: Option<&CheckpointGrads>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
         for (j, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb)?;
+            xs = run_resnet(resnet, &xs, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, context)?;
+                xs = run_attention(attention, &xs, context, ckpt)?;
             }
             states.push(xs.clone());
         }
@@ -145,10 +184,16 @@ impl MidBlock {
         })
     }
 
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self.resnets[0].forward(xs, temb)?;
-        let xs = self.attention.forward(&xs, context)?;
-        self.resnets[1].forward(&xs, temb)
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ckpt: Option<&CheckpointGrads>,
+    ) -> Result<Tensor> {
+        let xs = run_resnet(&self.resnets[0], xs, temb, ckpt)?;
+        let xs = run_attention(&self.attention, &xs, context, ckpt)?;
+        run_resnet(&self.resnets[1], &xs, temb, ckpt)
     }
 }
 
@@ -204,7 +249,8 @@ impl UpBlock {
     }
 
     /// `skips`: this block's skip connections in the order the down path made them (used from the
-    /// last); `upsample_size`: the spatial size to upsample to, by default twice the input's.
+    /// last); `upsample_size`: the spatial size to upsample to, by default twice the input's. With
+    /// `ckpt`, each resnet and transformer is checkpointed.
     pub fn forward(
         &self,
         xs: &Tensor,
@@ -212,12 +258,13 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(usize, usize)>,
+        ckpt: Option<&CheckpointGrads>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (j, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            xs = resnet.forward(&Tensor::cat(&[&xs, skip], 1)?, temb)?;
+            xs = run_resnet(resnet, &Tensor::cat(&[&xs, skip], 1)?, temb, ckpt)?;
             if let Some(attention) = self.attentions.get(j) {
-                xs = attention.forward(&xs, context)?;
+                xs = run_attention(attention, &xs, context, ckpt)?;
             }
         }
         match &self.upsampler {

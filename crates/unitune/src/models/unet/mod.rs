@@ -4,9 +4,10 @@
 //! Weight names, block layout and numerics follow diffusers 0.42.1, so a `unet/` folder of any
 //! SD 1.x / 2.x pipeline loads as is ([`config`] says what is refused). The network is plain
 //! candle ops with a backward, so building it from a [`WeightStore`] with a trainable filter makes
-//! it fine-tunable.
+//! it fine-tunable; [`checkpoint`] trades compute for training memory.
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod config;
 pub mod embeddings;
 pub mod resnet;
@@ -20,6 +21,7 @@ use std::path::Path;
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 
+pub use checkpoint::CheckpointGrads;
 pub use config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
@@ -44,6 +46,8 @@ pub struct UNet2DConditionModel {
     flip_sin_to_cos: bool,
     freq_shift: f64,
     center_input_sample: bool,
+    /// Whether [`Self::forward_train`] checkpoints each resnet and transformer.
+    gradient_checkpointing: bool,
 }
 
 impl UNet2DConditionModel {
@@ -85,6 +89,7 @@ impl UNet2DConditionModel {
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
             center_input_sample: cfg.center_input_sample,
+            gradient_checkpointing: false,
         })
     }
 
@@ -120,11 +125,49 @@ impl UNet2DConditionModel {
     /// `sample`: the noisy latents [b, in_channels, h, w] in the network's dtype, any `h`, `w`;
     /// `timesteps`: [b] (one per sample, as in training) or [1] / a scalar for all, any float
     /// dtype; `encoder_hidden_states`: [b, n, cross_attention_dim]. Returns [b, out_channels, h, w].
+    ///
+    /// Never checkpoints: to train with gradient checkpointing use [`Self::forward_train`].
     pub fn forward(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(sample, timesteps, encoder_hidden_states, None)
+    }
+
+    /// Turns gradient checkpointing of [`Self::forward_train`] on or off (diffusers'
+    /// `enable_gradient_checkpointing`): each resnet and transformer then keeps only its inputs and
+    /// output and is recomputed in the backward pass, for about a third more compute per step.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
+    }
+
+    /// [`Self::forward`] for a training step, checkpointed if enabled. Back-propagate a loss
+    /// computed from the output with the returned [`CheckpointGrads::backward`] rather than
+    /// `loss.backward()`, which misses the weights inside checkpointed units.
+    pub fn forward_train(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Tensor, CheckpointGrads)> {
+        let grads = CheckpointGrads::default();
+        let ckpt = self.gradient_checkpointing.then_some(&grads);
+        let out = self.run(sample, timesteps, encoder_hidden_states, ckpt)?;
+        Ok((out, grads))
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        ckpt: Option<&CheckpointGrads>,
     ) -> Result<Tensor> {
         let (b, c, _, _) = sample.dims4()?;
         if c != self.in_channels {
@@ -166,11 +209,11 @@ impl UNet2DConditionModel {
         // Every state the down path keeps for the skip connections, in order.
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(&xs, &emb, encoder_hidden_states)?;
+            let (out, states) = block.forward(&xs, &emb, encoder_hidden_states, ckpt)?;
             xs = out;
             skips.extend(states);
         }
-        xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states)?;
+        xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, ckpt)?;
         for block in &self.up_blocks {
             let block_skips = skips.split_off(skips.len() - block.num_skips());
             // Upsample to the size of the next skip connection: twice the input when the latent
@@ -186,6 +229,7 @@ impl UNet2DConditionModel {
                 &emb,
                 encoder_hidden_states,
                 upsample_size,
+                ckpt,
             )?;
         }
         let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;

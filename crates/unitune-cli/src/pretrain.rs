@@ -1,0 +1,125 @@
+//! `unitune pretrain`: train a small text-to-image model from scratch (the built-in model) into a
+//! diffusers-layout folder, with checkpoints and `--resume`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use clap::Args;
+use unitune::train::pretrain::{pretrain, DataSource, PretrainSettings, Preset, TrainingState, WeightsDtype};
+
+use crate::progress::BarProgress;
+
+/// Options left out take the preset's defaults, or with `--resume` the values the run was
+/// started with.
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// Folder to write the model to (diffusers layout); checkpoints replace it as training goes.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// `world` (the built-in procedural scenes) or a folder of images with same-name .txt
+    /// captions [default: world].
+    #[arg(long)]
+    data: Option<String>,
+    /// Picture side in pixels.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Network sizes: small (the built-in model) or tiny (tests) [default: small].
+    #[arg(long)]
+    preset: Option<Preset>,
+    /// World data: train on scenes 0..N.
+    #[arg(long)]
+    world_scenes: Option<usize>,
+    /// Autoencoder steps (phase one).
+    #[arg(long)]
+    vae_steps: Option<usize>,
+    /// Autoencoder pictures per step.
+    #[arg(long)]
+    vae_batch: Option<usize>,
+    #[arg(long)]
+    vae_lr: Option<f64>,
+    /// Text encoder + UNet steps (phase two).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Text encoder + UNet pictures per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate of phase two (AdamW; warmup, then cosine decay to a tenth).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warmup steps of each phase.
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps between checkpoints (0: only at the end of each phase).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Weights of the final folder: f32, or f16 (half the size; checkpoints stay f32).
+    #[arg(long)]
+    dtype: Option<WeightsDtype>,
+    /// Continue the training saved in --output (its training_state.json).
+    #[arg(long)]
+    resume: bool,
+    /// Train on the first CUDA device (needs a build with `--features cuda`).
+    #[arg(long)]
+    cuda: bool,
+}
+
+pub fn run(args: PretrainArgs) -> Result<()> {
+    let (mut settings, data) = match args.resume {
+        true => {
+            let saved = TrainingState::read(&args.output).with_context(|| format!("resuming {}", args.output.display()))?;
+            (saved.settings, saved.data)
+        }
+        false => (PretrainSettings::new(args.preset.unwrap_or(Preset::Small)), "world".to_string()),
+    };
+    let overrides: [(&mut usize, Option<usize>); 8] = [
+        (&mut settings.size, args.size),
+        (&mut settings.world_scenes, args.world_scenes),
+        (&mut settings.vae_steps, args.vae_steps),
+        (&mut settings.vae_batch_size, args.vae_batch),
+        (&mut settings.steps, args.steps),
+        (&mut settings.batch_size, args.batch),
+        (&mut settings.warmup_steps, args.warmup),
+        (&mut settings.checkpoint_every, args.checkpoint_every),
+    ];
+    for (field, value) in overrides {
+        if let Some(v) = value {
+            *field = v;
+        }
+    }
+    settings.vae_learning_rate = args.vae_lr.unwrap_or(settings.vae_learning_rate);
+    settings.learning_rate = args.lr.unwrap_or(settings.learning_rate);
+    settings.seed = args.seed.unwrap_or(settings.seed);
+    settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
+    settings.preset = args.preset.unwrap_or(settings.preset);
+    let device = if args.cuda { Device::new_cuda(0)? } else { Device::Cpu };
+    let source = DataSource::parse(args.data.as_deref().unwrap_or(&data));
+    eprintln!(
+        "pretraining {:?} at {}x{} on {}: autoencoder {} steps (batch {}), unet+text {} steps (batch {}), seed {}",
+        settings.preset,
+        settings.size,
+        settings.size,
+        source.describe(),
+        settings.vae_steps,
+        settings.vae_batch_size,
+        settings.steps,
+        settings.batch_size,
+        settings.seed
+    );
+    let state = pretrain(&args.output, &source, settings, args.resume, &device, &mut BarProgress::new())
+        .with_context(|| format!("pretraining into {}", args.output.display()))?;
+    eprintln!(
+        "wrote {}: autoencoder L1 {:.4} after {} steps ({:.0} s, scaling_factor {:.4}); denoising loss {:.4} after {} steps ({:.0} s)",
+        args.output.display(),
+        state.vae_l1.recent(10),
+        state.vae_step,
+        state.vae_seconds,
+        state.scaling_factor.unwrap_or(f64::NAN),
+        state.loss.recent(10),
+        state.step,
+        state.seconds
+    );
+    Ok(())
+}

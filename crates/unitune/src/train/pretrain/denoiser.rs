@@ -1,0 +1,190 @@
+//! Phase two: the text encoder and the UNet, trained together on the frozen autoencoder's latents
+//! with the standard denoising objective.
+//!
+//! Every training picture is encoded once into its latent Gaussian (mean and std), and every
+//! caption into token ids, before the first step ([`LatentCache`]); a step samples latents from
+//! the cached Gaussians, so the autoencoder costs nothing per step. One step, as in diffusers'
+//! text-to-image training script: latents times `scaling_factor`, per-sample noise and timestep
+//! drawn uniformly from the DDPM schedule, `add_noise`, the UNet predicts the noise (epsilon)
+//! from the noisy latents and the text encoder's states of the caption. 10% of captions are
+//! replaced by the empty prompt so that the model also learns the unconditional prediction that
+//! classifier-free guidance needs.
+//!
+//! The loss is the MSE weighted per sample by min(SNR(t), 5) / SNR(t) (min-SNR-5, Hang et al.
+//! 2023; diffusers' `--snr_gamma 5`): it stops the many nearly noise-free timesteps, whose noise
+//! is hard to see and matters little to the picture, from dominating the gradient, which makes
+//! training converge several times faster.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng;
+
+use super::data::Dataset;
+use crate::models::clip::ClipTextModel;
+use crate::models::export::Tensors;
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKl;
+use crate::noise::Noise;
+use crate::schedulers::NoiseSchedule;
+use crate::tokenizer::ClipTokenizer;
+use crate::train::{OptimizerKind, TrainOptimizer};
+use crate::Result;
+
+/// gamma of the min-SNR weighting.
+const SNR_GAMMA: f64 = 5.0;
+
+/// The training set as the denoiser sees it.
+pub(super) struct LatentCache {
+    /// `[n, c, h, w]` unscaled latent means and standard deviations.
+    mean: Tensor,
+    std: Tensor,
+    /// `[n, max_length]` u32 token ids of the captions, and `[max_length]` of the empty prompt.
+    ids: Tensor,
+    empty_ids: Tensor,
+}
+
+impl LatentCache {
+    /// Encodes every picture and caption of `data`, `batch` pictures at a time.
+    pub fn build(
+        vae: &AutoencoderKl,
+        tokenizer: &ClipTokenizer,
+        data: &Dataset,
+        batch: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let (mut means, mut stds, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for start in (0..data.len()).step_by(batch.max(1)) {
+            let indices: Vec<usize> = (start..(start + batch).min(data.len())).collect();
+            let posterior = vae.encode(&data.images(&indices, device)?)?;
+            means.push(posterior.mean.detach());
+            stds.push(posterior.std()?.detach());
+            for &i in &indices {
+                ids.push(Tensor::new(tokenizer.encode(&data.caption(i)).ids, device)?);
+            }
+        }
+        Ok(Self {
+            mean: Tensor::cat(&means, 0)?,
+            std: Tensor::cat(&stds, 0)?,
+            ids: Tensor::stack(&ids, 0)?,
+            empty_ids: Tensor::new(tokenizer.encode("").ids, device)?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.dims()[0]
+    }
+}
+
+/// What a step draws: which pictures, which captions are dropped, timesteps and noise.
+pub(super) struct StepDraw {
+    pub indices: Vec<u32>,
+    pub dropped: Vec<bool>,
+    /// `[b]` u32
+    pub timesteps: Tensor,
+    /// `[b, c, h, w]`: the latent sample's standard normal draw, and the diffusion noise.
+    pub latent_noise: Tensor,
+    pub noise: Tensor,
+}
+
+pub(super) struct DenoiserTrainer {
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub text_vars: Vec<(String, Var)>,
+    pub unet_vars: Vec<(String, Var)>,
+    optimizer: TrainOptimizer,
+    schedule: NoiseSchedule,
+    scaling_factor: f64,
+}
+
+impl DenoiserTrainer {
+    pub fn new(
+        text_encoder: ClipTextModel,
+        text_vars: Vec<(String, Var)>,
+        unet: UNet2DConditionModel,
+        unet_vars: Vec<(String, Var)>,
+        schedule: NoiseSchedule,
+        scaling_factor: f64,
+        lr: f64,
+    ) -> Result<Self> {
+        let vars = text_vars.iter().chain(&unet_vars).map(|(_, v)| v.clone()).collect();
+        let optimizer = OptimizerKind::AdamW.build(vars, lr)?;
+        Ok(Self { text_encoder, unet, text_vars, unet_vars, optimizer, schedule, scaling_factor })
+    }
+
+    /// Draws a step's inputs: `batch` pictures uniformly, each caption dropped with probability
+    /// `dropout`, timesteps uniform over the schedule, then the two noise tensors from `noise`.
+    pub fn draw(
+        &self,
+        cache: &LatentCache,
+        batch: usize,
+        dropout: f64,
+        rng: &mut impl Rng,
+        noise: &mut Noise,
+    ) -> Result<StepDraw> {
+        let n = self.schedule.num_train_timesteps() as u32;
+        let indices: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..cache.len() as u32)).collect();
+        let dropped: Vec<bool> = (0..batch).map(|_| rng.gen_bool(dropout)).collect();
+        let timesteps: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..n)).collect();
+        let (_, c, h, w) = cache.mean.dims4()?;
+        let device = cache.mean.device();
+        Ok(StepDraw {
+            indices,
+            dropped,
+            timesteps: Tensor::new(timesteps, device)?,
+            latent_noise: noise.randn((batch, c, h, w), device)?,
+            noise: noise.randn((batch, c, h, w), device)?,
+        })
+    }
+
+    /// The min-SNR weighted loss of `draw`, as a scalar that backpropagates into both networks.
+    pub fn loss(&self, cache: &LatentCache, draw: &StepDraw) -> Result<Tensor> {
+        let device = cache.mean.device();
+        let indices = Tensor::new(draw.indices.as_slice(), device)?;
+        let z = (cache.mean.index_select(&indices, 0)?
+            + cache.std.index_select(&indices, 0)?.mul(&draw.latent_noise)?)?;
+        let latents = (z * self.scaling_factor)?; // [b, c, h, w]
+        let ids = draw
+            .indices
+            .iter()
+            .zip(&draw.dropped)
+            .map(|(&i, &dropped)| if dropped { Ok(cache.empty_ids.clone()) } else { cache.ids.get(i as usize) })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let text = self.text_encoder.forward(&Tensor::stack(&ids, 0)?)?; // [b, n, d]
+        let noisy = self.schedule.add_noise(&latents, &draw.noise, &draw.timesteps)?;
+        let pred = self.unet.forward(&noisy, &draw.timesteps.to_dtype(DType::F32)?, &text)?;
+        let per_sample = (pred - &draw.noise)?.sqr()?.flatten_from(1)?.mean(1)?; // [b]
+        let weights = Tensor::new(self.snr_weights(&draw.timesteps)?, device)?;
+        Ok((per_sample * weights)?.mean_all()?)
+    }
+
+    /// min(SNR, gamma) / SNR per timestep, SNR = acp / (1 - acp).
+    fn snr_weights(&self, timesteps: &Tensor) -> Result<Vec<f32>> {
+        let acp = self.schedule.alphas_cumprod();
+        Ok(timesteps
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|t| {
+                let snr = acp[t as usize] / (1.0 - acp[t as usize]);
+                (snr.min(SNR_GAMMA) / snr) as f32
+            })
+            .collect())
+    }
+
+    /// One update from `draw` at learning rate `lr`; returns the loss before it.
+    pub fn step(&mut self, cache: &LatentCache, draw: &StepDraw, lr: f64, max_grad_norm: f64) -> Result<f32> {
+        let loss = self.loss(cache, draw)?;
+        let mut grads = loss.backward()?;
+        let vars: Vec<&Var> = self.text_vars.iter().chain(&self.unet_vars).map(|(_, v)| v).collect();
+        super::clip_grad_norm(&mut grads, &vars, max_grad_norm)?;
+        self.optimizer.set_learning_rate(lr);
+        self.optimizer.step(&grads)?;
+        Ok(loss.to_scalar()?)
+    }
+
+    pub fn text_tensors(&self) -> Tensors {
+        super::var_tensors(&self.text_vars)
+    }
+
+    pub fn unet_tensors(&self) -> Tensors {
+        super::var_tensors(&self.unet_vars)
+    }
+}

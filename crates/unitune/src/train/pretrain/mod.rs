@@ -1,0 +1,528 @@
+//! Training a small text-to-image model from scratch (`unitune pretrain`): the built-in model.
+//!
+//! Two phases, as Stable Diffusion was made: first the autoencoder alone ([`vae`]), then the
+//! text encoder and UNet together on its frozen latents ([`denoiser`]). The networks are the same
+//! classes that load published checkpoints, only smaller ([`Preset`]); every weight is created
+//! from the seed ([`init`]). The result is a diffusers-layout folder (written by
+//! [`crate::models::export`]) that [`crate::pipelines::StableDiffusion::load`] and diffusers'
+//! `StableDiffusionPipeline.from_pretrained` both read, sampled with DDIM.
+//!
+//! Choices: AdamW (weight decay 1e-2) with linear warmup and a cosine decay to a tenth of the
+//! learning rate, gradients clipped to norm 1; Stable Diffusion's scaled-linear DDPM schedule
+//! (0.00085 to 0.012, 1000 steps) with epsilon prediction. Every step's randomness (pictures,
+//! caption dropout, timesteps, noise) comes from a stream of the seed keyed by phase and step, so
+//! a resumed run sees exactly the data an uninterrupted one would.
+//!
+//! Checkpoints replace the output folder atomically (written to `DIR.tmp`, then swapped in) and
+//! hold the weights in f32 and `training_state.json` ([`state`]). `--resume` restores weights,
+//! step counts, loss curves and the data stream, but not AdamW's moment estimates (candle's
+//! AdamW does not expose them): a resumed run restarts them, and the learning-rate warmup is
+//! re-run from the resumed step so the fresh estimates do not meet the full learning rate.
+
+mod data;
+mod denoiser;
+mod init;
+mod run;
+mod state;
+mod vae;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Var};
+use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+pub use data::DataSource;
+pub use state::{LossLog, Phase, TrainingState, STATE_FILE};
+pub use vae::{VaeLosses, KL_WEIGHT};
+
+use self::data::Dataset;
+use self::denoiser::{DenoiserTrainer, LatentCache};
+use self::init::SeededInit;
+use self::run::Run;
+use self::vae::VaeTrainer;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::export::{self, SpecialTokenIds, Tensors, TokenizerFiles};
+use crate::models::ops::Activation;
+use crate::models::unet::{DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType};
+use crate::models::vae::{AutoencoderKl, VaeConfig};
+use crate::pipelines::Progress;
+use crate::schedulers::{BetaSchedule, NoiseSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::WeightStore;
+use crate::{Error, Result};
+
+/// Network sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// For tests: a 2x autoencoder and a two-level UNet of 16/32 channels; seconds per hundred steps.
+    Tiny,
+    /// The built-in model: a 4x autoencoder (32/64/64 channels), a three-level UNet (64/128/128,
+    /// cross-attention on the two upper levels), a two-layer 128-wide text encoder.
+    Small,
+}
+
+impl FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tiny" => Ok(Preset::Tiny),
+            "small" => Ok(Preset::Small),
+            _ => Err(Error::argument("preset", format!("`{s}` is not one of: tiny, small"))),
+        }
+    }
+}
+
+/// The three networks' configs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Architecture {
+    pub vae: VaeConfig,
+    pub text_encoder: ClipTextConfig,
+    pub unet: UNet2DConditionConfig,
+}
+
+impl Preset {
+    /// The networks for `size`x`size` pictures and a tokenizer of `vocab_size` tokens and
+    /// `max_length` positions. The autoencoder's `scaling_factor` is 1 until measured.
+    pub fn architecture(self, size: usize, vocab_size: usize, max_length: usize) -> Result<Architecture> {
+        use DownBlockType::*;
+        use UpBlockType::*;
+        let (vae_channels, vae_groups, text, unet_channels, down, up, heads, unet_groups) = match self {
+            Preset::Tiny => (vec![8, 16], 8, (16, 32, 1, 2), vec![16, 32], vec![CrossAttnDownBlock2D, DownBlock2D], vec![UpBlock2D, CrossAttnUpBlock2D], 2, 8),
+            Preset::Small => (
+                vec![32, 64, 64],
+                32,
+                (128, 512, 2, 4),
+                vec![64, 128, 128],
+                vec![CrossAttnDownBlock2D, CrossAttnDownBlock2D, DownBlock2D],
+                vec![UpBlock2D, CrossAttnUpBlock2D, CrossAttnUpBlock2D],
+                4,
+                32,
+            ),
+        };
+        let levels = unet_channels.len();
+        let vae = VaeConfig {
+            down_block_types: vec!["DownEncoderBlock2D".into(); vae_channels.len()],
+            up_block_types: vec!["UpDecoderBlock2D".into(); vae_channels.len()],
+            block_out_channels: vae_channels,
+            layers_per_block: 1,
+            norm_num_groups: vae_groups,
+            sample_size: size,
+            scaling_factor: 1.0,
+            ..VaeConfig::default()
+        };
+        let f = vae.scale_factor();
+        let multiple = f << (levels - 1);
+        if size == 0 || size % multiple != 0 {
+            return Err(Error::argument("size", format!("{size} is not a positive multiple of {multiple} for preset {self:?}")));
+        }
+        let (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads) = text;
+        let text_encoder = ClipTextConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            max_position_embeddings: max_length,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        };
+        let unet = UNet2DConditionConfig {
+            sample_size: Some(size / f),
+            in_channels: vae.latent_channels,
+            out_channels: vae.latent_channels,
+            center_input_sample: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+            down_block_types: down,
+            up_block_types: up,
+            block_out_channels: unet_channels,
+            layers_per_block: vec![1; levels],
+            num_attention_heads: vec![heads; levels],
+            transformer_layers_per_block: vec![1; levels],
+            cross_attention_dim: hidden_size,
+            use_linear_projection: false,
+            upcast_attention: false,
+            downsample_padding: 1,
+            mid_block_scale_factor: 1.0,
+            act_fn: Activation::Silu,
+            norm_num_groups: unet_groups,
+            norm_eps: 1e-5,
+        };
+        Ok(Architecture { vae, text_encoder, unet })
+    }
+}
+
+/// The noise schedule the model is trained with and sampled by: Stable Diffusion 1.x's, as a
+/// DDIM config.
+pub fn scheduler_config() -> SchedulerConfig {
+    SchedulerConfig {
+        class_name: Some("DDIMScheduler".into()),
+        num_train_timesteps: 1000,
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: BetaSchedule::ScaledLinear,
+        prediction_type: PredictionType::Epsilon,
+        timestep_spacing: Some(TimestepSpacing::Leading),
+        steps_offset: 1,
+        clip_sample: false,
+        set_alpha_to_one: false,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// The dtype of the weights in the final folder (checkpoints are always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsDtype {
+    F32,
+    F16,
+}
+
+impl FromStr for WeightsDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(WeightsDtype::F32),
+            "f16" => Ok(WeightsDtype::F16),
+            _ => Err(Error::argument("dtype", format!("`{s}` is not one of: f32, f16"))),
+        }
+    }
+}
+
+impl WeightsDtype {
+    fn dtype(self) -> DType {
+        match self {
+            WeightsDtype::F32 => DType::F32,
+            WeightsDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// Everything that decides a pretraining run, recorded in `training_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PretrainSettings {
+    /// Picture side in pixels.
+    pub size: usize,
+    pub preset: Preset,
+    /// World data: the training set is scenes `0..world_scenes`.
+    pub world_scenes: usize,
+    pub vae_steps: usize,
+    pub vae_batch_size: usize,
+    pub vae_learning_rate: f64,
+    /// Text encoder + UNet steps.
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Linear warmup of both phases (and after a resume).
+    pub warmup_steps: usize,
+    /// Share of captions replaced by the empty prompt.
+    pub caption_dropout: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Steps between checkpoints (0: only at the end of each phase).
+    pub checkpoint_every: usize,
+    pub weights_dtype: WeightsDtype,
+}
+
+impl PretrainSettings {
+    /// The defaults for `preset` (the `small` ones are those the built-in model was trained with).
+    pub fn new(preset: Preset) -> Self {
+        Self {
+            size: 64,
+            preset,
+            world_scenes: 8192,
+            vae_steps: 600,
+            vae_batch_size: 8,
+            vae_learning_rate: 1e-3,
+            steps: 2000,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            warmup_steps: 100,
+            caption_dropout: 0.1,
+            max_grad_norm: 1.0,
+            seed: 0,
+            checkpoint_every: 200,
+            weights_dtype: WeightsDtype::F32,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("vae-steps", self.vae_steps),
+            ("steps", self.steps),
+            ("vae-batch", self.vae_batch_size),
+            ("batch", self.batch_size),
+        ] {
+            if value == 0 {
+                return Err(Error::argument(name, "must be at least 1"));
+            }
+        }
+        for (name, value) in [("lr", self.learning_rate), ("vae-lr", self.vae_learning_rate), ("max-grad-norm", self.max_grad_norm)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(Error::argument(name, format!("{value} is not a positive number")));
+            }
+        }
+        if !(0.0..1.0).contains(&self.caption_dropout) {
+            return Err(Error::argument("caption-dropout", format!("{} is not in [0, 1)", self.caption_dropout)));
+        }
+        Ok(())
+    }
+}
+
+/// Trains (or, with `resume`, continues training) the model into `output`; returns the final
+/// state. Stops at the next step boundary when `progress` reports a cancel, after writing a
+/// checkpoint, with [`Error::Interrupted`].
+pub fn pretrain(
+    output: &Path,
+    source: &DataSource,
+    settings: PretrainSettings,
+    resume: bool,
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<TrainingState> {
+    settings.validate()?;
+    export::recover_replace(output)?;
+    let mut state = if resume {
+        let saved = TrainingState::read(output)?;
+        check_same_run(&saved, &settings, source)?;
+        TrainingState { settings, ..saved }
+    } else {
+        check_unused(output)?;
+        TrainingState::new(settings, source.describe())
+    };
+    let tokenizer_files = match resume {
+        true => TokenizerFiles::read(&output.join("tokenizer"))?,
+        false => world_tokenizer_files()?,
+    };
+    let tokenizer = load_tokenizer(&tokenizer_files)?;
+    let s = state.settings.clone();
+    let data = Dataset::open(source, s.size, s.seed, s.world_scenes)?;
+    // A resumed run takes the configs of the networks it saved.
+    let mut arch = s.preset.architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
+    if state.phase != Phase::Vae || state.vae_step > 0 {
+        arch.vae = VaeConfig::from_file(&output.join("vae/config.json"))?;
+    }
+    if state.step > 0 {
+        arch.text_encoder = ClipTextConfig::from_file(&output.join("text_encoder/config.json"))?;
+        arch.unet = UNet2DConditionConfig::from_file(&output.join("unet/config.json"))?;
+    }
+    let special = SpecialTokenIds { bos: tokenizer.bos_id(), eos: tokenizer.eos_id(), pad: tokenizer.pad_id() };
+    let mut run = Run::new(output, device, tokenizer_files, special, arch);
+
+    if state.phase == Phase::Vae {
+        let new = |vb: VarBuilder| AutoencoderKl::new(vb, &run.arch.vae);
+        let (vae, vars) = match state.vae_step {
+            0 => fresh(s.seed, "vae", device, new)?,
+            _ => load_trainable(&output.join("vae"), device, new)?,
+        };
+        let mut trainer = VaeTrainer::new(vae, vars, s.vae_learning_rate)?;
+        run.train_vae(&mut trainer, &data, &mut state, progress)?;
+    } else {
+        run.vae_tensors = WeightStore::open(&output.join("vae"), None, device)?.tensors().clone();
+    }
+    if state.phase == Phase::Done && state.step >= s.steps {
+        return Ok(state);
+    }
+
+    let vae_store = WeightStore::from_tensors(output.join("vae"), run.vae_tensors.clone());
+    let vae = vae_store.build(DType::F32, device, |vb| AutoencoderKl::new(vb, &run.arch.vae))?;
+    let new_text = |vb: VarBuilder| ClipTextModel::new(vb, &run.arch.text_encoder);
+    let new_unet = |vb: VarBuilder| UNet2DConditionModel::new(vb, &run.arch.unet);
+    let ((text_encoder, text_vars), (unet, unet_vars)) = if state.step == 0 {
+        let unet = fresh(s.seed, "unet", device, new_unet)?;
+        // The UNet's output starts at zero (no noise predicted): the first loss is 1 whatever
+        // the scale of the initial weights.
+        for (_, var) in unet.1.iter().filter(|(name, _)| name.starts_with("conv_out.")) {
+            var.set(&var.zeros_like()?)?;
+        }
+        (fresh(s.seed, "text_encoder", device, new_text)?, unet)
+    } else {
+        (
+            load_trainable(&output.join("text_encoder"), device, new_text)?,
+            load_trainable(&output.join("unet"), device, new_unet)?,
+        )
+    };
+    let schedule = NoiseSchedule::new(&scheduler_config())?;
+    let scaling = run.arch.vae.scaling_factor;
+    let mut trainer = DenoiserTrainer::new(text_encoder, text_vars, unet, unet_vars, schedule, scaling, s.learning_rate)?;
+    let cache = LatentCache::build(&vae, &tokenizer, &data, s.vae_batch_size, device)?;
+    run.train_denoiser(&mut trainer, &cache, &mut state, progress)?;
+    Ok(state)
+}
+
+/// A network built from scratch with weights from the seed, and its trainable vars.
+fn fresh<M>(
+    seed: u64,
+    network: &str,
+    device: &Device,
+    new: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<(M, Vec<(String, Var)>)> {
+    let init = Arc::new(SeededInit::new(seed, network));
+    let model = new(init.var_builder(device))?;
+    Ok((model, init.vars()))
+}
+
+/// A network built from the checkpoint folder `dir` with every tensor trainable.
+fn load_trainable<M>(
+    dir: &Path,
+    device: &Device,
+    new: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<M>,
+) -> Result<(M, Vec<(String, Var)>)> {
+    let store = WeightStore::open(dir, None, device)?.with_trainable(Arc::new(|_: &str| true));
+    let model = store.build(DType::F32, device, new)?;
+    Ok((model, store.trainable_vars()))
+}
+
+/// The vars' current values by name (sharing storage: write them out before the next update).
+fn var_tensors(vars: &[(String, Var)]) -> Tensors {
+    vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect()
+}
+
+/// Scales `grads` so that their global L2 norm over `vars` is at most `max_norm` (torch's
+/// `clip_grad_norm_`); returns the norm before clipping.
+fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result<f64> {
+    let mut total = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for var in vars {
+            if let Some(g) = grads.remove(var.as_tensor()) {
+                grads.insert(var.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Linear warmup over `warmup` steps, then a cosine decay from `base` to `base / 10` at `total`.
+fn learning_rate(base: f64, step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = ((step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64).min(1.0);
+    base * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+/// The uses of the seed's random numbers; each has one stream per step.
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    /// Autoencoder steps: pictures, then the latent samples' noise.
+    Vae = 1,
+    /// Denoiser steps' discrete draws: pictures, caption dropout, timesteps.
+    Draws = 2,
+    /// Denoiser steps' Gaussian noise.
+    Noise = 3,
+}
+
+/// The random numbers of `step` for `stream`.
+fn step_rng(seed: u64, stream: Stream, step: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(((stream as u64) << 48) | step as u64);
+    rng
+}
+
+/// A resumed run must train the same networks on the same data.
+fn check_same_run(saved: &TrainingState, settings: &PretrainSettings, source: &DataSource) -> Result<()> {
+    let s = &saved.settings;
+    let fields = [
+        ("size", s.size.to_string(), settings.size.to_string()),
+        ("preset", format!("{:?}", s.preset), format!("{:?}", settings.preset)),
+        ("seed", s.seed.to_string(), settings.seed.to_string()),
+        ("world-scenes", s.world_scenes.to_string(), settings.world_scenes.to_string()),
+        ("data", saved.data.clone(), source.describe()),
+    ];
+    for (name, was, now) in fields {
+        if was != now {
+            return Err(Error::argument(name, format!("the run being resumed used {was}, not {now}")));
+        }
+    }
+    if saved.phase != Phase::Vae && settings.vae_steps > saved.vae_step {
+        return Err(Error::argument(
+            "vae-steps",
+            format!("the autoencoder phase ended at step {}; it cannot be extended once the UNet has started", saved.vae_step),
+        ));
+    }
+    Ok(())
+}
+
+/// A new run writes into a folder that does not exist or is empty.
+fn check_unused(output: &Path) -> Result<()> {
+    let used = std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if used {
+        let hint = match output.join(STATE_FILE).is_file() {
+            true => "pass --resume to continue its training",
+            false => "choose a new folder",
+        };
+        return Err(Error::argument("output", format!("{} exists and is not empty; {hint}", output.display())));
+    }
+    Ok(())
+}
+
+/// The world's tokenizer folder, in memory. A folder data set uses it too: its words that are not
+/// grammar words fall back to byte-level tokens, which every CLIP vocabulary has.
+fn world_tokenizer_files() -> Result<TokenizerFiles> {
+    let dir = std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-{}", std::process::id()));
+    crate::world::write_tokenizer_files(&dir)?;
+    let files = TokenizerFiles::read(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    files
+}
+
+/// A tokenizer from files in memory (the tokenizer reads a folder).
+fn load_tokenizer(files: &TokenizerFiles) -> Result<ClipTokenizer> {
+    let dir = std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-load-{}", std::process::id()));
+    files.write(&dir)?;
+    let tokenizer = ClipTokenizer::from_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    tokenizer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_a_tenth() {
+        assert!((learning_rate(1.0, 0, 100, 10) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(1.0, 9, 100, 10) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 10, 100, 10) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(1.0, 55, 100, 10) - 0.55).abs() < 1e-12);
+        assert!((learning_rate(1.0, 100, 100, 10) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(1.0, 500, 100, 10) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn grad_clipping_scales_to_the_max_norm() {
+        let a = Var::new(&[3f32], &Device::Cpu).unwrap();
+        let b = Var::new(&[4f32], &Device::Cpu).unwrap();
+        // d/da (a² / 2 + b² / 2) = a: gradient (3, 4), norm 5.
+        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap() * 0.5).unwrap().sum_all().unwrap();
+        let mut grads = loss.backward().unwrap();
+        let norm = clip_grad_norm(&mut grads, &[&a, &b], 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        let ga = grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+        assert!((ga - 0.6).abs() < 1e-5, "{ga}");
+    }
+
+    #[test]
+    fn presets_check_the_size() {
+        let arch = Preset::Small.architecture(64, 800, 77).unwrap();
+        assert_eq!(arch.vae.scale_factor(), 4);
+        assert_eq!(arch.unet.sample_size, Some(16));
+        assert_eq!(arch.unet.cross_attention_dim, arch.text_encoder.hidden_size);
+        let err = Preset::Small.architecture(40, 800, 77).unwrap_err().to_string();
+        assert!(err.contains("size") && err.contains("16"), "{err}");
+    }
+}
