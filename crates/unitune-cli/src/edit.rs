@@ -20,7 +20,7 @@ use unitune::image_io;
 use unitune::noise::Noise;
 use unitune::pipelines::{
     contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest, LoadOptions,
-    Mask, StableDiffusion,
+    Mask,
 };
 use unitune::schedulers::SchedulerKind;
 use unitune::train::session::Session;
@@ -30,17 +30,18 @@ use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct EditArgs {
-    /// The Stable Diffusion folder the session was tuned on (diffusers layout).
+    /// The Stable Diffusion folder the session was tuned on [default: the built-in model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long)]
     variant: Option<String>,
-    /// Session file written by `unitune tune`.
+    /// Session file written by `unitune tune`. Without it, `--image` is tuned first with
+    /// `unitune tune`'s defaults and the session is saved as OUT.session for further edits.
     #[arg(long)]
-    session: PathBuf,
-    /// Edit this picture instead of the session's source image (resized to the session image's
-    /// size), e.g. to refine an earlier edit.
+    session: Option<PathBuf>,
+    /// Without --session: the photo to tune on and edit. With it: edit this picture instead of the
+    /// session's source image (resized to the session image's size), e.g. to refine an earlier edit.
     #[arg(long)]
     image: Option<PathBuf>,
     /// The edit, e.g. "two dogs in a restaurant"; the session's token is put in front unless the
@@ -168,16 +169,24 @@ pub fn run(args: EditArgs) -> Result<()> {
         variant: args.variant.clone(),
         ..LoadOptions::default()
     };
-    let mut sd = StableDiffusion::load(&args.model, &options)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let session = Session::load(&args.session)
-        .with_context(|| format!("loading session {}", args.session.display()))?;
-    sd.apply_session(&session)
-        .with_context(|| format!("applying session {}", args.session.display()))?;
+    let (sd, session) = match &args.session {
+        Some(path) => {
+            let mut sd = crate::builtin::load(args.model.as_deref(), &options)?;
+            let session = Session::load(path).with_context(|| format!("loading session {}", path.display()))?;
+            sd.apply_session(&session).with_context(|| format!("applying session {}", path.display()))?;
+            (sd, session)
+        }
+        None => {
+            let image = args.image.as_deref().context("give --session, or --image to tune on first")?;
+            let out = args.output.with_extension("session");
+            let seed = args.seed.unwrap_or_else(rand_seed);
+            crate::tune::tune_image(args.model.as_deref(), args.variant.as_deref(), image, seed, &out)?
+        }
+    };
     let (width, height) = session.image.dimensions();
-    let image = match &args.image {
-        Some(path) => image_io::resize(image_io::load_image(path)?, width, height),
-        None => session.image.clone(),
+    let image = match (&args.session, &args.image) {
+        (Some(_), Some(path)) => image_io::resize(image_io::load_image(path)?, width, height),
+        _ => session.image.clone(),
     };
     let base = EditBase::new(&sd, image)?;
     let mask = if let Some(path) = &args.mask {
@@ -366,7 +375,7 @@ fn mask_path(image: &Path) -> PathBuf {
 /// Refuses to run when an output would replace the session, the image, the mask or the prompts file.
 fn refuse_overwriting_inputs(args: &EditArgs, groups: &[Group]) -> Result<()> {
     let inputs: Vec<PathBuf> = [
-        Some(&args.session),
+        args.session.as_ref(),
         args.image.as_ref(),
         args.mask.as_ref(),
         args.prompts_file.as_ref(),

@@ -13,9 +13,10 @@ use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout (model_index.json, unet/, vae/, ...).
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout (model_index.json, unet/, vae/, ...)
+    /// [default: the built-in model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long)]
     variant: Option<String>,
@@ -62,8 +63,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.output, args.image.as_deref())?;
     let options = LoadOptions { variant: args.variant.clone(), ..LoadOptions::default() };
-    let mut sd = StableDiffusion::load(&args.model, &options)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let mut sd = crate::builtin::load(args.model.as_deref(), &options)?;
     apply_scheduler_options(&mut sd, &args.scheduler_options)?;
     let scheduler = match args.scheduler {
         Some(kind) => kind,
@@ -115,8 +115,19 @@ pub fn default_size(
     Ok((pick(width, image.map(|d| d.0), "width")?, pick(height, image.map(|d| d.1), "height")?))
 }
 
+/// Fails early, before any long work, when `output`'s folder does not exist.
+pub fn check_output_dir(output: &Path) -> Result<()> {
+    match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            bail!("{}: the output folder {} does not exist", output.display(), dir.display())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Refuses to write anything but a PNG, and never over the input image.
 pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
+    check_output_dir(output)?;
     let is_png = output.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if !is_png {
         bail!("--output {}: only PNG output is supported (use a .png name)", output.display());

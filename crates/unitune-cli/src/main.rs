@@ -1,6 +1,7 @@
 //! The `unitune` command: argument parsing and reporting only; the work is in the `unitune` library.
 
 mod bench;
+mod builtin;
 mod edit;
 mod generate;
 mod pretrain;
@@ -43,8 +44,14 @@ fn main() {
     if let Err(err) = result {
         // The full chain: what we were doing, then the library's error naming the file or flag.
         eprintln!("error: {err}");
+        let mut last = err.to_string();
         for cause in err.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+            // Library errors already end with their source's text (`path: reason`): say it once.
+            let text = cause.to_string();
+            if !last.ends_with(&text) {
+                eprintln!("  caused by: {text}");
+            }
+            last = text;
         }
         let interrupted = err.chain().any(|c| matches!(c.downcast_ref(), Some(unitune::Error::Interrupted)));
         std::process::exit(if interrupted { 130 } else { 1 });

@@ -30,12 +30,18 @@ pub struct PretrainArgs {
     /// World data: train on scenes 0..N.
     #[arg(long)]
     world_scenes: Option<usize>,
+    /// World data: at most this many objects per scene (1 to 3).
+    #[arg(long)]
+    world_max_objects: Option<usize>,
     /// Autoencoder steps (phase one).
     #[arg(long)]
     vae_steps: Option<usize>,
     /// Autoencoder pictures per step.
     #[arg(long)]
     vae_batch: Option<usize>,
+    /// Side of the random crops the autoencoder trains on (0: whole pictures).
+    #[arg(long)]
+    vae_crop: Option<usize>,
     #[arg(long)]
     vae_lr: Option<f64>,
     /// Text encoder + UNet steps (phase two).
@@ -74,9 +80,11 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         }
         false => (PretrainSettings::new(args.preset.unwrap_or(Preset::Small)), "world".to_string()),
     };
-    let overrides: [(&mut usize, Option<usize>); 8] = [
+    let overrides: [(&mut usize, Option<usize>); 10] = [
         (&mut settings.size, args.size),
         (&mut settings.world_scenes, args.world_scenes),
+        (&mut settings.world_max_objects, args.world_max_objects),
+        (&mut settings.vae_crop, args.vae_crop),
         (&mut settings.vae_steps, args.vae_steps),
         (&mut settings.vae_batch_size, args.vae_batch),
         (&mut settings.steps, args.steps),

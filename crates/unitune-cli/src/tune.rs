@@ -1,25 +1,26 @@
 //! `unitune tune`: fine-tune the UNet on one image bound to a rare token; writes a session.
 
+use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, Parser};
 use unitune::image_io;
 use unitune::noise::Noise;
 use unitune::pipelines::{LoadOptions, StableDiffusion};
-use unitune::train::session::DeltaEncoding;
+use unitune::train::session::{DeltaEncoding, Session};
 use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use unitune::train::OptimizerKind;
 
-use crate::generate::{default_size, rand_seed};
+use crate::generate::{check_output_dir, default_size, rand_seed};
 use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct TuneArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout.
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout [default: the built-in model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Weights variant to load, e.g. `fp16`.
     #[arg(long)]
     variant: Option<String>,
@@ -61,6 +62,31 @@ pub struct TuneArgs {
 }
 
 pub fn run(args: TuneArgs) -> Result<()> {
+    tune_and_save(args).map(|_| ())
+}
+
+/// Tunes as `unitune tune` does with these arguments, on `image` with every default, writing the
+/// session to `output`; `edit` uses it when it is given an image but no session.
+pub fn tune_image(model: Option<&Path>, variant: Option<&str>, image: &Path, seed: u64, output: &Path) -> Result<(StableDiffusion, Session)> {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        args: TuneArgs,
+    }
+    let mut argv: Vec<OsString> = vec!["tune".into(), "--image".into(), image.into(), "--output".into(), output.into()];
+    argv.extend(["--seed".into(), seed.to_string().into()]);
+    if let Some(model) = model {
+        argv.extend(["--model".into(), model.into()]);
+    }
+    if let Some(variant) = variant {
+        argv.extend(["--variant".into(), variant.into()]);
+    }
+    tune_and_save(Defaults::try_parse_from(argv)?.args)
+}
+
+/// Runs the tune; returns the model (its UNet now holds the tuned weights) and the session written.
+fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
+    check_output_dir(&args.output)?;
     for (flag, path) in [("--output", Some(&args.output)), ("--log-json", args.log_json.as_ref())] {
         if let Some(path) = path {
             if path.canonicalize().ok().is_some_and(|p| args.image.canonicalize().ok() == Some(p)) {
@@ -74,8 +100,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         trainable: Some(args.layers.filter()),
         ..LoadOptions::default()
     };
-    let sd = StableDiffusion::load(&args.model, &options)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let sd = crate::builtin::load(args.model.as_deref(), &options)?;
     let (width, height) = default_size(&sd, args.width, args.height, None)?;
     let image = image_io::resize_and_center_crop(image, width as u32, height as u32);
 
@@ -122,5 +147,5 @@ pub fn run(args: TuneArgs) -> Result<()> {
         args.output.display(),
         session.deltas.len()
     );
-    Ok(())
+    Ok((sd, session))
 }

@@ -152,8 +152,10 @@ impl CustomOp2 for Checkpoint {
         // d/d(out) of sum(out * grad) is `grad`: this back-propagates the incoming gradient.
         let surrogate = (&out * grad.detach())?.sum_all()?;
         let mut inner = surrogate.backward()?;
+        // candle's gradients can keep an op pointing into the graph they came from; detached,
+        // they no longer hold the recomputed activations alive.
         let take = |inner: &mut GradStore, t: &Tensor, want: bool| match want {
-            true => inner.remove(t),
+            true => inner.remove(t).map(|g| g.detach()),
             false => None,
         };
         let dx = take(&mut inner, &x, self.want.0);
@@ -162,7 +164,7 @@ impl CustomOp2 for Checkpoint {
         for node in out.sorted_nodes() {
             if node.is_variable() {
                 if let Some(g) = inner.remove(node) {
-                    weights.insert(node, g);
+                    weights.insert(node, g.detach());
                 }
             }
         }

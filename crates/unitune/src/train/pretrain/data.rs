@@ -18,7 +18,8 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// Where the training pictures come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
-    /// Scenes `0..world_scenes` of the world seeded with the training seed.
+    /// Scenes `0..world_scenes` of the world seeded with the training seed, with 1 to
+    /// `world_max_objects` objects.
     World,
     /// `name.png` (or .jpg, .jpeg, .webp) with its caption in `name.txt`.
     Folder(PathBuf),
@@ -48,13 +49,13 @@ pub(super) enum Dataset {
 }
 
 impl Dataset {
-    pub fn open(source: &DataSource, size: usize, seed: u64, world_scenes: usize) -> Result<Self> {
+    pub fn open(source: &DataSource, size: usize, seed: u64, world_scenes: usize, max_objects: usize) -> Result<Self> {
         match source {
             DataSource::World => {
                 if world_scenes == 0 {
                     return Err(Error::argument("world-scenes", "must be at least 1"));
                 }
-                let config = SceneConfig { width: size as u32, height: size as u32, ..SceneConfig::default() };
+                let config = SceneConfig { width: size as u32, height: size as u32, max_objects, ..SceneConfig::default() };
                 Ok(Dataset::World { world: World::new(config, seed)?, len: world_scenes })
             }
             DataSource::Folder(dir) => Ok(Dataset::Folder(read_folder(dir, size)?)),
@@ -135,20 +136,20 @@ mod tests {
         image.save(dir.join("a.png")).unwrap();
         std::fs::write(dir.join("a.txt"), "a red picture\n").unwrap();
         std::fs::write(dir.join("b.txt"), "another").unwrap();
-        let data = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0).unwrap();
+        let data = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0, 1).unwrap();
         assert_eq!(data.len(), 2);
         assert_eq!(data.caption(0), "a red picture");
         assert_eq!(data.image(1).dimensions(), (8, 8));
         let batch = data.images(&[0, 1], &Device::Cpu).unwrap();
         assert_eq!(batch.dims(), &[2, 3, 8, 8]);
         std::fs::remove_file(dir.join("b.txt")).unwrap();
-        let err = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0).err().unwrap().to_string();
+        let err = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0, 1).err().unwrap().to_string();
         assert!(err.contains("b.txt"), "{err}");
     }
 
     #[test]
     fn world_scenes_are_captioned_pictures() {
-        let data = Dataset::open(&DataSource::World, 32, 3, 10).unwrap();
+        let data = Dataset::open(&DataSource::World, 32, 3, 10, 3).unwrap();
         assert_eq!(data.len(), 10);
         assert_eq!(data.image(4).dimensions(), (32, 32));
         assert_eq!(data.image(4), data.image(4));

@@ -61,10 +61,12 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// For tests: a 2x autoencoder and a two-level UNet of 16/32 channels; seconds per hundred steps.
+    /// For tests: a 2x autoencoder (8/16 channels), a two-level UNet (16/32), a one-layer
+    /// 16-wide text encoder.
     Tiny,
-    /// The built-in model: a 4x autoencoder (32/64/64 channels), a three-level UNet (64/128/128,
-    /// cross-attention on the two upper levels), a two-layer 128-wide text encoder.
+    /// The built-in model: a 4x autoencoder (16/32/64 channels), a three-level UNet (32/64/64,
+    /// cross-attention on the two finer levels), a two-layer 64-wide text encoder. Sized for a
+    /// CPU: about 1.5 M weights in all.
     Small,
 }
 
@@ -87,34 +89,58 @@ pub struct Architecture {
     pub unet: UNet2DConditionConfig,
 }
 
+/// A preset's free parameters.
+struct Sizes {
+    vae_channels: Vec<usize>,
+    vae_groups: usize,
+    /// Hidden size, MLP size, layers, heads.
+    text: (usize, usize, usize, usize),
+    unet_channels: Vec<usize>,
+    /// Cross-attention per UNet level, finest first (the up path mirrors it).
+    unet_attention: Vec<bool>,
+    unet_heads: usize,
+    unet_groups: usize,
+}
+
 impl Preset {
+    fn sizes(self) -> Sizes {
+        match self {
+            Preset::Tiny => Sizes {
+                vae_channels: vec![8, 16],
+                vae_groups: 8,
+                text: (16, 32, 1, 2),
+                unet_channels: vec![16, 32],
+                unet_attention: vec![true, false],
+                unet_heads: 2,
+                unet_groups: 8,
+            },
+            Preset::Small => Sizes {
+                vae_channels: vec![16, 32, 64],
+                vae_groups: 8,
+                text: (64, 256, 2, 4),
+                unet_channels: vec![32, 64, 128],
+                unet_attention: vec![false, true, true],
+                unet_heads: 4,
+                unet_groups: 16,
+            },
+        }
+    }
+
     /// The networks for `size`x`size` pictures and a tokenizer of `vocab_size` tokens and
-    /// `max_length` positions. The autoencoder's `scaling_factor` is 1 until measured.
+    /// `max_length` positions. The autoencoder's `scaling_factor` is 1 until measured; it has no
+    /// mid-block attention, so that it works the same on training crops and whole pictures.
     pub fn architecture(self, size: usize, vocab_size: usize, max_length: usize) -> Result<Architecture> {
-        use DownBlockType::*;
-        use UpBlockType::*;
-        let (vae_channels, vae_groups, text, unet_channels, down, up, heads, unet_groups) = match self {
-            Preset::Tiny => (vec![8, 16], 8, (16, 32, 1, 2), vec![16, 32], vec![CrossAttnDownBlock2D, DownBlock2D], vec![UpBlock2D, CrossAttnUpBlock2D], 2, 8),
-            Preset::Small => (
-                vec![32, 64, 64],
-                32,
-                (128, 512, 2, 4),
-                vec![64, 128, 128],
-                vec![CrossAttnDownBlock2D, CrossAttnDownBlock2D, DownBlock2D],
-                vec![UpBlock2D, CrossAttnUpBlock2D, CrossAttnUpBlock2D],
-                4,
-                32,
-            ),
-        };
-        let levels = unet_channels.len();
+        let p = self.sizes();
+        let levels = p.unet_channels.len();
         let vae = VaeConfig {
-            down_block_types: vec!["DownEncoderBlock2D".into(); vae_channels.len()],
-            up_block_types: vec!["UpDecoderBlock2D".into(); vae_channels.len()],
-            block_out_channels: vae_channels,
+            down_block_types: vec!["DownEncoderBlock2D".into(); p.vae_channels.len()],
+            up_block_types: vec!["UpDecoderBlock2D".into(); p.vae_channels.len()],
+            block_out_channels: p.vae_channels,
             layers_per_block: 1,
-            norm_num_groups: vae_groups,
+            norm_num_groups: p.vae_groups,
             sample_size: size,
             scaling_factor: 1.0,
+            mid_block_add_attention: false,
             ..VaeConfig::default()
         };
         let f = vae.scale_factor();
@@ -122,7 +148,7 @@ impl Preset {
         if size == 0 || size % multiple != 0 {
             return Err(Error::argument("size", format!("{size} is not a positive multiple of {multiple} for preset {self:?}")));
         }
-        let (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads) = text;
+        let (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads) = p.text;
         let text_encoder = ClipTextConfig {
             vocab_size,
             hidden_size,
@@ -133,6 +159,8 @@ impl Preset {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
         };
+        let down = p.unet_attention.iter().map(|&a| if a { DownBlockType::CrossAttnDownBlock2D } else { DownBlockType::DownBlock2D });
+        let up = p.unet_attention.iter().rev().map(|&a| if a { UpBlockType::CrossAttnUpBlock2D } else { UpBlockType::UpBlock2D });
         let unet = UNet2DConditionConfig {
             sample_size: Some(size / f),
             in_channels: vae.latent_channels,
@@ -140,11 +168,11 @@ impl Preset {
             center_input_sample: false,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: down,
-            up_block_types: up,
-            block_out_channels: unet_channels,
+            down_block_types: down.collect(),
+            up_block_types: up.collect(),
+            block_out_channels: p.unet_channels,
             layers_per_block: vec![1; levels],
-            num_attention_heads: vec![heads; levels],
+            num_attention_heads: vec![p.unet_heads; levels],
             transformer_layers_per_block: vec![1; levels],
             cross_attention_dim: hidden_size,
             use_linear_projection: false,
@@ -152,7 +180,7 @@ impl Preset {
             downsample_padding: 1,
             mid_block_scale_factor: 1.0,
             act_fn: Activation::Silu,
-            norm_num_groups: unet_groups,
+            norm_num_groups: p.unet_groups,
             norm_eps: 1e-5,
         };
         Ok(Architecture { vae, text_encoder, unet })
@@ -211,10 +239,15 @@ pub struct PretrainSettings {
     /// Picture side in pixels.
     pub size: usize,
     pub preset: Preset,
-    /// World data: the training set is scenes `0..world_scenes`.
+    /// World data: the training set is scenes `0..world_scenes`, each with 1 to
+    /// `world_max_objects` objects.
     pub world_scenes: usize,
+    pub world_max_objects: usize,
     pub vae_steps: usize,
     pub vae_batch_size: usize,
+    /// The autoencoder trains on random square crops of this side (it is convolutional, so it
+    /// then works on whole pictures): a quarter of the compute at half the size. 0: whole pictures.
+    pub vae_crop: usize,
     pub vae_learning_rate: f64,
     /// Text encoder + UNet steps.
     pub steps: usize,
@@ -238,8 +271,10 @@ impl PretrainSettings {
             size: 64,
             preset,
             world_scenes: 8192,
+            world_max_objects: crate::world::MAX_OBJECTS,
             vae_steps: 600,
             vae_batch_size: 8,
+            vae_crop: 32,
             vae_learning_rate: 1e-3,
             steps: 2000,
             batch_size: 32,
@@ -268,6 +303,9 @@ impl PretrainSettings {
             if !(value.is_finite() && value > 0.0) {
                 return Err(Error::argument(name, format!("{value} is not a positive number")));
             }
+        }
+        if self.vae_crop > self.size {
+            return Err(Error::argument("vae-crop", format!("{} is larger than the pictures ({})", self.vae_crop, self.size)));
         }
         if !(0.0..1.0).contains(&self.caption_dropout) {
             return Err(Error::argument("caption-dropout", format!("{} is not in [0, 1)", self.caption_dropout)));
@@ -303,7 +341,7 @@ pub fn pretrain(
     };
     let tokenizer = load_tokenizer(&tokenizer_files)?;
     let s = state.settings.clone();
-    let data = Dataset::open(source, s.size, s.seed, s.world_scenes)?;
+    let data = Dataset::open(source, s.size, s.seed, s.world_scenes, s.world_max_objects)?;
     // A resumed run takes the configs of the networks it saved.
     let mut arch = s.preset.architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
     if state.phase != Phase::Vae || state.vae_step > 0 {
@@ -441,6 +479,7 @@ fn check_same_run(saved: &TrainingState, settings: &PretrainSettings, source: &D
         ("preset", format!("{:?}", s.preset), format!("{:?}", settings.preset)),
         ("seed", s.seed.to_string(), settings.seed.to_string()),
         ("world-scenes", s.world_scenes.to_string(), settings.world_scenes.to_string()),
+        ("world-max-objects", s.world_max_objects.to_string(), settings.world_max_objects.to_string()),
         ("data", saved.data.clone(), source.describe()),
     ];
     for (name, was, now) in fields {

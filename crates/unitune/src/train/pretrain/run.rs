@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rand::Rng;
 
 use super::data::Dataset;
@@ -64,7 +64,7 @@ impl<'a> Run<'a> {
             let step = state.vae_step;
             let mut rng = step_rng(s.seed, Stream::Vae, step);
             let indices: Vec<usize> = (0..s.vae_batch_size).map(|_| rng.gen_range(0..data.len())).collect();
-            let images = data.images(&indices, self.device)?;
+            let images = crop(&data.images(&indices, self.device)?, s.vae_crop, &mut rng)?;
             let lr = rewarmed(learning_rate(s.vae_learning_rate, step, s.vae_steps, s.warmup_steps), step, resumed_at, s.warmup_steps);
             let losses = trainer.step(&images, &mut Noise::Seeded(rng), lr, s.max_grad_norm)?;
             state.vae_loss.push(losses.loss);
@@ -165,6 +165,16 @@ impl<'a> Run<'a> {
             state.write(tmp)
         })
     }
+}
+
+/// One random `side`x`side` crop of a batch `[b, c, h, w]` (the whole batch if `side` is 0).
+fn crop(images: &Tensor, side: usize, rng: &mut impl Rng) -> Result<Tensor> {
+    let (_, _, h, w) = images.dims4()?;
+    if side == 0 || (side >= h && side >= w) {
+        return Ok(images.clone());
+    }
+    let (y, x) = (rng.gen_range(0..=h - side), rng.gen_range(0..=w - side));
+    Ok(images.narrow(2, y, side)?.narrow(3, x, side)?)
 }
 
 /// A checkpoint is due every `every` steps, except at the last (the phase's end writes one).
