@@ -8,7 +8,7 @@ Run with the dev venv (torch, diffusers 0.42.1, transformers, safetensors):
    `m` in (sd1: epsilon, sd2: v_prediction), in float64 so that the reference is exact to f32
    precision: latents = vae.encode(img).latent_dist.mean * scaling_factor of
    tests/fixtures/ref/img2img-input.png (64x48, pixels / 127.5 - 1) repeated to batch 4, the text
-   embedding of "beikkpic" (padding to 77), then STEPS steps of DreamBooth's loop: add_noise, target by
+   embedding of "beikkpic" (padding to 77), then two steps of DreamBooth's loop: add_noise, target by
    prediction_type, F.mse_loss, backward, transformers' Adafactor (lr LR, relative_step=False,
    scale_parameter=False, warmup_init=False) on the UNet weights unitune's `TrainableLayers::Most`
    selects (all but norms and time_embedding). Weights are compared after one step only: from the
@@ -47,7 +47,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "
 TOKEN = "beikkpic"
 BATCH = 4
 LR = 1e-3
-STEPS = 2
 # Per-sample timesteps of each parity step: both ends of the schedule and the middle.
 TIMESTEPS = [[17, 999, 503, 250], [0, 742, 121, 888]]
 FULL = [

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use unitune::train::pretrain::{pretrain, DataSource, PretrainSettings, Preset, TrainingState, WeightsDtype};
+use unitune::train::pretrain::{
+    pretrain, DataSource, Preset, PretrainSettings, TrainingState, WeightsDtype,
+};
 
 use crate::progress::BarProgress;
 
@@ -75,10 +77,14 @@ pub struct PretrainArgs {
 pub fn run(args: PretrainArgs) -> Result<()> {
     let (mut settings, data) = match args.resume {
         true => {
-            let saved = TrainingState::read(&args.output).with_context(|| format!("resuming {}", args.output.display()))?;
+            let saved = TrainingState::read(&args.output)
+                .with_context(|| format!("resuming {}", args.output.display()))?;
             (saved.settings, saved.data)
         }
-        false => (PretrainSettings::new(args.preset.unwrap_or(Preset::Small)), "world".to_string()),
+        false => (
+            PretrainSettings::new(args.preset.unwrap_or(Preset::Small)),
+            "world".to_string(),
+        ),
     };
     let overrides: [(&mut usize, Option<usize>); 10] = [
         (&mut settings.size, args.size),
@@ -102,7 +108,11 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.seed = args.seed.unwrap_or(settings.seed);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
-    let device = if args.cuda { Device::new_cuda(0)? } else { Device::Cpu };
+    let device = if args.cuda {
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
     let source = DataSource::parse(args.data.as_deref().unwrap_or(&data));
     eprintln!(
         "pretraining {:?} at {}x{} on {}: autoencoder {} steps (batch {}), unet+text {} steps (batch {}), seed {}",
@@ -116,16 +126,23 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         settings.batch_size,
         settings.seed
     );
-    let state = pretrain(&args.output, &source, settings, args.resume, &device, &mut BarProgress::new())
-        .with_context(|| format!("pretraining into {}", args.output.display()))?;
+    let state = pretrain(
+        &args.output,
+        &source,
+        settings,
+        args.resume,
+        &device,
+        &mut BarProgress::new(),
+    )
+    .with_context(|| format!("pretraining into {}", args.output.display()))?;
     eprintln!(
         "wrote {}: autoencoder L1 {:.4} after {} steps ({:.0} s, scaling_factor {:.4}); denoising loss {:.4} after {} steps ({:.0} s)",
         args.output.display(),
-        state.vae_l1.recent(10),
+        state.vae_l1.latest(10),
         state.vae_step,
         state.vae_seconds,
         state.scaling_factor.unwrap_or(f64::NAN),
-        state.loss.recent(10),
+        state.loss.latest(10),
         state.step,
         state.seconds
     );

@@ -13,7 +13,9 @@ use unitune::noise::Noise;
 use unitune::pipelines::{LoadOptions, NoProgress, StableDiffusion};
 use unitune::train::adafactor::{Adafactor, AdafactorConfig, Factoring};
 use unitune::train::session::{DeltaEncoding, Session};
-use unitune::train::tune::{default_token, token_warning, tune, StepInputs, TrainableLayers, TuneSettings, Tuner};
+use unitune::train::tune::{
+    default_token, token_warning, tune, StepInputs, TrainableLayers, TuneSettings, Tuner,
+};
 use unitune::train::TrainOptimizer;
 
 fn fixtures() -> PathBuf {
@@ -21,7 +23,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(model: &str, layers: Option<TrainableLayers>) -> StableDiffusion {
-    let options = LoadOptions { trainable: layers.map(TrainableLayers::filter), ..LoadOptions::default() };
+    let options = LoadOptions {
+        trainable: layers.map(TrainableLayers::filter),
+        ..LoadOptions::default()
+    };
     StableDiffusion::load(&fixtures().join(model), &options).unwrap()
 }
 
@@ -53,14 +58,18 @@ fn deltas(sd: &StableDiffusion) -> HashMap<String, Tensor> {
 /// The flat indices dev/ref_tune_step.py samples a change at.
 fn pick_indices(n: usize) -> Vec<u32> {
     let k = n.min(16);
-    (0..k).map(|i| (i * (n - 1) / (k - 1).max(1)) as u32).collect()
+    (0..k)
+        .map(|i| (i * (n - 1) / (k - 1).max(1)) as u32)
+        .collect()
 }
 
 /// The loss of a step on the inputs dev/ref_tune_step.py used, checked against torch's.
 fn step_matches(tuner: &mut Tuner, refs: &HashMap<String, Tensor>, m: &str, k: usize, what: &str) {
     let inputs = StepInputs {
         noise: refs[&format!("{m}.noise.{k}")].clone(),
-        timesteps: refs[&format!("{m}.timesteps.{k}")].to_dtype(DType::U32).unwrap(),
+        timesteps: refs[&format!("{m}.timesteps.{k}")]
+            .to_dtype(DType::U32)
+            .unwrap(),
     };
     let loss = tuner.step(&inputs).unwrap() as f64;
     let want = scalar_f64(&refs[&format!("{m}.loss.{k}")]);
@@ -82,25 +91,57 @@ fn step_matches(tuner: &mut Tuner, refs: &HashMap<String, Tensor>, m: &str, k: u
 /// Compared whole for a few tensors, and for all at 16 sampled entries and by their L2 norm.
 #[test]
 fn training_steps_match_diffusers_and_transformers_adafactor() {
-    let refs = candle_core::safetensors::load(fixtures().join("ref/tune_step.safetensors"), &Device::Cpu).unwrap();
+    let refs =
+        candle_core::safetensors::load(fixtures().join("ref/tune_step.safetensors"), &Device::Cpu)
+            .unwrap();
     let pixels = image_io::image_to_tensor(&image("img2img-input.png"), &Device::Cpu).unwrap();
     for (model, checkpointing) in [("tiny-sd1", false), ("tiny-sd2", false), ("tiny-sd1", true)] {
         let m = &model[5..];
-        let what = format!("{m}{}", if checkpointing { " (gradient checkpointing)" } else { "" });
+        let what = format!(
+            "{m}{}",
+            if checkpointing {
+                " (gradient checkpointing)"
+            } else {
+                ""
+            }
+        );
         let mut sd = load(model, Some(TrainableLayers::Most));
         sd.unet.set_gradient_checkpointing(checkpointing);
-        let names: BTreeSet<String> = sd.unet_store.trainable_vars().into_iter().map(|(n, _)| n).collect();
+        let names: BTreeSet<String> = sd
+            .unet_store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         let prefix = format!("{m}.stats.");
-        let torch_names: BTreeSet<String> =
-            refs.keys().filter_map(|k| k.strip_prefix(&prefix)).map(str::to_string).collect();
-        assert_eq!(names, torch_names, "{what}: trainable tensors differ from torch's");
+        let torch_names: BTreeSet<String> = refs
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            names, torch_names,
+            "{what}: trainable tensors differ from torch's"
+        );
 
         // transformers factors the last two dims; unitune's default factoring differs.
         let lr = 1e-3;
-        let config = AdafactorConfig { lr, factoring: Factoring::LastTwo, ..Default::default() };
-        let vars = sd.unet_store.trainable_vars().into_iter().map(|(_, v)| v).collect();
+        let config = AdafactorConfig {
+            lr,
+            factoring: Factoring::LastTwo,
+            ..Default::default()
+        };
+        let vars = sd
+            .unet_store
+            .trainable_vars()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
         let optimizer = TrainOptimizer::Adafactor(Adafactor::new(vars, config).unwrap());
-        let settings = TuneSettings { learning_rate: lr, ..TuneSettings::new("beikkpic", 0) };
+        let settings = TuneSettings {
+            learning_rate: lr,
+            ..TuneSettings::new("beikkpic", 0)
+        };
         let mut tuner = Tuner::with_optimizer(&sd, &pixels, settings, optimizer).unwrap();
         step_matches(&mut tuner, &refs, m, 1, &what);
 
@@ -110,20 +151,45 @@ fn training_steps_match_diffusers_and_transformers_adafactor() {
         for (name, delta) in deltas(&sd) {
             let stats: Vec<f64> = refs[&format!("{m}.stats.{name}")].to_vec1().unwrap();
             let (norm, scale) = (stats[0], stats[1]);
-            assert!(scale > 0.0, "{what} `{name}`: torch did not change it, nothing to check");
+            assert!(
+                scale > 0.0,
+                "{what} `{name}`: torch did not change it, nothing to check"
+            );
             let flat = delta.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-            let ours_norm = flat.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f64>().unwrap();
+            let ours_norm = flat
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             let picks = Tensor::new(pick_indices(flat.elem_count()), &Device::Cpu).unwrap();
-            let picked = (flat.index_select(&picks, 0).unwrap() - &refs[&format!("{m}.picks.{name}")]).unwrap();
-            let mut abs_err = picked.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let picked = (flat.index_select(&picks, 0).unwrap()
+                - &refs[&format!("{m}.picks.{name}")])
+                .unwrap();
+            let mut abs_err = picked
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             if let Some(want) = refs.get(&format!("{m}.delta.{name}")) {
                 full += 1;
                 abs_err = abs_err.max(max_abs(&(&delta - want).unwrap()) as f64);
             }
             let change = (abs_err / scale).max((ours_norm - norm).abs() / norm);
             let weight = abs_err / max_abs(&base[&name]) as f64;
-            assert!(change <= 5e-5, "{what} `{name}`: change differs from torch's by {change:.2e} of its size");
-            assert!(weight <= 1e-5, "{what} `{name}`: weights differ from torch's by {weight:.2e} of their size");
+            assert!(
+                change <= 5e-5,
+                "{what} `{name}`: change differs from torch's by {change:.2e} of its size"
+            );
+            assert!(
+                weight <= 1e-5,
+                "{what} `{name}`: weights differ from torch's by {weight:.2e} of their size"
+            );
             if change > worst_change.0 {
                 worst_change = (change, name);
             }
@@ -143,7 +209,10 @@ fn training_steps_match_diffusers_and_transformers_adafactor() {
 /// Mean loss of the first and of the last `window` steps.
 fn first_and_last(losses: &[f32], window: usize) -> (f32, f32) {
     let mean = |s: &[f32]| s.iter().sum::<f32>() / s.len() as f32;
-    (mean(&losses[..window]), mean(&losses[losses.len() - window..]))
+    (
+        mean(&losses[..window]),
+        mean(&losses[losses.len() - window..]),
+    )
 }
 
 /// A whole tune as `unitune tune` runs it (seeded noise, unitune's default Adafactor): over 128
@@ -156,25 +225,41 @@ fn first_and_last(losses: &[f32], window: usize) -> (f32, f32) {
 #[test]
 fn loss_halves_over_a_tune() {
     let sd = load("tiny-sd1", Some(TrainableLayers::Most));
-    let settings = TuneSettings { learning_rate: 1e-3, ..TuneSettings::new("beikkpic", 0) };
+    let settings = TuneSettings {
+        learning_rate: 1e-3,
+        ..TuneSettings::new("beikkpic", 0)
+    };
     let mut logged = 0;
     let start = Instant::now();
-    let session = tune(&sd, &image("tune-input.png"), settings, &mut Noise::seeded(0), &mut NoProgress, &mut |step, _| {
-        assert_eq!(step, logged);
-        logged += 1;
-        Ok(())
-    })
+    let session = tune(
+        &sd,
+        &image("tune-input.png"),
+        settings,
+        &mut Noise::seeded(0),
+        &mut NoProgress,
+        &mut |step, _| {
+            assert_eq!(step, logged);
+            logged += 1;
+            Ok(())
+        },
+    )
     .unwrap();
     let elapsed = start.elapsed();
     assert_eq!((session.losses.len(), logged), (128, 128));
     let (first, last) = first_and_last(&session.losses, 16);
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ref/tune_loss.json")).unwrap()).unwrap();
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("ref/tune_loss.json")).unwrap(),
+    )
+    .unwrap();
     let torch = record["runs"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["model"] == "sd1" && r["lr"] == 1e-3 && r["factoring"].as_str().unwrap().starts_with("unfactored"))
+        .find(|r| {
+            r["model"] == "sd1"
+                && r["lr"] == 1e-3
+                && r["factoring"].as_str().unwrap().starts_with("unfactored")
+        })
         .unwrap();
     println!(
         "128 steps in {:.1} s: loss {first:.4} -> {last:.4} (x{:.3}); PyTorch, same settings, its own noise: {:.4} -> {:.4} (x{:.3})",
@@ -193,14 +278,22 @@ fn default_token_is_rare_and_common_words_warn() {
     let token = default_token(&sd.tokenizer);
     assert_eq!(token, "beikkpic");
     let pieces = sd.tokenizer.tokenize(&token);
-    assert!(pieces.len() >= 2, "{token} is one vocabulary entry: {pieces:?}");
+    assert!(
+        pieces.len() >= 2,
+        "{token} is one vocabulary entry: {pieces:?}"
+    );
     assert_eq!(token_warning(&sd.tokenizer, &token), None);
 
     // "dog</w>" is one entry of the tiny vocabulary (as of CLIP's).
     assert_eq!(sd.tokenizer.tokenize("dog"), vec!["dog</w>".to_string()]);
     let warning = token_warning(&sd.tokenizer, "Dog").expect("a common word warns");
-    assert!(warning.contains("`Dog`") && warning.contains("beikkpic"), "{warning}");
-    assert!(token_warning(&sd.tokenizer, "  ").expect("an empty token warns").contains("empty"));
+    assert!(
+        warning.contains("`Dog`") && warning.contains("beikkpic"),
+        "{warning}"
+    );
+    assert!(token_warning(&sd.tokenizer, "  ")
+        .expect("an empty token warns")
+        .contains("empty"));
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -208,14 +301,28 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// A short tune's session holds the changes of exactly the trainable tensors the tune moved, and
-/// applied to a freshly loaded base it reproduces the tuned UNet: exactly in memory and as f32,
-/// within the int8 rounding as q8.
+/// applied to a freshly loaded base it reproduces the tuned UNet's output, measured against how far
+/// the tune moved that output: in memory and as f32 up to f32 rounding (`base + (tuned - base)` is
+/// not always `tuned` in f32; measured 9e-7), as f16 and q8 up to their rounding of the changes
+/// (measured 4e-5 and 6e-4).
 #[test]
 fn session_reproduces_the_tuned_unet() {
     let sd = load("tiny-sd1", Some(TrainableLayers::Most));
-    let settings = TuneSettings { steps: 4, learning_rate: 1e-3, ..TuneSettings::new("beikkpic", 3) };
+    let settings = TuneSettings {
+        steps: 4,
+        learning_rate: 1e-3,
+        ..TuneSettings::new("beikkpic", 3)
+    };
     let source = image("tune-input.png");
-    let session = tune(&sd, &source, settings, &mut Noise::seeded(3), &mut NoProgress, &mut |_, _| Ok(())).unwrap();
+    let session = tune(
+        &sd,
+        &source,
+        settings,
+        &mut Noise::seeded(3),
+        &mut NoProgress,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
     assert_eq!(session.losses.len(), 4);
     assert_eq!(session.image, source);
     assert_eq!(session.settings["learning_rate"], 1e-3);
@@ -227,9 +334,16 @@ fn session_reproduces_the_tuned_unet() {
         .collect();
     let stored: BTreeSet<String> = session.deltas.keys().cloned().collect();
     assert!(!stored.is_empty());
-    assert_eq!(stored, changed, "the session holds exactly the changed tensors");
+    assert_eq!(
+        stored, changed,
+        "the session holds exactly the changed tensors"
+    );
     let trainable = sd.unet_store.trainable_vars().len();
-    assert!(changed.len() * 10 >= trainable * 9, "only {} of {trainable} trainable tensors changed", changed.len());
+    assert!(
+        changed.len() * 10 >= trainable * 9,
+        "only {} of {trainable} trainable tensors changed",
+        changed.len()
+    );
 
     // The tuned UNet (its vars) and the base, on one input.
     let (b, h, w) = (2, 8, 8);
@@ -246,13 +360,17 @@ fn session_reproduces_the_tuned_unet() {
     fresh.apply_session(&session).unwrap();
     let in_memory = max_diff(&fresh.unet.forward(&sample, &t, &text).unwrap(), &tuned);
     println!("in memory: output differs by {in_memory:.1e} (the tune moved it by {effect:.2e})");
-    assert!(in_memory <= 1e-6 * effect, "{in_memory}");
+    assert!(in_memory <= 1e-5 * effect, "{in_memory}");
 
     let dir = std::env::temp_dir().join(format!("unitune-tune-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let unet_file = fixtures().join("tiny-sd1/unet/diffusion_pytorch_model.safetensors");
     let unet_bytes = std::fs::metadata(&unet_file).unwrap().len();
-    for (encoding, tolerance) in [(DeltaEncoding::F32, 1e-6), (DeltaEncoding::F16, 2e-3), (DeltaEncoding::Q8, 2e-2)] {
+    for (encoding, tolerance) in [
+        (DeltaEncoding::F32, 1e-5),
+        (DeltaEncoding::F16, 5e-4),
+        (DeltaEncoding::Q8, 5e-3),
+    ] {
         let path = dir.join(format!("{encoding:?}.session"));
         session.save(&path, encoding).unwrap();
         let bytes = std::fs::metadata(&path).unwrap().len();
@@ -267,7 +385,6 @@ fn session_reproduces_the_tuned_unet() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
 
 /// The system allocator, counting the bytes in use and their peak (for the memory measurement).
 struct Counting;
@@ -314,21 +431,36 @@ fn medium_unet_step(checkpointing: bool) {
     .unwrap();
     for (key, value) in [
         ("block_out_channels", serde_json::json!([128, 256, 512])),
-        ("down_block_types", serde_json::json!(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])),
-        ("up_block_types", serde_json::json!(["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])),
+        (
+            "down_block_types",
+            serde_json::json!([
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D"
+            ]),
+        ),
+        (
+            "up_block_types",
+            serde_json::json!(["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
+        ),
         ("attention_head_dim", serde_json::json!(8)),
         ("cross_attention_dim", serde_json::json!(768)),
         ("norm_num_groups", serde_json::json!(32)),
     ] {
         config[key] = value;
     }
-    let path = std::env::temp_dir().join(format!("unitune-medium-unet-{}.json", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("unitune-medium-unet-{}.json", std::process::id()));
     std::fs::write(&path, config.to_string()).unwrap();
     let cfg = UNet2DConditionConfig::from_file(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     let dev = Device::Cpu;
     let varmap = candle_nn::VarMap::new();
-    let mut unet = UNet2DConditionModel::new(candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
+    let mut unet = UNet2DConditionModel::new(
+        candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &cfg,
+    )
+    .unwrap();
     unet.set_gradient_checkpointing(checkpointing);
     let mut noise = Noise::seeded(0);
     let sample = noise.randn((2, 4, 32, 32), &dev).unwrap();
@@ -346,11 +478,18 @@ fn medium_unet_step(checkpointing: bool) {
     let heap_forward_peak = PEAK.load(Relaxed) - heap_before;
     let grads = ckpt.backward(&loss).unwrap();
     let seconds = start.elapsed().as_secs_f64();
-    let missing = varmap.all_vars().iter().filter(|v| grads.get(v).is_none()).count();
+    let missing = varmap
+        .all_vars()
+        .iter()
+        .filter(|v| grads.get(v).is_none())
+        .count();
     assert_eq!(missing, 0, "vars without a gradient");
     let weights: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     let heap_peak = PEAK.load(Relaxed) - heap_before;
-    println!("STEP {before} {} {seconds:.2} {weights} {heap_graph} {heap_forward_peak} {heap_peak}", status_kib("VmHWM"));
+    println!(
+        "STEP {before} {} {seconds:.2} {weights} {heap_graph} {heap_forward_peak} {heap_peak}",
+        status_kib("VmHWM")
+    );
 }
 
 /// Peak memory of a training step with and without gradient checkpointing, each measured in a
@@ -367,18 +506,40 @@ fn checkpointing_saves_memory() {
     let mut peaks = Vec::new();
     for mode in ["off", "on"] {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["checkpointing_saves_memory", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "checkpointing_saves_memory",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD, mode)
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{mode}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // libtest may print the test's name on the same line first.
-        let line = stdout.split("STEP ").nth(1).and_then(|l| l.lines().next()).expect("child printed no STEP line");
-        let v: Vec<f64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        let line = stdout
+            .split("STEP ")
+            .nth(1)
+            .and_then(|l| l.lines().next())
+            .expect("child printed no STEP line");
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
         let (before, peak, seconds, weights) = (v[0] / 1024.0, v[1] / 1024.0, v[2], v[3] / 1e6);
         let mib = |b: f64| b / (1 << 20) as f64;
-        println!("HEAP {mode}: graph after forward {:.0} MiB, forward peak {:.0}, step peak {:.0}", mib(v[4]), mib(v[5]), mib(v[6]));
+        println!(
+            "HEAP {mode}: graph after forward {:.0} MiB, forward peak {:.0}, step peak {:.0}",
+            mib(v[4]),
+            mib(v[5]),
+            mib(v[6])
+        );
         println!(
             "checkpointing {mode}: {weights:.1} M weights, resident {before:.0} MiB before the step, peak {peak:.0} MiB \
              (+{:.0} MiB for forward and backward), {seconds:.1} s",
@@ -386,6 +547,42 @@ fn checkpointing_saves_memory() {
         );
         peaks.push(peak - before);
     }
-    println!("the step's extra memory with checkpointing: {:.0}% of without", 100.0 * peaks[1] / peaks[0]);
+    println!(
+        "the step's extra memory with checkpointing: {:.0}% of without",
+        100.0 * peaks[1] / peaks[0]
+    );
     assert!(peaks[1] < peaks[0]);
+}
+
+#[test]
+fn a_tuner_needs_trainable_weights_and_the_optimizer_its_settings_name() {
+    let pixels = image_io::image_to_tensor(&image("tune-input.png"), &Device::Cpu).unwrap();
+    let settings = TuneSettings::new("beikkpic", 0);
+    let frozen = load("tiny-sd1", None);
+    let err = Tuner::new(&frozen, &pixels, settings.clone())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("layers") && err.contains("no UNet tensor is trainable"),
+        "{err}"
+    );
+
+    let sd = load("tiny-sd1", Some(TrainableLayers::CrossAttention));
+    let vars: Vec<_> = sd
+        .unet_store
+        .trainable_vars()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let config = AdafactorConfig {
+        lr: 1e-3,
+        ..Default::default()
+    };
+    let other_lr = TrainOptimizer::Adafactor(Adafactor::new(vars, config).unwrap());
+    let err = Tuner::with_optimizer(&sd, &pixels, settings, other_lr)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("optimizer") && err.contains("0.0001"), "{err}");
 }

@@ -64,7 +64,10 @@ impl TokenizerFiles {
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let path = entry.map_err(|e| Error::io(dir, e))?.path();
             if path.is_file() {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 files.push((name, std::fs::read(&path).map_err(|e| Error::io(&path, e))?));
             }
         }
@@ -88,12 +91,21 @@ pub fn write_pipeline(dir: &Path, parts: &PipelineParts, dtype: DType) -> Result
     create_dir(dir)?;
     write_json(&dir.join("model_index.json"), &model_index())?;
     let (text_cfg, text) = parts.text_encoder;
-    write_text_encoder(&dir.join("text_encoder"), text_cfg, parts.special_tokens, text, dtype)?;
+    write_text_encoder(
+        &dir.join("text_encoder"),
+        text_cfg,
+        parts.special_tokens,
+        text,
+        dtype,
+    )?;
     write_vae(&dir.join("vae"), parts.vae.0, parts.vae.1, dtype)?;
     write_unet(&dir.join("unet"), parts.unet.0, parts.unet.1, dtype)?;
     let scheduler = dir.join("scheduler");
     create_dir(&scheduler)?;
-    write_json(&scheduler.join("scheduler_config.json"), &ddim_config_json(parts.scheduler))?;
+    write_json(
+        &scheduler.join("scheduler_config.json"),
+        &ddim_config_json(parts.scheduler),
+    )?;
     parts.tokenizer.write(&dir.join("tokenizer"))
 }
 
@@ -123,7 +135,10 @@ pub fn write_text_encoder(
     dtype: DType,
 ) -> Result<()> {
     create_dir(dir)?;
-    write_json(&dir.join("config.json"), &clip_text_config_json(cfg, ids, dtype))?;
+    write_json(
+        &dir.join("config.json"),
+        &clip_text_config_json(cfg, ids, dtype),
+    )?;
     let prefixed: Tensors = tensors
         .iter()
         .map(|(name, t)| match name.starts_with(TEXT_MODEL_PREFIX) {
@@ -138,14 +153,27 @@ pub fn write_text_encoder(
 pub fn write_vae(dir: &Path, cfg: &VaeConfig, tensors: &Tensors, dtype: DType) -> Result<()> {
     create_dir(dir)?;
     write_json(&dir.join("config.json"), &vae_config_json(cfg))?;
-    write_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), tensors, dtype)
+    write_safetensors(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        tensors,
+        dtype,
+    )
 }
 
 /// `unet/`: config and `diffusion_pytorch_model.safetensors`.
-pub fn write_unet(dir: &Path, cfg: &UNet2DConditionConfig, tensors: &Tensors, dtype: DType) -> Result<()> {
+pub fn write_unet(
+    dir: &Path,
+    cfg: &UNet2DConditionConfig,
+    tensors: &Tensors,
+    dtype: DType,
+) -> Result<()> {
     create_dir(dir)?;
     write_json(&dir.join("config.json"), &unet_config_json(cfg))?;
-    write_safetensors(&dir.join("diffusion_pytorch_model.safetensors"), tensors, dtype)
+    write_safetensors(
+        &dir.join("diffusion_pytorch_model.safetensors"),
+        tensors,
+        dtype,
+    )
 }
 
 /// transformers' `CLIPTextConfig` as `save_pretrained` writes it.
@@ -370,20 +398,39 @@ impl RawTensor {
     fn new(tensor: &Tensor, dtype: DType) -> Result<Self> {
         let flat = tensor.to_dtype(dtype)?.flatten_all()?;
         let (st_dtype, bytes): (_, Vec<u8>) = match dtype {
-            DType::F32 => (safetensors::Dtype::F32, flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                flat.to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            ),
             DType::F16 => (
                 safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             DType::BF16 => (
                 safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
             ),
             other => {
-                return Err(Error::argument("dtype", format!("weights are written as f32, f16 or bf16, not {other:?}")))
+                return Err(Error::argument(
+                    "dtype",
+                    format!("weights are written as f32, f16 or bf16, not {other:?}"),
+                ))
             }
         };
-        Ok(Self { dtype: st_dtype, shape: tensor.dims().to_vec(), bytes })
+        Ok(Self {
+            dtype: st_dtype,
+            shape: tensor.dims().to_vec(),
+            bytes,
+        })
     }
 }
 
@@ -454,9 +501,9 @@ pub fn recover_replace(dir: &Path) -> Result<()> {
 
 /// `DIR.<suffix>` next to `dir`.
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::argument("output", format!("{} is not a folder name", dir.display())))?;
+    let name = dir.file_name().ok_or_else(|| {
+        Error::argument("output", format!("{} is not a folder name", dir.display()))
+    })?;
     Ok(dir.with_file_name(format!("{}.{suffix}", name.to_string_lossy())))
 }
 
@@ -482,17 +529,23 @@ mod tests {
     use crate::weights::WeightStore;
 
     fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(rel)
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("unitune-export-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("unitune-export-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
     }
 
     fn tensors(dir: &Path) -> Tensors {
-        WeightStore::open(dir, None, &Device::Cpu).unwrap().tensors().clone()
+        WeightStore::open(dir, None, &Device::Cpu)
+            .unwrap()
+            .tensors()
+            .clone()
     }
 
     #[test]
@@ -502,19 +555,31 @@ mod tests {
         create_dir(&dir).unwrap();
         let path = dir.join("unet.json");
         write_json(&path, &unet_config_json(&sd.unet_config)).unwrap();
-        assert_eq!(UNet2DConditionConfig::from_file(&path).unwrap(), sd.unet_config);
+        assert_eq!(
+            UNet2DConditionConfig::from_file(&path).unwrap(),
+            sd.unet_config
+        );
         let path = dir.join("vae.json");
         write_json(&path, &vae_config_json(&sd.vae_config)).unwrap();
         assert_eq!(VaeConfig::from_file(&path).unwrap(), sd.vae_config);
-        let clip = ClipTextConfig::from_file(&fixture("tiny-sd2/text_encoder/config.json")).unwrap();
+        let clip =
+            ClipTextConfig::from_file(&fixture("tiny-sd2/text_encoder/config.json")).unwrap();
         let path = dir.join("clip.json");
-        let ids = SpecialTokenIds { bos: 1, eos: 2, pad: 3 };
+        let ids = SpecialTokenIds {
+            bos: 1,
+            eos: 2,
+            pad: 3,
+        };
         write_json(&path, &clip_text_config_json(&clip, ids, DType::F16)).unwrap();
         assert_eq!(ClipTextConfig::from_file(&path).unwrap(), clip);
         let path = dir.join("scheduler.json");
         write_json(&path, &ddim_config_json(&sd.scheduler_config)).unwrap();
         let back = SchedulerConfig::from_file(&path).unwrap();
-        let expected = SchedulerConfig { path: path.clone(), class_name: Some("DDIMScheduler".into()), ..sd.scheduler_config };
+        let expected = SchedulerConfig {
+            path: path.clone(),
+            class_name: Some("DDIMScheduler".into()),
+            ..sd.scheduler_config
+        };
         assert_eq!(back, expected);
     }
 
@@ -545,18 +610,44 @@ mod tests {
             let dir = tempdir(&format!("pipeline-{dtype:?}"));
             write_pipeline(&dir, &parts, dtype).unwrap();
             let back = StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
-            assert_eq!(TokenizerFiles::read(&dir.join("tokenizer")).unwrap(), tokenizer);
+            assert_eq!(
+                TokenizerFiles::read(&dir.join("tokenizer")).unwrap(),
+                tokenizer
+            );
             let written = tensors(&dir.join("text_encoder"));
-            assert!(written.keys().all(|k| k.starts_with("text_model.")), "{:?}", written.keys());
+            assert!(
+                written.keys().all(|k| k.starts_with("text_model.")),
+                "{:?}",
+                written.keys()
+            );
             let tolerance = if dtype == DType::F32 { 0.0 } else { 1e-2 };
             let (a, _) = sd.encode_prompt("a photo of a cat").unwrap();
             let (b, _) = back.encode_prompt("a photo of a cat").unwrap();
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= tolerance, "{dtype:?}: text embeddings differ by {diff}");
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= tolerance,
+                "{dtype:?}: text embeddings differ by {diff}"
+            );
             for (name, t) in &unet {
-                let w = tensors(&dir.join("unet"))[name].to_dtype(DType::F32).unwrap();
+                let w = tensors(&dir.join("unet"))[name]
+                    .to_dtype(DType::F32)
+                    .unwrap();
                 assert_eq!(w.dtype(), DType::F32);
-                let diff = (t - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = (t - w)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(diff <= tolerance * 1e-1, "{name}: {diff}");
             }
         }
@@ -565,14 +656,19 @@ mod tests {
     #[test]
     fn replace_dir_swaps_whole_folders_and_keeps_foreign_files() {
         let dir = tempdir("swap");
-        let write = |name: &'static str, text: &'static str| move |d: &Path| -> Result<()> {
-            std::fs::write(d.join(name), text).map_err(|e| Error::io(d, e))
+        let write = |name: &'static str, text: &'static str| {
+            move |d: &Path| -> Result<()> {
+                std::fs::write(d.join(name), text).map_err(|e| Error::io(d, e))
+            }
         };
         replace_dir(&dir, write("a.txt", "one")).unwrap();
         std::fs::write(dir.join("README.md"), "mine").unwrap();
         replace_dir(&dir, write("a.txt", "two")).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("a.txt")).unwrap(), "two");
-        assert_eq!(std::fs::read_to_string(dir.join("README.md")).unwrap(), "mine");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("README.md")).unwrap(),
+            "mine"
+        );
         // A failing fill leaves the old folder as it was.
         let err = replace_dir(&dir, |_| Err(Error::argument("x", "boom"))).unwrap_err();
         assert!(err.to_string().contains("boom"));

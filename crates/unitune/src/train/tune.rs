@@ -4,7 +4,12 @@
 //!
 //! One step, as diffusers' DreamBooth script: the image's latent mean (times the VAE scaling
 //! factor) repeated to the batch, per-sample noise and timesteps drawn uniformly from the training
-//! schedule, the target chosen by `prediction_type`, an MSE loss, backward, optimizer step.
+//! schedule, the target chosen by `prediction_type`, an MSE loss, backward, optimizer step
+//! (tests/tune.rs checks it against diffusers and transformers' Adafactor).
+//!
+//! To tune in less memory, turn on the UNet's gradient checkpointing before building the [`Tuner`]
+//! (`sd.unet.set_gradient_checkpointing(true)`): the same updates, for about a third of the step's
+//! activation memory and some more compute.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -50,7 +55,10 @@ impl FromStr for TrainableLayers {
             "all" => Ok(Self::All),
             "attention" => Ok(Self::Attention),
             "cross-attention" => Ok(Self::CrossAttention),
-            _ => Err(Error::argument("layers", format!("`{s}` is not one of: most, all, attention, cross-attention"))),
+            _ => Err(Error::argument(
+                "layers",
+                format!("`{s}` is not one of: most, all, attention, cross-attention"),
+            )),
         }
     }
 }
@@ -60,7 +68,10 @@ impl TrainableLayers {
     pub fn includes(self, name: &str) -> bool {
         match self {
             Self::All => true,
-            Self::Most => !name.starts_with("time_embedding.") && !name.split('.').any(|part| part.contains("norm")),
+            Self::Most => {
+                !name.starts_with("time_embedding.")
+                    && !name.split('.').any(|part| part.contains("norm"))
+            }
             Self::Attention => name.contains(".attentions."),
             Self::CrossAttention => name.contains(".attn2."),
         }
@@ -172,17 +183,24 @@ impl<'a> Tuner<'a> {
         trainable_vars(sd)?;
         let kind_matches = matches!(
             (settings.optimizer, &optimizer),
-            (OptimizerKind::Adafactor, TrainOptimizer::Adafactor(_)) | (OptimizerKind::AdamW, TrainOptimizer::AdamW(_))
+            (OptimizerKind::Adafactor, TrainOptimizer::Adafactor(_))
+                | (OptimizerKind::AdamW, TrainOptimizer::AdamW(_))
         );
         if !kind_matches || optimizer.learning_rate() != settings.learning_rate {
             return Err(Error::argument(
                 "optimizer",
-                format!("settings say {} at lr {}, the optimizer given differs", settings.optimizer, settings.learning_rate),
+                format!(
+                    "settings say {} at lr {}, the optimizer given differs",
+                    settings.optimizer, settings.learning_rate
+                ),
             ));
         }
         let b = settings.batch_size;
         let posterior = sd.vae.encode(&image.to_dtype(sd.dtype)?)?;
-        let latents = sd.scale_latents(&posterior.mean)?.detach().repeat((b, 1, 1, 1))?;
+        let latents = sd
+            .scale_latents(&posterior.mean)?
+            .detach()
+            .repeat((b, 1, 1, 1))?;
         let (text, _) = sd.encode_prompt(&settings.token)?;
         let text = text.detach().repeat((b, 1, 1))?;
         Ok(Self {
@@ -199,9 +217,13 @@ impl<'a> Tuner<'a> {
     /// Draws a step's noise and per-sample timesteps.
     pub fn draw_inputs(&mut self, noise: &mut Noise) -> Result<StepInputs> {
         let n = self.schedule.num_train_timesteps() as u32;
-        let timesteps: Vec<u32> = (0..self.settings.batch_size).map(|_| self.timestep_rng.gen_range(0..n)).collect();
+        let timesteps: Vec<u32> = (0..self.settings.batch_size)
+            .map(|_| self.timestep_rng.gen_range(0..n))
+            .collect();
         Ok(StepInputs {
-            noise: noise.randn(self.latents.shape(), self.latents.device())?.to_dtype(self.latents.dtype())?,
+            noise: noise
+                .randn(self.latents.shape(), self.latents.device())?
+                .to_dtype(self.latents.dtype())?,
             timesteps: Tensor::new(timesteps, self.latents.device())?,
         })
     }
@@ -214,15 +236,22 @@ impl<'a> Tuner<'a> {
     /// The loss and what back-propagates it (through checkpointed UNet units too, when the UNet
     /// has gradient checkpointing on).
     fn forward_loss(&self, inputs: &StepInputs) -> Result<(Tensor, CheckpointGrads)> {
-        let noisy = self.schedule.add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
+        let noisy = self
+            .schedule
+            .add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
         let target = match self.sd.scheduler_config.prediction_type {
             PredictionType::Epsilon => inputs.noise.clone(),
-            PredictionType::VPrediction => self.schedule.get_velocity(&self.latents, &inputs.noise, &inputs.timesteps)?,
+            PredictionType::VPrediction => {
+                self.schedule
+                    .get_velocity(&self.latents, &inputs.noise, &inputs.timesteps)?
+            }
             PredictionType::Sample => self.latents.clone(),
         };
         let t = inputs.timesteps.to_dtype(DType::F32)?;
         let (pred, grads) = self.sd.unet.forward_train(&noisy, &t, &self.text)?;
-        let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?;
+        let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
+            .sqr()?
+            .mean_all()?;
         Ok((loss, grads))
     }
 
@@ -239,7 +268,8 @@ impl<'a> Tuner<'a> {
         let base = self.sd.unet_store.tensors();
         let mut deltas = BTreeMap::new();
         for (name, var) in self.sd.unet_store.trainable_vars() {
-            let delta = (var.as_tensor().to_dtype(DType::F32)? - base[&name].to_dtype(DType::F32)?)?;
+            let delta =
+                (var.as_tensor().to_dtype(DType::F32)? - base[&name].to_dtype(DType::F32)?)?;
             if delta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
                 deltas.insert(name, delta);
             }
@@ -258,7 +288,12 @@ impl<'a> Tuner<'a> {
 /// The UNet's trainable vars; none is an error (the model was loaded without a trainable filter,
 /// or the filter matched nothing).
 fn trainable_vars(sd: &StableDiffusion) -> Result<Vec<candle_core::Var>> {
-    let vars: Vec<_> = sd.unet_store.trainable_vars().into_iter().map(|(_, v)| v).collect();
+    let vars: Vec<_> = sd
+        .unet_store
+        .trainable_vars()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     if vars.is_empty() {
         return Err(Error::argument("layers", "no UNet tensor is trainable"));
     }

@@ -71,7 +71,8 @@ fn run_attention(
         None => attention.forward(xs, context),
         Some(grads) => {
             let attention = attention.clone();
-            let unit = Arc::new(move |xs: &Tensor, context: &Tensor| attention.forward(xs, context));
+            let unit =
+                Arc::new(move |xs: &Tensor, context: &Tensor| attention.forward(xs, context));
             checkpoint(grads, unit, xs, context)
         }
     }

@@ -2,7 +2,9 @@
 //! `enable_gradient_checkpointing`: the forward pass keeps only each unit's inputs and output, and
 //! the backward pass recomputes the unit's insides when it needs them. Training memory then grows
 //! with the number of units rather than with every intermediate activation (the attention scores
-//! above all), for about one extra forward pass of compute.
+//! above all), for one extra forward pass of compute. Measured on one training step of a 74 M-weight
+//! UNet (channels 128/256/512, batch 2, 32x32 latents, CPU): peak memory above the weights 4.5 GB
+//! without, 1.6 GB with (tests/tune.rs, `checkpointing_saves_memory`).
 //!
 //! candle has no such primitive, so a unit runs behind a [`CustomOp2`] on `(input, side input)`:
 //! - forward: the unit runs on detached inputs, so the graph it builds reaches only its own weights
@@ -56,7 +58,12 @@ impl CheckpointGrads {
 pub type Unit = Arc<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// `unit(x, side)` as a checkpointed op whose weight gradients go to `grads`.
-pub fn checkpoint(grads: &CheckpointGrads, unit: Unit, x: &Tensor, side: &Tensor) -> Result<Tensor> {
+pub fn checkpoint(
+    grads: &CheckpointGrads,
+    unit: Unit,
+    x: &Tensor,
+    side: &Tensor,
+) -> Result<Tensor> {
     let want = (x.track_op(), side.track_op());
     // Only the unit's own weights can be tracked here; the graph dies with `out`.
     let out = unit(&x.detach(), &side.detach())?;
@@ -103,8 +110,9 @@ impl Checkpoint {
             .and_then(|mut o| o.take())
             .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))?;
         let (storage, layout) = out.storage_and_layout();
-        let src = pick(&storage)
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: output on another device".into()))?;
+        let src = pick(&storage).ok_or_else(|| {
+            candle_core::Error::Msg("checkpoint: output on another device".into())
+        })?;
         // Safety: every element is written by the strided copy below.
         let mut dst = unsafe { src.device().alloc_uninit(layout.shape(), src.dtype())? };
         src.copy_strided_src(&mut dst, 0, layout)?;
@@ -117,28 +125,52 @@ impl CustomOp2 for Checkpoint {
         "unet-checkpoint"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.output(|s| match s {
             Storage::Cpu(s) => Some(s),
             _ => None,
         })
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         self.output(|s| match s {
             Storage::Cuda(s) => Some(s),
             _ => None,
         })
     }
 
-    fn metal_fwd(&self, _: &MetalStorage, _: &Layout, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
         self.output(|s| match s {
             Storage::Metal(s) => Some(s),
             _ => None,
         })
     }
 
-    fn bwd(&self, x: &Tensor, side: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        side: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Fresh leaves: variables where a gradient is wanted, constants otherwise.
         let leaf = |t: &Tensor, want: bool| -> Result<Tensor> {
             if want {
@@ -193,40 +225,74 @@ mod tests {
     /// Returns the worst difference relative to each gradient's largest entry.
     fn compare(model: &str, trainable: fn(&str) -> bool, input_vars: bool) -> f32 {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-        let refs = candle_core::safetensors::load(root.join("ref/unet.safetensors"), &Device::Cpu).unwrap();
+        let refs = candle_core::safetensors::load(root.join("ref/unet.safetensors"), &Device::Cpu)
+            .unwrap();
         let dir = root.join(format!("tiny-{model}/unet"));
         let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
-        let store = WeightStore::open(&dir, None, &Device::Cpu).unwrap().with_trainable(Arc::new(trainable));
-        let mut unet = UNet2DConditionModel::from_store(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
+        let store = WeightStore::open(&dir, None, &Device::Cpu)
+            .unwrap()
+            .with_trainable(Arc::new(trainable));
+        let mut unet =
+            UNet2DConditionModel::from_store(&store, &cfg, DType::F32, &Device::Cpu).unwrap();
         let input = |k: &str| {
             let t = &refs[&format!("{model}.{k}")];
-            if input_vars { Var::from_tensor(t).unwrap().as_tensor().clone() } else { t.clone() }
+            if input_vars {
+                Var::from_tensor(t).unwrap().as_tensor().clone()
+            } else {
+                t.clone()
+            }
         };
         let (sample, context) = (input("sample"), input("encoder_hidden_states"));
         let timesteps = &refs[&format!("{model}.timesteps")];
 
-        let plain_loss = unet.forward(&sample, timesteps, &context).unwrap().sqr().unwrap().mean_all().unwrap();
+        let plain_loss = unet
+            .forward(&sample, timesteps, &context)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let plain = plain_loss.backward().unwrap();
         unet.set_gradient_checkpointing(true);
         let (out, ckpt) = unet.forward_train(&sample, timesteps, &context).unwrap();
         let loss = out.sqr().unwrap().mean_all().unwrap();
-        assert_eq!(loss.to_scalar::<f32>().unwrap(), plain_loss.to_scalar::<f32>().unwrap());
+        assert_eq!(
+            loss.to_scalar::<f32>().unwrap(),
+            plain_loss.to_scalar::<f32>().unwrap()
+        );
         let grads = ckpt.backward(&loss).unwrap();
 
-        let mut checked: Vec<(String, Tensor)> = store.trainable_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let mut checked: Vec<(String, Tensor)> = store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().clone()))
+            .collect();
         if input_vars {
-            checked.extend([("sample".to_string(), sample), ("context".to_string(), context)]);
+            checked.extend([
+                ("sample".to_string(), sample),
+                ("context".to_string(), context),
+            ]);
         }
         assert!(!checked.is_empty());
         let mut worst = 0f32;
         for (name, t) in &checked {
-            let want = plain.get(t).unwrap_or_else(|| panic!("{model} `{name}`: no gradient without checkpointing"));
-            let got = grads.get(t).unwrap_or_else(|| panic!("{model} `{name}`: no gradient with checkpointing"));
+            let want = plain
+                .get(t)
+                .unwrap_or_else(|| panic!("{model} `{name}`: no gradient without checkpointing"));
+            let got = grads
+                .get(t)
+                .unwrap_or_else(|| panic!("{model} `{name}`: no gradient with checkpointing"));
             let scale = max_abs(want);
-            assert!(scale > 0.0, "{model} `{name}`: zero gradient checks nothing");
+            assert!(
+                scale > 0.0,
+                "{model} `{name}`: zero gradient checks nothing"
+            );
             worst = worst.max(max_abs(&(got - want).unwrap()) / scale);
         }
-        println!("{model}: {} gradients, worst relative difference {worst:.1e}", checked.len());
+        println!(
+            "{model}: {} gradients, worst relative difference {worst:.1e}",
+            checked.len()
+        );
         worst
     }
 

@@ -49,14 +49,28 @@ pub(super) enum Dataset {
 }
 
 impl Dataset {
-    pub fn open(source: &DataSource, size: usize, seed: u64, world_scenes: usize, max_objects: usize) -> Result<Self> {
+    pub fn open(
+        source: &DataSource,
+        size: usize,
+        seed: u64,
+        world_scenes: usize,
+        max_objects: usize,
+    ) -> Result<Self> {
         match source {
             DataSource::World => {
                 if world_scenes == 0 {
                     return Err(Error::argument("world-scenes", "must be at least 1"));
                 }
-                let config = SceneConfig { width: size as u32, height: size as u32, max_objects, ..SceneConfig::default() };
-                Ok(Dataset::World { world: World::new(config, seed)?, len: world_scenes })
+                let config = SceneConfig {
+                    width: size as u32,
+                    height: size as u32,
+                    max_objects,
+                    ..SceneConfig::default()
+                };
+                Ok(Dataset::World {
+                    world: World::new(config, seed)?,
+                    len: world_scenes,
+                })
             }
             DataSource::Folder(dir) => Ok(Dataset::Folder(read_folder(dir, size)?)),
         }
@@ -108,15 +122,24 @@ fn read_folder(dir: &Path, size: usize) -> Result<Vec<(RgbImage, String)>> {
     if paths.is_empty() {
         return Err(Error::argument(
             "data",
-            format!("{} holds no images ({})", dir.display(), IMAGE_EXTENSIONS.join(", ")),
+            format!(
+                "{} holds no images ({})",
+                dir.display(),
+                IMAGE_EXTENSIONS.join(", ")
+            ),
         ));
     }
     paths
         .into_iter()
         .map(|path| {
             let caption_path = path.with_extension("txt");
-            let caption = std::fs::read_to_string(&caption_path).map_err(|e| Error::io(&caption_path, e))?;
-            let image = image_io::resize_and_center_crop(image_io::load_image(&path)?, size as u32, size as u32);
+            let caption =
+                std::fs::read_to_string(&caption_path).map_err(|e| Error::io(&caption_path, e))?;
+            let image = image_io::resize_and_center_crop(
+                image_io::load_image(&path)?,
+                size as u32,
+                size as u32,
+            );
             Ok((image, caption.trim().to_string()))
         })
         .collect()
@@ -128,7 +151,8 @@ mod tests {
 
     #[test]
     fn folder_pairs_images_with_captions_and_names_a_missing_caption() {
-        let dir = std::env::temp_dir().join(format!("unitune-pretrain-data-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("unitune-pretrain-data-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let image = RgbImage::from_pixel(20, 10, image::Rgb([255, 0, 0]));
@@ -143,7 +167,10 @@ mod tests {
         let batch = data.images(&[0, 1], &Device::Cpu).unwrap();
         assert_eq!(batch.dims(), &[2, 3, 8, 8]);
         std::fs::remove_file(dir.join("b.txt")).unwrap();
-        let err = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0, 1).err().unwrap().to_string();
+        let err = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0, 1)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("b.txt"), "{err}");
     }
 
@@ -153,7 +180,11 @@ mod tests {
         assert_eq!(data.len(), 10);
         assert_eq!(data.image(4).dimensions(), (32, 32));
         assert_eq!(data.image(4), data.image(4));
-        assert!(data.caption(4).contains("background"), "{}", data.caption(4));
+        assert!(
+            data.caption(4).contains("background"),
+            "{}",
+            data.caption(4)
+        );
         assert_eq!(DataSource::parse("world"), DataSource::World);
         assert_eq!(DataSource::parse("some/dir").describe(), "some/dir");
     }

@@ -105,9 +105,21 @@ impl DenoiserTrainer {
         scaling_factor: f64,
         lr: f64,
     ) -> Result<Self> {
-        let vars = text_vars.iter().chain(&unet_vars).map(|(_, v)| v.clone()).collect();
+        let vars = text_vars
+            .iter()
+            .chain(&unet_vars)
+            .map(|(_, v)| v.clone())
+            .collect();
         let optimizer = OptimizerKind::AdamW.build(vars, lr)?;
-        Ok(Self { text_encoder, unet, text_vars, unet_vars, optimizer, schedule, scaling_factor })
+        Ok(Self {
+            text_encoder,
+            unet,
+            text_vars,
+            unet_vars,
+            optimizer,
+            schedule,
+            scaling_factor,
+        })
     }
 
     /// Draws a step's inputs: `batch` pictures uniformly, each caption dropped with probability
@@ -121,7 +133,9 @@ impl DenoiserTrainer {
         noise: &mut Noise,
     ) -> Result<StepDraw> {
         let n = self.schedule.num_train_timesteps() as u32;
-        let indices: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..cache.len() as u32)).collect();
+        let indices: Vec<u32> = (0..batch)
+            .map(|_| rng.gen_range(0..cache.len() as u32))
+            .collect();
         let dropped: Vec<bool> = (0..batch).map(|_| rng.gen_bool(dropout)).collect();
         let timesteps: Vec<u32> = (0..batch).map(|_| rng.gen_range(0..n)).collect();
         let (_, c, h, w) = cache.mean.dims4()?;
@@ -140,17 +154,30 @@ impl DenoiserTrainer {
         let device = cache.mean.device();
         let indices = Tensor::new(draw.indices.as_slice(), device)?;
         let z = (cache.mean.index_select(&indices, 0)?
-            + cache.std.index_select(&indices, 0)?.mul(&draw.latent_noise)?)?;
+            + cache
+                .std
+                .index_select(&indices, 0)?
+                .mul(&draw.latent_noise)?)?;
         let latents = (z * self.scaling_factor)?; // [b, c, h, w]
         let ids = draw
             .indices
             .iter()
             .zip(&draw.dropped)
-            .map(|(&i, &dropped)| if dropped { Ok(cache.empty_ids.clone()) } else { cache.ids.get(i as usize) })
+            .map(|(&i, &dropped)| {
+                if dropped {
+                    Ok(cache.empty_ids.clone())
+                } else {
+                    cache.ids.get(i as usize)
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let text = self.text_encoder.forward(&Tensor::stack(&ids, 0)?)?; // [b, n, d]
-        let noisy = self.schedule.add_noise(&latents, &draw.noise, &draw.timesteps)?;
-        let pred = self.unet.forward(&noisy, &draw.timesteps.to_dtype(DType::F32)?, &text)?;
+        let noisy = self
+            .schedule
+            .add_noise(&latents, &draw.noise, &draw.timesteps)?;
+        let pred = self
+            .unet
+            .forward(&noisy, &draw.timesteps.to_dtype(DType::F32)?, &text)?;
         let per_sample = (pred - &draw.noise)?.sqr()?.flatten_from(1)?.mean(1)?; // [b]
         let weights = Tensor::new(self.snr_weights(&draw.timesteps)?, device)?;
         Ok((per_sample * weights)?.mean_all()?)
@@ -170,10 +197,21 @@ impl DenoiserTrainer {
     }
 
     /// One update from `draw` at learning rate `lr`; returns the loss before it.
-    pub fn step(&mut self, cache: &LatentCache, draw: &StepDraw, lr: f64, max_grad_norm: f64) -> Result<f32> {
+    pub fn step(
+        &mut self,
+        cache: &LatentCache,
+        draw: &StepDraw,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<f32> {
         let loss = self.loss(cache, draw)?;
         let mut grads = loss.backward()?;
-        let vars: Vec<&Var> = self.text_vars.iter().chain(&self.unet_vars).map(|(_, v)| v).collect();
+        let vars: Vec<&Var> = self
+            .text_vars
+            .iter()
+            .chain(&self.unet_vars)
+            .map(|(_, v)| v)
+            .collect();
         super::clip_grad_norm(&mut grads, &vars, max_grad_norm)?;
         self.optimizer.set_learning_rate(lr);
         self.optimizer.step(&grads)?;

@@ -25,7 +25,11 @@ pub struct SeededInit {
 
 impl SeededInit {
     pub fn new(seed: u64, network: &str) -> Self {
-        Self { seed, network: network.to_string(), vars: Mutex::default() }
+        Self {
+            seed,
+            network: network.to_string(),
+            vars: Mutex::default(),
+        }
     }
 
     /// A builder creating f32 vars on `device` through this backend.
@@ -51,13 +55,19 @@ impl SeededInit {
             Init::Const(c) => vec![c as f32; n],
             Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..up) as f32).collect(),
             Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
-            Init::Kaiming { dist, fan, non_linearity } => {
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
                 let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
                 match dist {
                     NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
                     NormalOrUniform::Uniform => {
                         let bound = 3f64.sqrt() * std;
-                        (0..n).map(|_| rng.gen_range(-bound..bound) as f32).collect()
+                        (0..n)
+                            .map(|_| rng.gen_range(-bound..bound) as f32)
+                            .collect()
                     }
                 }
             }
@@ -67,18 +77,31 @@ impl SeededInit {
 
 /// 64-bit FNV-1a: a stable hash of a tensor name (std's hasher may change between releases).
 fn fnv1a(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The backend itself, shared with the caller who reads the vars afterwards.
 struct Shared(std::sync::Arc<SeededInit>);
 
 impl candle_nn::var_builder::SimpleBackend for Shared {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let mut vars = self.0.vars.lock().expect("init lock");
         if let Some((_, var)) = vars.iter().find(|(n, _)| n == name) {
             if var.shape() != &shape {
-                candle_core::bail!("tensor `{name}` requested with shapes {:?} and {:?}", var.dims(), shape.dims());
+                candle_core::bail!(
+                    "tensor `{name}` requested with shapes {:?} and {:?}",
+                    var.dims(),
+                    shape.dims()
+                );
             }
             return var.as_tensor().to_dtype(dtype);
         }
@@ -93,7 +116,12 @@ impl candle_nn::var_builder::SimpleBackend for Shared {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.vars.lock().expect("init lock").iter().any(|(n, _)| n == name)
+        self.0
+            .vars
+            .lock()
+            .expect("init lock")
+            .iter()
+            .any(|(n, _)| n == name)
     }
 }
 
@@ -114,7 +142,16 @@ mod tests {
             let mut vars = init.vars();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             vars.into_iter()
-                .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                .map(|(n, v)| {
+                    (
+                        n,
+                        v.as_tensor()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                    )
+                })
                 .collect::<Vec<_>>()
         };
         let a = draw(1, &["x", "y"]);

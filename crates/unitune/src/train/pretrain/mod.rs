@@ -22,6 +22,7 @@
 mod data;
 mod denoiser;
 mod init;
+mod presets;
 mod run;
 mod state;
 mod vae;
@@ -38,6 +39,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use data::DataSource;
+pub use presets::{scheduler_config, Architecture, Preset};
 pub use state::{LossLog, Phase, TrainingState, STATE_FILE};
 pub use vae::{VaeLosses, KL_WEIGHT};
 
@@ -48,162 +50,13 @@ use self::run::Run;
 use self::vae::VaeTrainer;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::export::{self, SpecialTokenIds, Tensors, TokenizerFiles};
-use crate::models::ops::Activation;
-use crate::models::unet::{DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::Progress;
-use crate::schedulers::{BetaSchedule, NoiseSchedule, PredictionType, SchedulerConfig, TimestepSpacing};
+use crate::schedulers::NoiseSchedule;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::WeightStore;
 use crate::{Error, Result};
-
-/// Network sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Preset {
-    /// For tests: a 2x autoencoder (8/16 channels), a two-level UNet (16/32), a one-layer
-    /// 16-wide text encoder.
-    Tiny,
-    /// The built-in model: a 4x autoencoder (16/32/64 channels), a three-level UNet (32/64/64,
-    /// cross-attention on the two finer levels), a two-layer 64-wide text encoder. Sized for a
-    /// CPU: about 1.5 M weights in all.
-    Small,
-}
-
-impl FromStr for Preset {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(Preset::Tiny),
-            "small" => Ok(Preset::Small),
-            _ => Err(Error::argument("preset", format!("`{s}` is not one of: tiny, small"))),
-        }
-    }
-}
-
-/// The three networks' configs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Architecture {
-    pub vae: VaeConfig,
-    pub text_encoder: ClipTextConfig,
-    pub unet: UNet2DConditionConfig,
-}
-
-/// A preset's free parameters.
-struct Sizes {
-    vae_channels: Vec<usize>,
-    vae_groups: usize,
-    /// Hidden size, MLP size, layers, heads.
-    text: (usize, usize, usize, usize),
-    unet_channels: Vec<usize>,
-    /// Cross-attention per UNet level, finest first (the up path mirrors it).
-    unet_attention: Vec<bool>,
-    unet_heads: usize,
-    unet_groups: usize,
-}
-
-impl Preset {
-    fn sizes(self) -> Sizes {
-        match self {
-            Preset::Tiny => Sizes {
-                vae_channels: vec![8, 16],
-                vae_groups: 8,
-                text: (16, 32, 1, 2),
-                unet_channels: vec![16, 32],
-                unet_attention: vec![true, false],
-                unet_heads: 2,
-                unet_groups: 8,
-            },
-            Preset::Small => Sizes {
-                vae_channels: vec![16, 32, 64],
-                vae_groups: 8,
-                text: (64, 256, 2, 4),
-                unet_channels: vec![32, 64, 128],
-                unet_attention: vec![false, true, true],
-                unet_heads: 4,
-                unet_groups: 16,
-            },
-        }
-    }
-
-    /// The networks for `size`x`size` pictures and a tokenizer of `vocab_size` tokens and
-    /// `max_length` positions. The autoencoder's `scaling_factor` is 1 until measured; it has no
-    /// mid-block attention, so that it works the same on training crops and whole pictures.
-    pub fn architecture(self, size: usize, vocab_size: usize, max_length: usize) -> Result<Architecture> {
-        let p = self.sizes();
-        let levels = p.unet_channels.len();
-        let vae = VaeConfig {
-            down_block_types: vec!["DownEncoderBlock2D".into(); p.vae_channels.len()],
-            up_block_types: vec!["UpDecoderBlock2D".into(); p.vae_channels.len()],
-            block_out_channels: p.vae_channels,
-            layers_per_block: 1,
-            norm_num_groups: p.vae_groups,
-            sample_size: size,
-            scaling_factor: 1.0,
-            mid_block_add_attention: false,
-            ..VaeConfig::default()
-        };
-        let f = vae.scale_factor();
-        let multiple = f << (levels - 1);
-        if size == 0 || size % multiple != 0 {
-            return Err(Error::argument("size", format!("{size} is not a positive multiple of {multiple} for preset {self:?}")));
-        }
-        let (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads) = p.text;
-        let text_encoder = ClipTextConfig {
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            max_position_embeddings: max_length,
-            hidden_act: Activation::QuickGelu,
-            layer_norm_eps: 1e-5,
-        };
-        let down = p.unet_attention.iter().map(|&a| if a { DownBlockType::CrossAttnDownBlock2D } else { DownBlockType::DownBlock2D });
-        let up = p.unet_attention.iter().rev().map(|&a| if a { UpBlockType::CrossAttnUpBlock2D } else { UpBlockType::UpBlock2D });
-        let unet = UNet2DConditionConfig {
-            sample_size: Some(size / f),
-            in_channels: vae.latent_channels,
-            out_channels: vae.latent_channels,
-            center_input_sample: false,
-            flip_sin_to_cos: true,
-            freq_shift: 0.0,
-            down_block_types: down.collect(),
-            up_block_types: up.collect(),
-            block_out_channels: p.unet_channels,
-            layers_per_block: vec![1; levels],
-            num_attention_heads: vec![p.unet_heads; levels],
-            transformer_layers_per_block: vec![1; levels],
-            cross_attention_dim: hidden_size,
-            use_linear_projection: false,
-            upcast_attention: false,
-            downsample_padding: 1,
-            mid_block_scale_factor: 1.0,
-            act_fn: Activation::Silu,
-            norm_num_groups: p.unet_groups,
-            norm_eps: 1e-5,
-        };
-        Ok(Architecture { vae, text_encoder, unet })
-    }
-}
-
-/// The noise schedule the model is trained with and sampled by: Stable Diffusion 1.x's, as a
-/// DDIM config.
-pub fn scheduler_config() -> SchedulerConfig {
-    SchedulerConfig {
-        class_name: Some("DDIMScheduler".into()),
-        num_train_timesteps: 1000,
-        beta_start: 0.00085,
-        beta_end: 0.012,
-        beta_schedule: BetaSchedule::ScaledLinear,
-        prediction_type: PredictionType::Epsilon,
-        timestep_spacing: Some(TimestepSpacing::Leading),
-        steps_offset: 1,
-        clip_sample: false,
-        set_alpha_to_one: false,
-        ..SchedulerConfig::default()
-    }
-}
 
 /// The dtype of the weights in the final folder (checkpoints are always f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,7 +72,10 @@ impl FromStr for WeightsDtype {
         match s {
             "f32" => Ok(WeightsDtype::F32),
             "f16" => Ok(WeightsDtype::F16),
-            _ => Err(Error::argument("dtype", format!("`{s}` is not one of: f32, f16"))),
+            _ => Err(Error::argument(
+                "dtype",
+                format!("`{s}` is not one of: f32, f16"),
+            )),
         }
     }
 }
@@ -270,13 +126,13 @@ impl PretrainSettings {
         Self {
             size: 64,
             preset,
-            world_scenes: 8192,
-            world_max_objects: crate::world::MAX_OBJECTS,
-            vae_steps: 600,
+            world_scenes: 4096,
+            world_max_objects: 2,
+            vae_steps: 400,
             vae_batch_size: 8,
             vae_crop: 32,
             vae_learning_rate: 1e-3,
-            steps: 2000,
+            steps: 700,
             batch_size: 32,
             learning_rate: 1e-3,
             warmup_steps: 100,
@@ -299,16 +155,32 @@ impl PretrainSettings {
                 return Err(Error::argument(name, "must be at least 1"));
             }
         }
-        for (name, value) in [("lr", self.learning_rate), ("vae-lr", self.vae_learning_rate), ("max-grad-norm", self.max_grad_norm)] {
+        for (name, value) in [
+            ("lr", self.learning_rate),
+            ("vae-lr", self.vae_learning_rate),
+            ("max-grad-norm", self.max_grad_norm),
+        ] {
             if !(value.is_finite() && value > 0.0) {
-                return Err(Error::argument(name, format!("{value} is not a positive number")));
+                return Err(Error::argument(
+                    name,
+                    format!("{value} is not a positive number"),
+                ));
             }
         }
         if self.vae_crop > self.size {
-            return Err(Error::argument("vae-crop", format!("{} is larger than the pictures ({})", self.vae_crop, self.size)));
+            return Err(Error::argument(
+                "vae-crop",
+                format!(
+                    "{} is larger than the pictures ({})",
+                    self.vae_crop, self.size
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.caption_dropout) {
-            return Err(Error::argument("caption-dropout", format!("{} is not in [0, 1)", self.caption_dropout)));
+            return Err(Error::argument(
+                "caption-dropout",
+                format!("{} is not in [0, 1)", self.caption_dropout),
+            ));
         }
         Ok(())
     }
@@ -343,7 +215,9 @@ pub fn pretrain(
     let s = state.settings.clone();
     let data = Dataset::open(source, s.size, s.seed, s.world_scenes, s.world_max_objects)?;
     // A resumed run takes the configs of the networks it saved.
-    let mut arch = s.preset.architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
+    let mut arch = s
+        .preset
+        .architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
     if state.phase != Phase::Vae || state.vae_step > 0 {
         arch.vae = VaeConfig::from_file(&output.join("vae/config.json"))?;
     }
@@ -351,7 +225,21 @@ pub fn pretrain(
         arch.text_encoder = ClipTextConfig::from_file(&output.join("text_encoder/config.json"))?;
         arch.unet = UNet2DConditionConfig::from_file(&output.join("unet/config.json"))?;
     }
-    let special = SpecialTokenIds { bos: tokenizer.bos_id(), eos: tokenizer.eos_id(), pad: tokenizer.pad_id() };
+    let f = arch.vae.scale_factor();
+    if s.vae_crop % f != 0 {
+        return Err(Error::argument(
+            "vae-crop",
+            format!(
+                "{} is not a multiple of the autoencoder's factor {f}",
+                s.vae_crop
+            ),
+        ));
+    }
+    let special = SpecialTokenIds {
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.eos_id(),
+        pad: tokenizer.pad_id(),
+    };
     let mut run = Run::new(output, device, tokenizer_files, special, arch);
 
     if state.phase == Phase::Vae {
@@ -363,21 +251,29 @@ pub fn pretrain(
         let mut trainer = VaeTrainer::new(vae, vars, s.vae_learning_rate)?;
         run.train_vae(&mut trainer, &data, &mut state, progress)?;
     } else {
-        run.vae_tensors = WeightStore::open(&output.join("vae"), None, device)?.tensors().clone();
+        run.vae_tensors = WeightStore::open(&output.join("vae"), None, device)?
+            .tensors()
+            .clone();
     }
     if state.phase == Phase::Done && state.step >= s.steps {
         return Ok(state);
     }
 
     let vae_store = WeightStore::from_tensors(output.join("vae"), run.vae_tensors.clone());
-    let vae = vae_store.build(DType::F32, device, |vb| AutoencoderKl::new(vb, &run.arch.vae))?;
+    let vae = vae_store.build(DType::F32, device, |vb| {
+        AutoencoderKl::new(vb, &run.arch.vae)
+    })?;
     let new_text = |vb: VarBuilder| ClipTextModel::new(vb, &run.arch.text_encoder);
     let new_unet = |vb: VarBuilder| UNet2DConditionModel::new(vb, &run.arch.unet);
     let ((text_encoder, text_vars), (unet, unet_vars)) = if state.step == 0 {
         let unet = fresh(s.seed, "unet", device, new_unet)?;
         // The UNet's output starts at zero (no noise predicted): the first loss is 1 whatever
         // the scale of the initial weights.
-        for (_, var) in unet.1.iter().filter(|(name, _)| name.starts_with("conv_out.")) {
+        for (_, var) in unet
+            .1
+            .iter()
+            .filter(|(name, _)| name.starts_with("conv_out."))
+        {
             var.set(&var.zeros_like()?)?;
         }
         (fresh(s.seed, "text_encoder", device, new_text)?, unet)
@@ -389,7 +285,15 @@ pub fn pretrain(
     };
     let schedule = NoiseSchedule::new(&scheduler_config())?;
     let scaling = run.arch.vae.scaling_factor;
-    let mut trainer = DenoiserTrainer::new(text_encoder, text_vars, unet, unet_vars, schedule, scaling, s.learning_rate)?;
+    let mut trainer = DenoiserTrainer::new(
+        text_encoder,
+        text_vars,
+        unet,
+        unet_vars,
+        schedule,
+        scaling,
+        s.learning_rate,
+    )?;
     let cache = LatentCache::build(&vae, &tokenizer, &data, s.vae_batch_size, device)?;
     run.train_denoiser(&mut trainer, &cache, &mut state, progress)?;
     Ok(state)
@@ -420,7 +324,9 @@ fn load_trainable<M>(
 
 /// The vars' current values by name (sharing storage: write them out before the next update).
 fn var_tensors(vars: &[(String, Var)]) -> Tensors {
-    vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect()
+    vars.iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect()
 }
 
 /// Scales `grads` so that their global L2 norm over `vars` is at most `max_norm` (torch's
@@ -429,7 +335,11 @@ fn clip_grad_norm(grads: &mut GradStore, vars: &[&Var], max_norm: f64) -> Result
     let mut total = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
-            total += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            total += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     let norm = total.sqrt();
@@ -472,19 +382,38 @@ fn step_rng(seed: u64, stream: Stream, step: usize) -> ChaCha8Rng {
 }
 
 /// A resumed run must train the same networks on the same data.
-fn check_same_run(saved: &TrainingState, settings: &PretrainSettings, source: &DataSource) -> Result<()> {
+fn check_same_run(
+    saved: &TrainingState,
+    settings: &PretrainSettings,
+    source: &DataSource,
+) -> Result<()> {
     let s = &saved.settings;
     let fields = [
         ("size", s.size.to_string(), settings.size.to_string()),
-        ("preset", format!("{:?}", s.preset), format!("{:?}", settings.preset)),
+        (
+            "preset",
+            format!("{:?}", s.preset),
+            format!("{:?}", settings.preset),
+        ),
         ("seed", s.seed.to_string(), settings.seed.to_string()),
-        ("world-scenes", s.world_scenes.to_string(), settings.world_scenes.to_string()),
-        ("world-max-objects", s.world_max_objects.to_string(), settings.world_max_objects.to_string()),
+        (
+            "world-scenes",
+            s.world_scenes.to_string(),
+            settings.world_scenes.to_string(),
+        ),
+        (
+            "world-max-objects",
+            s.world_max_objects.to_string(),
+            settings.world_max_objects.to_string(),
+        ),
         ("data", saved.data.clone(), source.describe()),
     ];
     for (name, was, now) in fields {
         if was != now {
-            return Err(Error::argument(name, format!("the run being resumed used {was}, not {now}")));
+            return Err(Error::argument(
+                name,
+                format!("the run being resumed used {was}, not {now}"),
+            ));
         }
     }
     if saved.phase != Phase::Vae && settings.vae_steps > saved.vae_step {
@@ -498,13 +427,18 @@ fn check_same_run(saved: &TrainingState, settings: &PretrainSettings, source: &D
 
 /// A new run writes into a folder that does not exist or is empty.
 fn check_unused(output: &Path) -> Result<()> {
-    let used = std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(false);
+    let used = std::fs::read_dir(output)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
     if used {
         let hint = match output.join(STATE_FILE).is_file() {
             true => "pass --resume to continue its training",
             false => "choose a new folder",
         };
-        return Err(Error::argument("output", format!("{} exists and is not empty; {hint}", output.display())));
+        return Err(Error::argument(
+            "output",
+            format!("{} exists and is not empty; {hint}", output.display()),
+        ));
     }
     Ok(())
 }
@@ -512,7 +446,8 @@ fn check_unused(output: &Path) -> Result<()> {
 /// The world's tokenizer folder, in memory. A folder data set uses it too: its words that are not
 /// grammar words fall back to byte-level tokens, which every CLIP vocabulary has.
 fn world_tokenizer_files() -> Result<TokenizerFiles> {
-    let dir = std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-{}", std::process::id()));
     crate::world::write_tokenizer_files(&dir)?;
     let files = TokenizerFiles::read(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -521,7 +456,10 @@ fn world_tokenizer_files() -> Result<TokenizerFiles> {
 
 /// A tokenizer from files in memory (the tokenizer reads a folder).
 fn load_tokenizer(files: &TokenizerFiles) -> Result<ClipTokenizer> {
-    let dir = std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-load-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "unitune-pretrain-tokenizer-load-{}",
+        std::process::id()
+    ));
     files.write(&dir)?;
     let tokenizer = ClipTokenizer::from_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -547,7 +485,10 @@ mod tests {
         let a = Var::new(&[3f32], &Device::Cpu).unwrap();
         let b = Var::new(&[4f32], &Device::Cpu).unwrap();
         // d/da (a² / 2 + b² / 2) = a: gradient (3, 4), norm 5.
-        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap() * 0.5).unwrap().sum_all().unwrap();
+        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let mut grads = loss.backward().unwrap();
         let norm = clip_grad_norm(&mut grads, &[&a, &b], 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
@@ -561,7 +502,10 @@ mod tests {
         assert_eq!(arch.vae.scale_factor(), 4);
         assert_eq!(arch.unet.sample_size, Some(16));
         assert_eq!(arch.unet.cross_attention_dim, arch.text_encoder.hidden_size);
-        let err = Preset::Small.architecture(40, 800, 77).unwrap_err().to_string();
+        let err = Preset::Small
+            .architecture(40, 800, 77)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("size") && err.contains("16"), "{err}");
     }
 }

@@ -39,7 +39,14 @@ impl<'a> Run<'a> {
         special: SpecialTokenIds,
         arch: Architecture,
     ) -> Self {
-        Self { output, device, tokenizer, special, arch, vae_tensors: Tensors::new() }
+        Self {
+            output,
+            device,
+            tokenizer,
+            special,
+            arch,
+            vae_tensors: Tensors::new(),
+        }
     }
 
     /// Runs the autoencoder phase to `vae_steps`, measures its latent scale, and writes the
@@ -63,22 +70,40 @@ impl<'a> Run<'a> {
             }
             let step = state.vae_step;
             let mut rng = step_rng(s.seed, Stream::Vae, step);
-            let indices: Vec<usize> = (0..s.vae_batch_size).map(|_| rng.gen_range(0..data.len())).collect();
+            let indices: Vec<usize> = (0..s.vae_batch_size)
+                .map(|_| rng.gen_range(0..data.len()))
+                .collect();
             let images = crop(&data.images(&indices, self.device)?, s.vae_crop, &mut rng)?;
-            let lr = rewarmed(learning_rate(s.vae_learning_rate, step, s.vae_steps, s.warmup_steps), step, resumed_at, s.warmup_steps);
+            let lr = rewarmed(
+                learning_rate(s.vae_learning_rate, step, s.vae_steps, s.warmup_steps),
+                step,
+                resumed_at,
+                s.warmup_steps,
+            );
             let losses = trainer.step(&images, &mut Noise::Seeded(rng), lr, s.max_grad_norm)?;
             state.vae_loss.push(losses.loss);
             state.vae_l1.push(losses.l1);
             state.vae_kl.push(losses.kl);
             state.vae_step += 1;
-            progress.step(Some(&format!("L1 {:.4} KL {:.0}", shown(state.vae_l1.recent(1), losses.l1), losses.kl)));
+            progress.step(Some(&format!(
+                "L1 {:.4} KL {:.0}",
+                state.vae_l1.latest(1),
+                losses.kl
+            )));
             if due(s.checkpoint_every, state.vae_step, s.vae_steps) {
                 self.checkpoint_vae(trainer, state, &mut clock)?;
             }
         }
         progress.finish();
         let mut noise = Noise::seeded(s.seed ^ 0x5ca1e);
-        let (mean, std) = vae::measure_latents(&trainer.vae, data, SCALE_SAMPLES, s.vae_batch_size, &mut noise, self.device)?;
+        let (mean, std) = vae::measure_latents(
+            &trainer.vae,
+            data,
+            SCALE_SAMPLES,
+            s.vae_batch_size,
+            &mut noise,
+            self.device,
+        )?;
         self.arch.vae.scaling_factor = 1.0 / std;
         (state.scaling_factor, state.latent_mean) = (Some(1.0 / std), Some(mean));
         state.phase = Phase::Denoiser;
@@ -113,12 +138,18 @@ impl<'a> Run<'a> {
             let step = state.step;
             let mut rng = step_rng(s.seed, Stream::Draws, step);
             let mut noise = Noise::Seeded(step_rng(s.seed, Stream::Noise, step));
-            let draw = trainer.draw(cache, s.batch_size, s.caption_dropout, &mut rng, &mut noise)?;
-            let lr = rewarmed(learning_rate(s.learning_rate, step, s.steps, s.warmup_steps), step, resumed_at, s.warmup_steps);
+            let draw =
+                trainer.draw(cache, s.batch_size, s.caption_dropout, &mut rng, &mut noise)?;
+            let lr = rewarmed(
+                learning_rate(s.learning_rate, step, s.steps, s.warmup_steps),
+                step,
+                resumed_at,
+                s.warmup_steps,
+            );
             let loss = trainer.step(cache, &draw, lr, s.max_grad_norm)?;
             state.loss.push(loss);
             state.step += 1;
-            progress.step(Some(&format!("loss {:.4}", shown(state.loss.recent(1), loss))));
+            progress.step(Some(&format!("loss {:.4}", state.loss.latest(1))));
             if due(s.checkpoint_every, state.step, s.steps) {
                 self.checkpoint_pipeline(trainer, state, &mut clock, WeightsDtype::F32)?;
             }
@@ -129,12 +160,22 @@ impl<'a> Run<'a> {
     }
 
     /// The folder during phase one: the autoencoder, the tokenizer and the state.
-    fn checkpoint_vae(&self, trainer: &VaeTrainer, state: &mut TrainingState, clock: &mut Instant) -> Result<()> {
+    fn checkpoint_vae(
+        &self,
+        trainer: &VaeTrainer,
+        state: &mut TrainingState,
+        clock: &mut Instant,
+    ) -> Result<()> {
         state.vae_seconds += clock.elapsed().as_secs_f64();
         *clock = Instant::now();
         let tensors = trainer.tensors();
         export::replace_dir(self.output, |tmp| {
-            export::write_vae(&tmp.join("vae"), &self.arch.vae, &tensors, candle_core::DType::F32)?;
+            export::write_vae(
+                &tmp.join("vae"),
+                &self.arch.vae,
+                &tensors,
+                candle_core::DType::F32,
+            )?;
             self.tokenizer.write(&tmp.join("tokenizer"))?;
             state.write(tmp)
         })
@@ -188,13 +229,4 @@ fn rewarmed(lr: f64, step: usize, resumed_at: usize, warmup: usize) -> f64 {
         return lr;
     }
     lr * (((step - resumed_at + 1) as f64) / warmup as f64).min(1.0)
-}
-
-/// The loss to show: the last window's mean, or this step's before the first window.
-fn shown(window: f32, step: f32) -> f32 {
-    if window.is_nan() {
-        step
-    } else {
-        window
-    }
 }

@@ -34,7 +34,11 @@ pub struct LossLog {
 
 impl LossLog {
     pub fn new(every: usize) -> Self {
-        Self { every: every.max(1), means: Vec::new(), pending: (0.0, 0) }
+        Self {
+            every: every.max(1),
+            means: Vec::new(),
+            pending: (0.0, 0),
+        }
     }
 
     pub fn push(&mut self, value: f32) {
@@ -50,6 +54,15 @@ impl LossLog {
     pub fn recent(&self, windows: usize) -> f32 {
         let tail = &self.means[self.means.len().saturating_sub(windows)..];
         tail.iter().sum::<f32>() / tail.len() as f32
+    }
+
+    /// The mean of the last `windows` complete windows, or of the window in progress when none
+    /// is complete (NaN when nothing was logged).
+    pub fn latest(&self, windows: usize) -> f32 {
+        match self.means.is_empty() {
+            true => (self.pending.0 / self.pending.1 as f64) as f32,
+            false => self.recent(windows),
+        }
     }
 }
 
@@ -103,7 +116,10 @@ impl TrainingState {
         if !path.is_file() {
             return Err(Error::argument(
                 "resume",
-                format!("{} has no {STATE_FILE}: it is not a pretraining folder", dir.display()),
+                format!(
+                    "{} has no {STATE_FILE}: it is not a pretraining folder",
+                    dir.display()
+                ),
             ));
         }
         read_json(&path)
@@ -133,5 +149,8 @@ mod tests {
         assert_eq!(log.recent(1), 6.0);
         assert_eq!(log.recent(5), 4.0);
         assert!(LossLog::new(3).recent(1).is_nan());
+        let mut short = LossLog::new(3);
+        short.push(2.0);
+        assert_eq!(short.latest(5), 2.0);
     }
 }

@@ -41,19 +41,34 @@ pub(super) struct VaeTrainer {
 
 impl VaeTrainer {
     pub fn new(vae: AutoencoderKl, vars: Vec<(String, Var)>, lr: f64) -> Result<Self> {
-        let optimizer = OptimizerKind::AdamW.build(vars.iter().map(|(_, v)| v.clone()).collect(), lr)?;
-        Ok(Self { vae, vars, optimizer })
+        let optimizer =
+            OptimizerKind::AdamW.build(vars.iter().map(|(_, v)| v.clone()).collect(), lr)?;
+        Ok(Self {
+            vae,
+            vars,
+            optimizer,
+        })
     }
 
     /// One update on `images` `[b, 3, h, w]` in `[-1, 1]` at learning rate `lr`.
-    pub fn step(&mut self, images: &Tensor, noise: &mut Noise, lr: f64, max_grad_norm: f64) -> Result<VaeLosses> {
+    pub fn step(
+        &mut self,
+        images: &Tensor,
+        noise: &mut Noise,
+        lr: f64,
+        max_grad_norm: f64,
+    ) -> Result<VaeLosses> {
         let (loss, l1, kl) = losses(&self.vae, images, noise)?;
         let mut grads = loss.backward()?;
         let vars: Vec<&Var> = self.vars.iter().map(|(_, v)| v).collect();
         super::clip_grad_norm(&mut grads, &vars, max_grad_norm)?;
         self.optimizer.set_learning_rate(lr);
         self.optimizer.step(&grads)?;
-        Ok(VaeLosses { loss: loss.to_scalar()?, l1: l1.to_scalar()?, kl: kl.to_scalar()? })
+        Ok(VaeLosses {
+            loss: loss.to_scalar()?,
+            l1: l1.to_scalar()?,
+            kl: kl.to_scalar()?,
+        })
     }
 
     pub fn tensors(&self) -> Tensors {
@@ -62,7 +77,11 @@ impl VaeTrainer {
 }
 
 /// (loss, L1, KL per picture) for `images`, as scalars that backpropagate into the autoencoder.
-fn losses(vae: &AutoencoderKl, images: &Tensor, noise: &mut Noise) -> Result<(Tensor, Tensor, Tensor)> {
+fn losses(
+    vae: &AutoencoderKl,
+    images: &Tensor,
+    noise: &mut Noise,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, c, h, w) = images.dims4()?;
     let posterior = vae.encode(images)?;
     let z = posterior.sample(noise)?; // [b, latent_channels, h/f, w/f]
@@ -93,7 +112,10 @@ pub(super) fn measure_latents(
     let (mut sum, mut sum_sq, mut n) = (0f64, 0f64, 0usize);
     for start in (0..count).step_by(batch.max(1)) {
         let indices: Vec<usize> = (start..(start + batch).min(count)).collect();
-        let z = vae.encode(&data.images(&indices, device)?)?.sample(noise)?.to_dtype(DType::F64)?;
+        let z = vae
+            .encode(&data.images(&indices, device)?)?
+            .sample(noise)?
+            .to_dtype(DType::F64)?;
         sum += z.sum_all()?.to_scalar::<f64>()?;
         sum_sq += z.sqr()?.sum_all()?.to_scalar::<f64>()?;
         n += z.elem_count();
@@ -109,12 +131,21 @@ mod tests {
     #[test]
     fn kl_is_zero_for_the_standard_normal_and_matches_the_formula() {
         let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
-        let standard = DiagonalGaussian { mean: t(&[0.0, 0.0]), logvar: t(&[0.0, 0.0]) };
+        let standard = DiagonalGaussian {
+            mean: t(&[0.0, 0.0]),
+            logvar: t(&[0.0, 0.0]),
+        };
         let kl = kl_divergence(&standard).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(kl, vec![0.0, 0.0]);
         // mean 1, var e: (1 + e - 1 - 1) / 2.
-        let other = DiagonalGaussian { mean: t(&[1.0]), logvar: t(&[1.0]) };
+        let other = DiagonalGaussian {
+            mean: t(&[1.0]),
+            logvar: t(&[1.0]),
+        };
         let kl = kl_divergence(&other).unwrap().to_vec1::<f32>().unwrap()[0];
-        assert!((kl - (std::f32::consts::E - 1.0) / 2.0).abs() < 1e-6, "{kl}");
+        assert!(
+            (kl - (std::f32::consts::E - 1.0) / 2.0).abs() < 1e-6,
+            "{kl}"
+        );
     }
 }
