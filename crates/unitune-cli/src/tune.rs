@@ -145,8 +145,9 @@ fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
     };
     let session = tune(&sd, &image, settings, &mut Noise::seeded(seed), &mut BarProgress::new(), &mut on_step)?;
     session.save(&args.output, args.delta_encoding)?;
-    let first = session.losses.iter().take(8).sum::<f32>() / session.losses.len().min(8).max(1) as f32;
-    let last = session.losses.iter().rev().take(8).sum::<f32>() / session.losses.len().min(8).max(1) as f32;
+    let n = session.losses.len().clamp(1, 8) as f32;
+    let first = session.losses.iter().take(8).sum::<f32>() / n;
+    let last = session.losses.iter().rev().take(8).sum::<f32>() / n;
     eprintln!(
         "wrote {} ({} tensors changed; loss {first:.4} -> {last:.4}, means of first/last 8 steps)",
         args.output.display(),
