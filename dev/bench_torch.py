@@ -85,6 +85,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="tune-step only")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.iters < 1 or args.batch < 1:
@@ -114,6 +115,8 @@ def main():
         names = ["forward_s", "forward_backward_s"]
     else:
         names = ["forward_s", "backward_s", "optimizer_s", "step_s"]
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         if args.optimizer == "adafactor":
             opt = Adafactor(
                 unet.parameters(), lr=args.lr, relative_step=False, scale_parameter=False, warmup_init=False

@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--scale", type=int, default=2)
+    ap.add_argument("--scale", type=int, default=3)
     ap.add_argument("--prompts")
     args = ap.parse_args()
     prompts = PROMPTS if not args.prompts else [l.rstrip("\n") for l in open(args.prompts)]
@@ -59,7 +59,7 @@ def main():
             rows.append((prompt or "(empty prompt)", images))
 
     w, h = rows[0][1][0].size
-    text_w = 430
+    text_w = 400
     sheet = Image.new("RGB", (text_w + args.seeds * (w + 4), len(rows) * (h + 4)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (prompt, images) in enumerate(rows):

@@ -15,7 +15,7 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::{Args, Subcommand, ValueEnum};
 use unitune::models::ops::Activation;
 use unitune::models::unet::{
-    DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType,
+    CheckpointGrads, DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType,
 };
 use unitune::noise::Noise;
 use unitune::train::OptimizerKind;
@@ -41,7 +41,7 @@ pub struct CommonArgs {
     /// Untimed iterations first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// Seed of the weights' init order and of the inputs (latents, context, timesteps, target).
+    /// Seed of the inputs (latents, context, timesteps, target); candle draws the weights unseeded.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// f32, f16 or bf16.
@@ -64,6 +64,9 @@ pub struct TuneStepArgs {
     optimizer: String,
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
+    /// Recompute each resnet and transformer in the backward pass instead of keeping its insides.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 /// UNet shapes, each with its latent size and context length.
@@ -155,12 +158,6 @@ impl Setup {
         let varmap = VarMap::new();
         let unet =
             UNet2DConditionModel::new(VarBuilder::from_varmap(&varmap, dtype, &device), &cfg)?;
-        // Norm scales come out of a VarMap as zeros (plain `vb.get`); torch starts them at one.
-        for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-            if name.ends_with(".weight") && var.rank() == 1 {
-                var.set(&var.ones_like()?)?;
-            }
-        }
         let b = args.batch;
         let mut noise = Noise::seeded(args.seed);
         let mut randn = |shape: &[usize]| -> Result<Tensor> {
@@ -194,12 +191,13 @@ impl Setup {
         self.varmap.all_vars().iter().map(|v| v.elem_count()).sum()
     }
 
-    fn loss(&self, unet: &UNet2DConditionModel) -> Result<Tensor> {
-        let out = unet.forward(&self.sample, &self.timesteps, &self.context)?; // [b, 4, h, w]
-        Ok((out - &self.target)?
-            .sqr()?
-            .mean_all()?
-            .to_dtype(DType::F32)?)
+    /// The MSE to the target, and where to take the gradients from (see `forward_train`).
+    fn loss(&self) -> Result<(Tensor, CheckpointGrads)> {
+        let (out, grads) = self
+            .unet
+            .forward_train(&self.sample, &self.timesteps, &self.context)?;
+        let loss = (out - &self.target)?.sqr()?.mean_all()?; // out: [b, 4, h, w]
+        Ok((loss.to_dtype(DType::F32)?, grads))
     }
 
     /// The same weights as constants: candle records no graph for them, like torch's `no_grad`.
@@ -270,29 +268,34 @@ fn bench_unet(args: &CommonArgs) -> Result<String> {
         inference.forward(&setup.sample, &setup.timesteps, &setup.context)?;
         device.synchronize()?;
         let t1 = Instant::now();
-        setup.loss(&setup.unet)?.backward()?;
+        let (loss, checkpoints) = setup.loss()?;
+        // Freeing the gradients and the graph counts too, as in torch.
+        drop((checkpoints.backward(&loss)?, loss));
         device.synchronize()?;
         Ok(vec![(t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()])
     })
 }
 
 fn bench_tune_step(args: &TuneStepArgs) -> Result<String> {
-    let setup = Setup::new(&args.common)?;
+    let mut setup = Setup::new(&args.common)?;
+    setup
+        .unet
+        .set_gradient_checkpointing(args.gradient_checkpointing);
     let kind: OptimizerKind = args.optimizer.parse()?;
     let mut optimizer = kind.build(setup.varmap.all_vars(), args.lr)?;
     let device = setup.sample.device();
     let names = ["forward_s", "backward_s", "optimizer_s", "step_s"];
     setup.time("tune-step", &args.common, &names, || {
         let t0 = Instant::now();
-        let loss = setup.loss(&setup.unet)?;
+        let (loss, checkpoints) = setup.loss()?;
         device.synchronize()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = checkpoints.backward(&loss)?;
         device.synchronize()?;
         let t2 = Instant::now();
         optimizer.step(&grads)?;
         // Freeing the gradients and the graph counts here, as torch's `zero_grad` does.
-        drop((grads, loss));
+        drop((grads, loss, checkpoints));
         device.synchronize()?;
         let t3 = Instant::now();
         Ok([t1 - t0, t2 - t1, t3 - t2, t3 - t0]
@@ -359,7 +362,7 @@ mod tests {
 
     #[test]
     fn tiny_benches_report_every_phase() {
-        let argv = "bench tune-step --preset tiny --batch 2 --iters 2 --warmup 0 --optimizer adamw";
+        let argv = "bench tune-step --preset tiny --batch 2 --iters 2 --warmup 0 --optimizer adamw --gradient-checkpointing";
         let BenchCommand::TuneStep(args) = Cli::parse_from(argv.split(' ')).command else {
             panic!()
         };

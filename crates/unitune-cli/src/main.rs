@@ -1,6 +1,7 @@
 //! The `unitune` command: argument parsing and reporting only; the work is in the `unitune` library.
 
 mod bench;
+mod bench_edits;
 mod builtin;
 mod edit;
 mod generate;
@@ -30,6 +31,8 @@ enum Command {
     /// Time the model's building blocks (benchmarks; see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Measure edit quality on held-out world scenes against ground truth (see BENCHMARKS.md).
+    BenchEdits(bench_edits::BenchEditsArgs),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Command::Edit(args) => edit::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::BenchEdits(args) => bench_edits::run(args),
     };
     if let Err(err) = result {
         // The full chain: what we were doing, then the library's error naming the file or flag.

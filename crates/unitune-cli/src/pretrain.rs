@@ -55,6 +55,12 @@ pub struct PretrainArgs {
     /// Peak learning rate of phase two (AdamW; warmup, then cosine decay to a tenth).
     #[arg(long)]
     lr: Option<f64>,
+    /// The text encoder's context in tokens, bos and eos included.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Scale of the per-channel constant added to the diffusion noise (offset noise).
+    #[arg(long)]
+    offset_noise: Option<f64>,
     /// Warmup steps of each phase.
     #[arg(long)]
     warmup: Option<usize>,
@@ -86,7 +92,8 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             "world".to_string(),
         ),
     };
-    let overrides: [(&mut usize, Option<usize>); 10] = [
+    let overrides: [(&mut usize, Option<usize>); 11] = [
+        (&mut settings.max_tokens, args.max_tokens),
         (&mut settings.size, args.size),
         (&mut settings.world_scenes, args.world_scenes),
         (&mut settings.world_max_objects, args.world_max_objects),
@@ -106,6 +113,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.vae_learning_rate = args.vae_lr.unwrap_or(settings.vae_learning_rate);
     settings.learning_rate = args.lr.unwrap_or(settings.learning_rate);
     settings.seed = args.seed.unwrap_or(settings.seed);
+    settings.offset_noise = args.offset_noise.unwrap_or(settings.offset_noise);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
     let device = if args.cuda {

@@ -91,6 +91,7 @@ fn tiny_pretrain_writes_a_pipeline_that_loads_and_generates() {
     let sd = StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(sd.vae_config.scaling_factor, scale);
     assert_eq!(sd.vae_scale_factor(), 2);
+    assert_eq!(sd.tokenizer.max_length(), 32);
     // The world's tokenizer: one token per grammar word.
     assert_eq!(
         sd.tokenizer

@@ -17,6 +17,7 @@
 mod caption;
 mod edits;
 mod render;
+pub mod score;
 mod scene;
 mod tokenizer;
 

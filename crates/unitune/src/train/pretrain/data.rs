@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
+use rand::seq::SliceRandom;
+use rand::Rng;
 
 use crate::image_io;
 use crate::world::{SceneConfig, World};
@@ -107,6 +109,59 @@ impl Dataset {
     }
 }
 
+impl Dataset {
+    /// One `side`x`side` crop of each picture `indices`, as a batch `[b, 3, side, side]` in
+    /// `[-1, 1]` (whole pictures if `side` is 0 or the picture size). World crops are centred,
+    /// three times in four, on one of the scene's objects (give or take a quarter of the crop),
+    /// so the autoencoder sees shapes and edges more often than plain background; other crops
+    /// are uniform.
+    pub fn crops(
+        &self,
+        indices: &[usize],
+        side: usize,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let crops = indices
+            .iter()
+            .map(|&i| {
+                let image = image_io::image_to_tensor(&self.image(i), device)?; // [1, 3, h, w]
+                let (_, _, h, w) = image.dims4()?;
+                if side == 0 || (side >= h && side >= w) {
+                    return Ok(image);
+                }
+                let centre = match self {
+                    Dataset::World { world, .. } if rng.gen_bool(0.75) => {
+                        let scene = world.scene(i as u64);
+                        let object = scene.objects.choose(rng).map(|o| (o.x, o.y));
+                        object.map(|(x, y)| {
+                            let jitter = side as f32 / 4.0;
+                            (
+                                x * w as f32 + rng.gen_range(-jitter..=jitter),
+                                y * h as f32 + rng.gen_range(-jitter..=jitter),
+                            )
+                        })
+                    }
+                    _ => None,
+                };
+                let (x, y) = match centre {
+                    Some((cx, cy)) => (
+                        (cx - side as f32 / 2.0)
+                            .round()
+                            .clamp(0.0, (w - side) as f32) as usize,
+                        (cy - side as f32 / 2.0)
+                            .round()
+                            .clamp(0.0, (h - side) as f32) as usize,
+                    ),
+                    None => (rng.gen_range(0..=w - side), rng.gen_range(0..=h - side)),
+                };
+                Ok(image.narrow(2, y, side)?.narrow(3, x, side)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&crops, 0)?)
+    }
+}
+
 /// Every image of `dir` with a caption file, sorted by name, at `size`x`size`.
 fn read_folder(dir: &Path, size: usize) -> Result<Vec<(RgbImage, String)>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -147,6 +202,8 @@ fn read_folder(dir: &Path, size: usize) -> Result<Vec<(RgbImage, String)>> {
 
 #[cfg(test)]
 mod tests {
+    use rand::SeedableRng;
+
     use super::*;
 
     #[test]
@@ -166,12 +223,49 @@ mod tests {
         assert_eq!(data.image(1).dimensions(), (8, 8));
         let batch = data.images(&[0, 1], &Device::Cpu).unwrap();
         assert_eq!(batch.dims(), &[2, 3, 8, 8]);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let crops = data.crops(&[0, 1, 0], 4, &mut rng, &Device::Cpu).unwrap();
+        assert_eq!(crops.dims(), &[3, 3, 4, 4]);
         std::fs::remove_file(dir.join("b.txt")).unwrap();
         let err = Dataset::open(&DataSource::Folder(dir.clone()), 8, 0, 0, 1)
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("b.txt"), "{err}");
+    }
+
+    #[test]
+    fn world_crops_mostly_show_an_object() {
+        // One object per scene; a crop shows it when some pixel has its colour. Uniform 16x16
+        // crops of 64x64 pictures would show it about one time in five.
+        let data = Dataset::open(&DataSource::World, 64, 5, 40, 1).unwrap();
+        let Dataset::World { world, .. } = &data else {
+            unreachable!()
+        };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let indices: Vec<usize> = (0..40).collect();
+        let crops = data.crops(&indices, 16, &mut rng, &Device::Cpu).unwrap(); // [40, 3, 16, 16]
+        let shown = indices
+            .iter()
+            .filter(|&&i| {
+                let rgb = world.scene(i as u64).objects[0].desc.colour.rgb();
+                let colour = Tensor::new(&rgb.map(|c| c as f32 / 127.5 - 1.0), &Device::Cpu)
+                    .unwrap()
+                    .reshape((3, 1, 1))
+                    .unwrap();
+                let distance = crops
+                    .get(i)
+                    .unwrap()
+                    .broadcast_sub(&colour)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                distance.min_all().unwrap().to_scalar::<f32>().unwrap() < 0.05
+            })
+            .count();
+        assert!(shown >= 24, "{shown} of 40 crops show the object");
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! replaced by the empty prompt so that the model also learns the unconditional prediction that
 //! classifier-free guidance needs.
 //!
+//! The noise has an offset (Guttenberg's "offset noise", 0.1): a random constant per sample and
+//! channel added to the Gaussian. Without it, the last training timestep still shows a picture's
+//! mean colour through the noise (SD's schedule keeps sqrt(alphas_cumprod) = 0.07 of the signal),
+//! while sampling starts from noise with no such mean: the model learns to read the background
+//! colour off the noise instead of the caption, and flat backgrounds, most of this data, come out
+//! in washed-out random colours.
+//!
 //! The loss is the MSE weighted per sample by min(SNR(t), 5) / SNR(t) (min-SNR-5, Hang et al.
 //! 2023; diffusers' `--snr_gamma 5`): it stops the many nearly noise-free timesteps, whose noise
 //! is hard to see and matters little to the picture, from dominating the gradient, which makes
@@ -40,6 +47,8 @@ pub(super) struct LatentCache {
     /// `[n, max_length]` u32 token ids of the captions, and `[max_length]` of the empty prompt.
     ids: Tensor,
     empty_ids: Tensor,
+    /// Captions longer than the tokenizer's context, cut short.
+    pub truncated: usize,
 }
 
 impl LatentCache {
@@ -51,14 +60,16 @@ impl LatentCache {
         batch: usize,
         device: &Device,
     ) -> Result<Self> {
-        let (mut means, mut stds, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut means, mut stds, mut ids, mut truncated) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for start in (0..data.len()).step_by(batch.max(1)) {
             let indices: Vec<usize> = (start..(start + batch).min(data.len())).collect();
             let posterior = vae.encode(&data.images(&indices, device)?)?;
             means.push(posterior.mean.detach());
             stds.push(posterior.std()?.detach());
             for &i in &indices {
-                ids.push(Tensor::new(tokenizer.encode(&data.caption(i)).ids, device)?);
+                let encoding = tokenizer.encode(&data.caption(i));
+                truncated += encoding.truncated.is_some() as usize;
+                ids.push(Tensor::new(encoding.ids, device)?);
             }
         }
         Ok(Self {
@@ -66,6 +77,7 @@ impl LatentCache {
             std: Tensor::cat(&stds, 0)?,
             ids: Tensor::stack(&ids, 0)?,
             empty_ids: Tensor::new(tokenizer.encode("").ids, device)?,
+            truncated,
         })
     }
 
@@ -123,12 +135,14 @@ impl DenoiserTrainer {
     }
 
     /// Draws a step's inputs: `batch` pictures uniformly, each caption dropped with probability
-    /// `dropout`, timesteps uniform over the schedule, then the two noise tensors from `noise`.
+    /// `dropout`, timesteps uniform over the schedule, then the noise tensors from `noise`; the
+    /// diffusion noise gets `offset_noise` times a per-sample, per-channel constant on top.
     pub fn draw(
         &self,
         cache: &LatentCache,
         batch: usize,
         dropout: f64,
+        offset_noise: f64,
         rng: &mut impl Rng,
         noise: &mut Noise,
     ) -> Result<StepDraw> {
@@ -145,7 +159,9 @@ impl DenoiserTrainer {
             dropped,
             timesteps: Tensor::new(timesteps, device)?,
             latent_noise: noise.randn((batch, c, h, w), device)?,
-            noise: noise.randn((batch, c, h, w), device)?,
+            noise: noise
+                .randn((batch, c, h, w), device)?
+                .broadcast_add(&(noise.randn((batch, c, 1, 1), device)? * offset_noise)?)?,
         })
     }
 

@@ -9,9 +9,14 @@
 //!
 //! Choices: AdamW (weight decay 1e-2) with linear warmup and a cosine decay to a tenth of the
 //! learning rate, gradients clipped to norm 1; Stable Diffusion's scaled-linear DDPM schedule
-//! (0.00085 to 0.012, 1000 steps) with epsilon prediction. Every step's randomness (pictures,
-//! caption dropout, timesteps, noise) comes from a stream of the seed keyed by phase and step, so
-//! a resumed run sees exactly the data an uninterrupted one would.
+//! (0.00085 to 0.012, 1000 steps) with epsilon prediction, min-SNR-5 loss weighting and offset
+//! noise; a 32-token text context. Every step's randomness (pictures, crops, caption dropout,
+//! timesteps, noise) comes from a stream of the seed keyed by phase and step, so a resumed run
+//! sees exactly the data an uninterrupted one would.
+//!
+//! On a shared 2-core CPU the `small` preset's defaults take about an hour (see
+//! `models/shapes-64/README.md`); run it with `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` when
+//! other work competes for the cores, since candle's worker threads spin while waiting.
 //!
 //! Checkpoints replace the output folder atomically (written to `DIR.tmp`, then swapped in) and
 //! hold the weights in f32 and `training_state.json` ([`state`]). `--resume` restores weights,
@@ -113,6 +118,13 @@ pub struct PretrainSettings {
     pub warmup_steps: usize,
     /// Share of captions replaced by the empty prompt.
     pub caption_dropout: f64,
+    /// The text encoder's context (`model_max_length`), bos and eos included. 32 holds every
+    /// caption of the world's grammar (at most 24 tokens) and keeps the cross-attention from
+    /// being diluted by the padding that fills CLIP's 77 positions.
+    pub max_tokens: usize,
+    /// Scale of the per-channel constant added to the diffusion noise (offset noise; see
+    /// [`denoiser`]).
+    pub offset_noise: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
     /// Steps between checkpoints (0: only at the end of each phase).
@@ -128,15 +140,17 @@ impl PretrainSettings {
             preset,
             world_scenes: 4096,
             world_max_objects: 2,
-            vae_steps: 400,
+            vae_steps: 900,
             vae_batch_size: 8,
             vae_crop: 32,
-            vae_learning_rate: 1e-3,
-            steps: 700,
-            batch_size: 32,
+            vae_learning_rate: 2e-3,
+            steps: 1400,
+            batch_size: 16,
             learning_rate: 1e-3,
-            warmup_steps: 100,
+            warmup_steps: 50,
             caption_dropout: 0.1,
+            max_tokens: 32,
+            offset_noise: 0.1,
             max_grad_norm: 1.0,
             seed: 0,
             checkpoint_every: 200,
@@ -145,6 +159,12 @@ impl PretrainSettings {
     }
 
     fn validate(&self) -> Result<()> {
+        if self.max_tokens < 3 {
+            return Err(Error::argument(
+                "max-tokens",
+                "must be at least 3 (bos, a token, eos)",
+            ));
+        }
         for (name, value) in [
             ("vae-steps", self.vae_steps),
             ("steps", self.steps),
@@ -174,6 +194,12 @@ impl PretrainSettings {
                     "{} is larger than the pictures ({})",
                     self.vae_crop, self.size
                 ),
+            ));
+        }
+        if !(self.offset_noise.is_finite() && self.offset_noise >= 0.0) {
+            return Err(Error::argument(
+                "offset-noise",
+                format!("{} is not a number >= 0", self.offset_noise),
             ));
         }
         if !(0.0..1.0).contains(&self.caption_dropout) {
@@ -209,7 +235,7 @@ pub fn pretrain(
     };
     let tokenizer_files = match resume {
         true => TokenizerFiles::read(&output.join("tokenizer"))?,
-        false => world_tokenizer_files()?,
+        false => world_tokenizer_files(state.settings.max_tokens)?,
     };
     let tokenizer = load_tokenizer(&tokenizer_files)?;
     let s = state.settings.clone();
@@ -226,7 +252,7 @@ pub fn pretrain(
         arch.unet = UNet2DConditionConfig::from_file(&output.join("unet/config.json"))?;
     }
     let f = arch.vae.scale_factor();
-    if s.vae_crop % f != 0 {
+    if !s.vae_crop.is_multiple_of(f) {
         return Err(Error::argument(
             "vae-crop",
             format!(
@@ -294,7 +320,15 @@ pub fn pretrain(
         scaling,
         s.learning_rate,
     )?;
-    let cache = LatentCache::build(&vae, &tokenizer, &data, s.vae_batch_size, device)?;
+    let cache = LatentCache::build(&vae, &tokenizer, &data, s.batch_size, device)?;
+    if cache.truncated > 0 {
+        progress.warn(&format!(
+            "{} of {} captions are longer than {} tokens and were cut short (raise --max-tokens)",
+            cache.truncated,
+            cache.len(),
+            tokenizer.max_length()
+        ));
+    }
     run.train_denoiser(&mut trainer, &cache, &mut state, progress)?;
     Ok(state)
 }
@@ -443,15 +477,31 @@ fn check_unused(output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The world's tokenizer folder, in memory. A folder data set uses it too: its words that are not
-/// grammar words fall back to byte-level tokens, which every CLIP vocabulary has.
-fn world_tokenizer_files() -> Result<TokenizerFiles> {
+/// The world's tokenizer folder, in memory, with a context of `max_tokens` (its
+/// `model_max_length`). A folder data set uses it too: its words that are not grammar words fall
+/// back to byte-level tokens, which every CLIP vocabulary has.
+fn world_tokenizer_files(max_tokens: usize) -> Result<TokenizerFiles> {
     let dir =
         std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-{}", std::process::id()));
     crate::world::write_tokenizer_files(&dir)?;
     let files = TokenizerFiles::read(&dir);
     let _ = std::fs::remove_dir_all(&dir);
-    files
+    let mut files = files?;
+    for (name, bytes) in files
+        .0
+        .iter_mut()
+        .filter(|(name, _)| name == "tokenizer_config.json")
+    {
+        let path = dir.join(&*name);
+        let mut config: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+        config["model_max_length"] = max_tokens.into();
+        *bytes = serde_json::to_vec_pretty(&config).expect("JSON values serialize");
+    }
+    Ok(files)
 }
 
 /// A tokenizer from files in memory (the tokenizer reads a folder).

@@ -108,7 +108,7 @@ impl Preset {
         };
         let f = vae.scale_factor();
         let multiple = f << (levels - 1);
-        if size == 0 || size % multiple != 0 {
+        if size == 0 || !size.is_multiple_of(multiple) {
             return Err(Error::argument(
                 "size",
                 format!("{size} is not a positive multiple of {multiple} for preset {self:?}"),

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use rand::Rng;
 
 use super::data::Dataset;
@@ -73,7 +73,7 @@ impl<'a> Run<'a> {
             let indices: Vec<usize> = (0..s.vae_batch_size)
                 .map(|_| rng.gen_range(0..data.len()))
                 .collect();
-            let images = crop(&data.images(&indices, self.device)?, s.vae_crop, &mut rng)?;
+            let images = data.crops(&indices, s.vae_crop, &mut rng, self.device)?;
             let lr = rewarmed(
                 learning_rate(s.vae_learning_rate, step, s.vae_steps, s.warmup_steps),
                 step,
@@ -138,8 +138,14 @@ impl<'a> Run<'a> {
             let step = state.step;
             let mut rng = step_rng(s.seed, Stream::Draws, step);
             let mut noise = Noise::Seeded(step_rng(s.seed, Stream::Noise, step));
-            let draw =
-                trainer.draw(cache, s.batch_size, s.caption_dropout, &mut rng, &mut noise)?;
+            let draw = trainer.draw(
+                cache,
+                s.batch_size,
+                s.caption_dropout,
+                s.offset_noise,
+                &mut rng,
+                &mut noise,
+            )?;
             let lr = rewarmed(
                 learning_rate(s.learning_rate, step, s.steps, s.warmup_steps),
                 step,
@@ -208,19 +214,9 @@ impl<'a> Run<'a> {
     }
 }
 
-/// One random `side`x`side` crop of a batch `[b, c, h, w]` (the whole batch if `side` is 0).
-fn crop(images: &Tensor, side: usize, rng: &mut impl Rng) -> Result<Tensor> {
-    let (_, _, h, w) = images.dims4()?;
-    if side == 0 || (side >= h && side >= w) {
-        return Ok(images.clone());
-    }
-    let (y, x) = (rng.gen_range(0..=h - side), rng.gen_range(0..=w - side));
-    Ok(images.narrow(2, y, side)?.narrow(3, x, side)?)
-}
-
 /// A checkpoint is due every `every` steps, except at the last (the phase's end writes one).
 fn due(every: usize, done: usize, total: usize) -> bool {
-    every > 0 && done % every == 0 && done < total
+    every > 0 && done.is_multiple_of(every) && done < total
 }
 
 /// After a resume, the warmup is run again from the resumed step (AdamW's moments restart).
