@@ -9,8 +9,8 @@
 //!
 //! Choices: AdamW (weight decay 1e-2) with linear warmup and a cosine decay to a tenth of the
 //! learning rate, gradients clipped to norm 1; Stable Diffusion's scaled-linear DDPM schedule
-//! (0.00085 to 0.012, 1000 steps) with epsilon prediction, min-SNR-5 loss weighting and offset
-//! noise; a 32-token text context. Every step's randomness (pictures, crops, caption dropout,
+//! (0.00085 to 0.012, 1000 steps) with v-prediction (as SD 2.x), min-SNR-5 loss weighting and
+//! offset noise; a 32-token text context. Every step's randomness (pictures, crops, caption dropout,
 //! timesteps, noise) comes from a stream of the seed keyed by phase and step, so a resumed run
 //! sees exactly the data an uninterrupted one would.
 //!
@@ -58,7 +58,6 @@ use crate::models::export::{self, SpecialTokenIds, Tensors, TokenizerFiles};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::Progress;
-use crate::schedulers::NoiseSchedule;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::WeightStore;
 use crate::{Error, Result};
@@ -309,14 +308,13 @@ pub fn pretrain(
             load_trainable(&output.join("unet"), device, new_unet)?,
         )
     };
-    let schedule = NoiseSchedule::new(&scheduler_config())?;
     let scaling = run.arch.vae.scaling_factor;
     let mut trainer = DenoiserTrainer::new(
         text_encoder,
         text_vars,
         unet,
         unet_vars,
-        schedule,
+        &scheduler_config(),
         scaling,
         s.learning_rate,
     )?;
