@@ -128,11 +128,16 @@ pub trait Scheduler: Send {
     /// The timesteps to run, first to last (all training timesteps before `set_timesteps`).
     fn timesteps(&self) -> &[f64];
 
-    /// The standard deviation of the initial noise for text-to-image.
-    fn init_noise_sigma(&self) -> f64;
+    /// The standard deviation of the initial noise for text-to-image (1 unless sigma-based).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The model input at `timestep` (Euler kinds divide by sqrt(sigma^2 + 1)).
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> Result<Tensor>;
+    /// The model input at `timestep`: unchanged, unless the scheduler is sigma-based (Euler
+    /// kinds divide by sqrt(sigma^2 + 1)).
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// One denoising step from `timestep`, returning diffusers' `prev_sample`. Stochastic
     /// schedulers (DDIM with eta > 0, DDPM at t > 0, Euler ancestral) draw one `randn` of the
