@@ -135,10 +135,7 @@ pub fn write_text_encoder(
     dtype: DType,
 ) -> Result<()> {
     create_dir(dir)?;
-    write_json(
-        &dir.join("config.json"),
-        &clip_text_config_json(cfg, ids, dtype),
-    )?;
+    write_json(&dir.join("config.json"), &clip_text_config_json(cfg, ids))?;
     let prefixed: Tensors = tensors
         .iter()
         .map(|(name, t)| match name.starts_with(TEXT_MODEL_PREFIX) {
@@ -176,8 +173,11 @@ pub fn write_unet(
     )
 }
 
-/// transformers' `CLIPTextConfig` as `save_pretrained` writes it.
-pub fn clip_text_config_json(cfg: &ClipTextConfig, ids: SpecialTokenIds, dtype: DType) -> Value {
+/// transformers' `CLIPTextConfig` as `save_pretrained` writes it. Its `dtype` is float32 whatever
+/// the dtype of the stored weights: transformers 5 loads a model in its config's dtype, while
+/// diffusers loads the UNet and VAE in float32, and a pipeline with an f16 text encoder and an
+/// f32 UNet fails on its first matmul.
+pub fn clip_text_config_json(cfg: &ClipTextConfig, ids: SpecialTokenIds) -> Value {
     let hidden_act = match cfg.hidden_act {
         Activation::QuickGelu => "quick_gelu",
         Activation::Gelu => "gelu",
@@ -187,7 +187,7 @@ pub fn clip_text_config_json(cfg: &ClipTextConfig, ids: SpecialTokenIds, dtype: 
         "architectures": ["CLIPTextModel"],
         "attention_dropout": 0.0,
         "bos_token_id": ids.bos,
-        "dtype": torch_dtype_name(dtype),
+        "dtype": "float32",
         "eos_token_id": ids.eos,
         "hidden_act": hidden_act,
         "hidden_size": cfg.hidden_size,
@@ -361,14 +361,6 @@ fn per_block(values: &[usize]) -> Value {
     match values {
         [first, rest @ ..] if rest.iter().all(|v| v == first) => json!(first),
         _ => json!(values),
-    }
-}
-
-fn torch_dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
     }
 }
 
@@ -570,8 +562,11 @@ mod tests {
             eos: 2,
             pad: 3,
         };
-        write_json(&path, &clip_text_config_json(&clip, ids, DType::F16)).unwrap();
+        let json = clip_text_config_json(&clip, ids);
+        write_json(&path, &json).unwrap();
         assert_eq!(ClipTextConfig::from_file(&path).unwrap(), clip);
+        // transformers loads in this dtype; diffusers loads the UNet in f32 (see the function).
+        assert_eq!((&json["dtype"], &json["eos_token_id"]), (&json!("float32"), &json!(2)));
         let path = dir.join("scheduler.json");
         write_json(&path, &ddim_config_json(&sd.scheduler_config)).unwrap();
         let back = SchedulerConfig::from_file(&path).unwrap();

@@ -9,7 +9,7 @@
 //!
 //! Choices: AdamW (weight decay 1e-2) with linear warmup and a cosine decay to a tenth of the
 //! learning rate, gradients clipped to norm 1; Stable Diffusion's scaled-linear DDPM schedule
-//! (0.00085 to 0.012, 1000 steps) with v-prediction (as SD 2.x), min-SNR-5 loss weighting and
+//! (0.00085 to 0.012, 1000 steps) with epsilon prediction (as SD 1.x), min-SNR-5 loss weighting and
 //! offset noise; a 32-token text context. Every step's randomness (pictures, crops, caption dropout,
 //! timesteps, noise) comes from a stream of the seed keyed by phase and step, so a resumed run
 //! sees exactly the data an uninterrupted one would.
@@ -55,6 +55,7 @@ use self::run::Run;
 use self::vae::VaeTrainer;
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::export::{self, SpecialTokenIds, Tensors, TokenizerFiles};
+use crate::schedulers::SchedulerConfig;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::Progress;
@@ -309,12 +310,17 @@ pub fn pretrain(
         )
     };
     let scaling = run.arch.vae.scaling_factor;
+    // A resumed run keeps the schedule and prediction type it was started with.
+    let scheduler = match state.step {
+        0 => scheduler_config(),
+        _ => SchedulerConfig::from_file(&output.join("scheduler/scheduler_config.json"))?,
+    };
     let mut trainer = DenoiserTrainer::new(
         text_encoder,
         text_vars,
         unet,
         unet_vars,
-        &scheduler_config(),
+        &scheduler,
         scaling,
         s.learning_rate,
     )?;

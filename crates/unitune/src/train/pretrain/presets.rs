@@ -170,7 +170,7 @@ impl Preset {
 }
 
 /// The noise schedule the model is trained with and sampled by: Stable Diffusion's scaled-linear
-/// betas with v-prediction (as SD 2.x base), as a DDIM config.
+/// betas with epsilon prediction (as SD 1.x), as a DDIM config.
 pub fn scheduler_config() -> SchedulerConfig {
     SchedulerConfig {
         class_name: Some("DDIMScheduler".into()),
@@ -178,7 +178,7 @@ pub fn scheduler_config() -> SchedulerConfig {
         beta_start: 0.00085,
         beta_end: 0.012,
         beta_schedule: BetaSchedule::ScaledLinear,
-        prediction_type: PredictionType::VPrediction,
+        prediction_type: PredictionType::Epsilon,
         timestep_spacing: Some(TimestepSpacing::Leading),
         steps_offset: 1,
         clip_sample: false,

@@ -11,7 +11,7 @@ use super::data::Dataset;
 use super::denoiser::{DenoiserTrainer, LatentCache};
 use super::state::{Phase, TrainingState};
 use super::vae::{self, VaeTrainer};
-use super::{learning_rate, scheduler_config, step_rng, Architecture, Stream, WeightsDtype};
+use super::{learning_rate, step_rng, Architecture, Stream, WeightsDtype};
 use crate::models::export::{self, PipelineParts, SpecialTokenIds, Tensors, TokenizerFiles};
 use crate::noise::Noise;
 use crate::pipelines::Progress;
@@ -198,13 +198,12 @@ impl<'a> Run<'a> {
         state.seconds += clock.elapsed().as_secs_f64();
         *clock = Instant::now();
         let (text, unet) = (trainer.text_tensors(), trainer.unet_tensors());
-        let scheduler = scheduler_config();
         let parts = PipelineParts {
             text_encoder: (&self.arch.text_encoder, &text),
             special_tokens: self.special,
             vae: (&self.arch.vae, &self.vae_tensors),
             unet: (&self.arch.unet, &unet),
-            scheduler: &scheduler,
+            scheduler: &trainer.scheduler,
             tokenizer: &self.tokenizer,
         };
         export::replace_dir(self.output, |tmp| {
