@@ -19,23 +19,21 @@ use image::RgbImage;
 use unitune::image_io;
 use unitune::noise::Noise;
 use unitune::pipelines::{
-    contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest, LoadOptions,
+    contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest,
     Mask,
 };
 use unitune::schedulers::SchedulerKind;
 use unitune::train::session::Session;
 
 use crate::generate::{check_output, rand_seed};
+use crate::model::ModelArgs;
 use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct EditArgs {
-    /// The Stable Diffusion folder the session was tuned on [default: the built-in model].
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
-    #[arg(long)]
-    variant: Option<String>,
+    /// The model the session was tuned on.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Session file written by `unitune tune`. Without it, `--image` is tuned first with
     /// `unitune tune`'s defaults and the session is saved as OUT.session for further edits.
     #[arg(long)]
@@ -165,13 +163,9 @@ pub fn run(args: EditArgs) -> Result<()> {
     );
     refuse_overwriting_inputs(&args, &groups)?;
 
-    let options = LoadOptions {
-        variant: args.variant.clone(),
-        ..LoadOptions::default()
-    };
     let (sd, session) = match &args.session {
         Some(path) => {
-            let mut sd = crate::builtin::load(args.model.as_deref(), &options)?;
+            let mut sd = args.model.load(None)?;
             let session = Session::load(path).with_context(|| format!("loading session {}", path.display()))?;
             sd.apply_session(&session).with_context(|| format!("applying session {}", path.display()))?;
             (sd, session)
@@ -180,7 +174,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             let image = args.image.as_deref().context("give --session, or --image to tune on first")?;
             let out = args.output.with_extension("session");
             let seed = args.seed.unwrap_or_else(rand_seed);
-            crate::tune::tune_image(args.model.as_deref(), args.variant.as_deref(), image, seed, &out)?
+            crate::tune::tune_image(&args.model, image, seed, &out)?
         }
     };
     let (width, height) = session.image.dimensions();

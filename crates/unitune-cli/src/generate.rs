@@ -6,20 +6,16 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use unitune::image_io;
 use unitune::noise::Noise;
-use unitune::pipelines::{generate, GenerateRequest, LoadOptions, StableDiffusion};
+use unitune::pipelines::{generate, GenerateRequest, StableDiffusion};
 use unitune::schedulers::SchedulerKind;
 
+use crate::model::ModelArgs;
 use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout (model_index.json, unet/, vae/, ...)
-    /// [default: the built-in model].
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
-    #[arg(long)]
-    variant: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long)]
     prompt: String,
     /// What to steer away from (the unconditional prompt of classifier-free guidance).
@@ -62,8 +58,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.output, args.image.as_deref())?;
-    let options = LoadOptions { variant: args.variant.clone(), ..LoadOptions::default() };
-    let mut sd = crate::builtin::load(args.model.as_deref(), &options)?;
+    let mut sd = args.model.load(None)?;
     apply_scheduler_options(&mut sd, &args.scheduler_options)?;
     let scheduler = match args.scheduler {
         Some(kind) => kind,

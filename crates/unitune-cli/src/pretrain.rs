@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use clap::Args;
 use unitune::train::pretrain::{
     pretrain, DataSource, Preset, PretrainSettings, TrainingState, WeightsDtype,
@@ -75,9 +74,9 @@ pub struct PretrainArgs {
     /// Continue the training saved in --output (its training_state.json).
     #[arg(long)]
     resume: bool,
-    /// Train on the first CUDA device (needs a build with `--features cuda`).
-    #[arg(long)]
-    cuda: bool,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 pub fn run(args: PretrainArgs) -> Result<()> {
@@ -116,11 +115,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.offset_noise = args.offset_noise.unwrap_or(settings.offset_noise);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
-    let device = if args.cuda {
-        Device::new_cuda(0)?
-    } else {
-        Device::Cpu
-    };
+    let device = crate::model::parse_device(&args.device)?;
     let source = DataSource::parse(args.data.as_deref().unwrap_or(&data));
     eprintln!(
         "pretraining {:?} at {}x{} on {}: autoencoder {} steps (batch {}), unet+text {} steps (batch {}), seed {}",

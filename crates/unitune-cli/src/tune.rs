@@ -8,22 +8,19 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser};
 use unitune::image_io;
 use unitune::noise::Noise;
-use unitune::pipelines::{LoadOptions, StableDiffusion};
+use unitune::pipelines::StableDiffusion;
 use unitune::train::session::{DeltaEncoding, Session};
 use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use unitune::train::OptimizerKind;
 
 use crate::generate::{check_output_dir, default_size, rand_seed};
+use crate::model::ModelArgs;
 use crate::progress::BarProgress;
 
 #[derive(Args)]
 pub struct TuneArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout [default: the built-in model].
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Weights variant to load, e.g. `fp16`.
-    #[arg(long)]
-    variant: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The photo to tune on (PNG, JPEG or WebP).
     #[arg(long)]
     image: PathBuf,
@@ -71,7 +68,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
 
 /// Tunes as `unitune tune` does with these arguments, on `image` with every default, writing the
 /// session to `output`; `edit` uses it when it is given an image but no session.
-pub fn tune_image(model: Option<&Path>, variant: Option<&str>, image: &Path, seed: u64, output: &Path) -> Result<(StableDiffusion, Session)> {
+pub fn tune_image(model: &ModelArgs, image: &Path, seed: u64, output: &Path) -> Result<(StableDiffusion, Session)> {
     #[derive(clap::Parser)]
     struct Defaults {
         #[command(flatten)]
@@ -79,12 +76,7 @@ pub fn tune_image(model: Option<&Path>, variant: Option<&str>, image: &Path, see
     }
     let mut argv: Vec<OsString> = vec!["tune".into(), "--image".into(), image.into(), "--output".into(), output.into()];
     argv.extend(["--seed".into(), seed.to_string().into()]);
-    if let Some(model) = model {
-        argv.extend(["--model".into(), model.into()]);
-    }
-    if let Some(variant) = variant {
-        argv.extend(["--variant".into(), variant.into()]);
-    }
+    argv.extend(model.to_argv().into_iter().map(OsString::from));
     tune_and_save(Defaults::try_parse_from(argv)?.args)
 }
 
@@ -99,12 +91,7 @@ fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
         }
     }
     let image = image_io::load_image(&args.image)?;
-    let options = LoadOptions {
-        variant: args.variant.clone(),
-        trainable: Some(args.layers.filter()),
-        ..LoadOptions::default()
-    };
-    let mut sd = crate::builtin::load(args.model.as_deref(), &options)?;
+    let mut sd = args.model.load(Some(args.layers.filter()))?;
     sd.unet.set_gradient_checkpointing(args.gradient_checkpointing);
     let (width, height) = default_size(&sd, args.width, args.height, None)?;
     let image = image_io::resize_and_center_crop(image, width as u32, height as u32);

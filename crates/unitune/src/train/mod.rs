@@ -4,6 +4,7 @@
 //! `Sized` and has an associated `Config` type and constructors).
 
 pub mod adafactor;
+pub mod master;
 pub mod pretrain;
 pub mod session;
 pub mod tune;

@@ -9,7 +9,8 @@
 //!
 //! To tune in less memory, turn on the UNet's gradient checkpointing before building the [`Tuner`]
 //! (`sd.unet.set_gradient_checkpointing(true)`): the same updates, for about a third of the step's
-//! activation memory and some more compute.
+//! activation memory and some more compute. A model loaded in f16 or bf16 is tuned with f32
+//! master weights ([`super::master`]).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 
+use super::master::MasterWeights;
 use super::session::{fingerprint, Session};
 use super::{OptimizerKind, TrainOptimizer};
 use crate::models::unet::CheckpointGrads;
@@ -156,6 +158,8 @@ pub struct Tuner<'a> {
     /// [b, 77, d]: the token's embedding, repeated.
     text: Tensor,
     optimizer: TrainOptimizer,
+    /// f32 copies of half-precision trainable weights, which the optimizer updates.
+    master: Option<MasterWeights>,
     timestep_rng: rand_chacha::ChaCha8Rng,
 }
 
@@ -163,24 +167,26 @@ impl<'a> Tuner<'a> {
     /// `sd` must have been loaded with a trainable filter (`LoadOptions::trainable`); `image` is
     /// `[1, 3, h, w]` in `[-1, 1]`. The optimizer is `settings.optimizer` with its defaults.
     pub fn new(sd: &'a StableDiffusion, image: &Tensor, settings: TuneSettings) -> Result<Self> {
-        let vars = trainable_vars(sd)?;
-        let optimizer = settings.optimizer.build(vars, settings.learning_rate)?;
-        Self::with_optimizer(sd, image, settings, optimizer)
+        let (kind, lr) = (settings.optimizer, settings.learning_rate);
+        Self::with_optimizer(sd, image, settings, |vars| kind.build(vars, lr))
     }
 
-    /// As [`Tuner::new`] with an optimizer built by the caller over `sd`'s trainable vars, e.g. an
-    /// Adafactor with transformers' factoring to compare with PyTorch. Its kind and learning rate
-    /// must be the ones `settings` records.
+    /// As [`Tuner::new`] with an optimizer that `build` makes over the vars to update (`sd`'s
+    /// trainable vars, or their f32 master copies), e.g. an Adafactor with transformers'
+    /// factoring to compare with PyTorch. Its kind and learning rate must be the ones `settings`
+    /// records.
     pub fn with_optimizer(
         sd: &'a StableDiffusion,
         image: &Tensor,
         settings: TuneSettings,
-        optimizer: TrainOptimizer,
+        build: impl FnOnce(Vec<candle_core::Var>) -> Result<TrainOptimizer>,
     ) -> Result<Self> {
         if settings.steps == 0 || settings.batch_size == 0 {
             return Err(Error::argument("steps/batch", "must be at least 1"));
         }
-        trainable_vars(sd)?;
+        let vars = trainable_vars(sd)?;
+        let master = MasterWeights::new(&vars)?;
+        let optimizer = build(master.as_ref().map_or(vars, MasterWeights::masters))?;
         let kind_matches = matches!(
             (settings.optimizer, &optimizer),
             (OptimizerKind::Adafactor, TrainOptimizer::Adafactor(_))
@@ -209,6 +215,7 @@ impl<'a> Tuner<'a> {
             latents,
             text,
             optimizer,
+            master,
             timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
             settings,
         })
@@ -255,11 +262,26 @@ impl<'a> Tuner<'a> {
         Ok((loss, grads))
     }
 
-    /// One optimisation step; returns the loss before the update.
+    /// One optimisation step; returns the loss before the update. With f16 weights a step whose
+    /// gradients overflow is skipped ([`MasterWeights::take_grads`]).
     pub fn step(&mut self, inputs: &StepInputs) -> Result<f32> {
         let (loss, backward) = self.forward_loss(inputs)?;
-        self.optimizer.step(&backward.backward(&loss)?)?;
+        match self.master.as_mut() {
+            None => self.optimizer.step(&backward.backward(&loss)?)?,
+            Some(master) => {
+                let mut grads = backward.backward(&(&loss * master.loss_scale())?)?;
+                if master.take_grads(&mut grads)? {
+                    self.optimizer.step(&grads)?;
+                    master.sync()?;
+                }
+            }
+        }
         Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// Steps skipped because f16 gradients overflowed (always 0 in f32 and bf16).
+    pub fn skipped_steps(&self) -> usize {
+        self.master.as_ref().map_or(0, MasterWeights::skipped_steps)
     }
 
     /// The tuned weights as a session (deltas against the base weights) for `image`, the
@@ -268,8 +290,12 @@ impl<'a> Tuner<'a> {
         let base = self.sd.unet_store.tensors();
         let mut deltas = BTreeMap::new();
         for (name, var) in self.sd.unet_store.trainable_vars() {
-            let delta =
-                (var.as_tensor().to_dtype(DType::F32)? - base[&name].to_dtype(DType::F32)?)?;
+            // The master copy holds the update unrounded.
+            let tuned = match self.master.as_ref().and_then(|m| m.master_of(&var)) {
+                Some(master) => master.as_tensor().clone(),
+                None => var.as_tensor().to_dtype(DType::F32)?,
+            };
+            let delta = (tuned - base[&name].to_dtype(DType::F32)?)?;
             if delta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
                 deltas.insert(name, delta);
             }
@@ -329,5 +355,11 @@ pub fn tune(
         progress.step(Some(&format!("loss {loss:.4}")));
     }
     progress.finish();
+    if tuner.skipped_steps() > 0 {
+        progress.warn(&format!(
+            "{} of {steps} steps were skipped: their f16 gradients overflowed (the loss scale backs off)",
+            tuner.skipped_steps()
+        ));
+    }
     tuner.into_session(image.clone(), losses)
 }
