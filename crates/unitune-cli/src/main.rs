@@ -5,6 +5,7 @@ mod bench_edits;
 mod builtin;
 mod edit;
 mod generate;
+mod model;
 mod pretrain;
 mod progress;
 mod tune;
@@ -36,6 +37,7 @@ enum Command {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
@@ -46,18 +48,36 @@ fn main() {
         Command::BenchEdits(args) => bench_edits::run(args),
     };
     if let Err(err) = result {
-        // The full chain: what we were doing, then the library's error naming the file or flag.
-        eprintln!("error: {err}");
-        let mut last = err.to_string();
-        for cause in err.chain().skip(1) {
-            // Library errors already end with their source's text (`path: reason`): say it once.
-            let text = cause.to_string();
-            if !last.ends_with(&text) {
-                eprintln!("  caused by: {text}");
-            }
-            last = text;
-        }
-        let interrupted = err.chain().any(|c| matches!(c.downcast_ref(), Some(unitune::Error::Interrupted)));
-        std::process::exit(if interrupted { 130 } else { 1 });
+        report(err);
     }
+}
+
+/// glibc's malloc serves every block over 32 MB with its own mmap and unmaps it on free, so each
+/// large tensor of a diffusion step is fresh memory that the kernel faults in and zeroes page by
+/// page: about a third of a CPU training step's backward pass in our profile (BENCHMARKS.md).
+/// Keeping freed memory in the heap lets the next tensor reuse it.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator settings; called first thing, before any thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Prints the error chain, then exits: 130 when interrupted (as shells report Ctrl-C), else 1.
+fn report(err: anyhow::Error) -> ! {
+    // The full chain: what we were doing, then the library's error naming the file or flag.
+    eprintln!("error: {err}");
+    let mut last = err.to_string();
+    for cause in err.chain().skip(1) {
+        // Library errors already end with their source's text (`path: reason`): say it once.
+        let text = cause.to_string();
+        if !last.ends_with(&text) {
+            eprintln!("  caused by: {text}");
+        }
+        last = text;
+    }
+    let interrupted = err.chain().any(|c| matches!(c.downcast_ref(), Some(unitune::Error::Interrupted)));
+    std::process::exit(if interrupted { 130 } else { 1 });
 }

@@ -5,7 +5,9 @@
 //! have no backward, so the networks use the composite ops in [`ops`] instead.
 
 pub mod clip;
+pub mod conv;
 pub mod export;
+pub mod norm;
 pub mod ops;
 pub mod unet;
 pub mod vae;

@@ -55,9 +55,17 @@ impl Module for LayerNorm {
     }
 }
 
-/// `torch.nn.GroupNorm` (candle's is composed of differentiable ops).
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<candle_nn::GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+/// `torch.nn.GroupNorm`, loading `weight` and `bias` ([channels]); when built from scratch (a
+/// `VarMap`), they start at 1 and 0.
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: VarBuilder,
+) -> Result<super::norm::GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    super::norm::GroupNorm::new(weight, bias, groups, eps)
 }
 
 /// Activation functions named as in diffusers' `act_fn` and transformers' `hidden_act`.
@@ -126,6 +134,15 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
 /// (e.g. `-inf` above the diagonal for CLIP's causal mask).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    // Unmasked f32 on the CPU (the UNet's and the VAE's attention): the fused kernel, which keeps
+    // no [b, heads, n_q, n_k] tensor for the backward. Everything else (CLIP's causal mask, CUDA,
+    // f16/f64, empty tensors) takes the composite ops below, which run on every device.
+    let cpu_f32 = [q, k, v]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.elem_count() > 0);
+    if mask.is_none() && cpu_f32 {
+        return unitune_kernels::attention::attention(q, k, v, scale);
+    }
     let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, n_q, n_k]
     let scores = match mask {
         Some(mask) => scores.broadcast_add(mask)?,
@@ -185,6 +202,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn group_norm_from_scratch_is_the_identity_norm() {
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let gn = group_norm(2, 4, 1e-5, vb.pp("norm1")).unwrap();
+        let x = Tensor::new(&[[[1f32, 3.0], [5.0, 7.0], [2.0, 2.0], [0.0, 4.0]]], &Device::Cpu).unwrap();
+        let y: Vec<Vec<Vec<f32>>> = gn.forward(&x).unwrap().to_vec3().unwrap();
+        // Group 1 is [1, 3, 5, 7] (mean 4, variance 5), group 2 is [2, 2, 0, 4] (mean 2, variance 2).
+        let (s1, s2) = ((5f32 + 1e-5).sqrt(), (2f32 + 1e-5).sqrt());
+        let expect = [[-3.0 / s1, -1.0 / s1], [1.0 / s1, 3.0 / s1], [0.0, 0.0], [-2.0 / s2, 2.0 / s2]];
+        for (row, want) in y[0].iter().zip(expect) {
+            for (a, b) in row.iter().zip(want) {
+                assert!((a - b).abs() < 1e-5, "{y:?}");
+            }
+        }
+        let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["norm1.bias", "norm1.weight"]);
+        assert!(group_norm(3, 4, 1e-5, vb.pp("bad")).is_err());
+    }
+
+    #[test]
     fn layer_norm_matches_candle_and_has_gradient() {
         let dev = Device::Cpu;
         let weight = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
@@ -230,5 +268,38 @@ pub(crate) mod tests {
         check_grad(|q| attention(q, &k, &v, None), &[1, 2, 3, 3]);
         let q = Tensor::randn(0f64, 1.0, (1, 2, 3, 3), &dev).unwrap();
         check_grad(|k| attention(&q, k, &v, None), &[1, 2, 4, 3]);
+    }
+
+    #[test]
+    fn fused_f32_attention_matches_the_composite_in_f64() {
+        // f32 without mask takes the fused kernel, f64 the composite ops (checked just above).
+        let dev = Device::Cpu;
+        let t = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (q, k, v, w) = (t((2, 3, 40, 8)), t((2, 3, 19, 8)), t((2, 3, 19, 8)), t((2, 3, 40, 8)));
+        let run = |dtype: DType| {
+            let vars = [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+            let out = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), None).unwrap();
+            let grads = (&out * w.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut all = vec![out];
+            all.extend(vars.iter().map(|x| grads.get(x.as_tensor()).expect("missing gradient").clone()));
+            all.into_iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>()
+        };
+        for (fused, reference) in run(DType::F32).iter().zip(run(DType::F64)) {
+            let diff = (fused - &reference).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn masked_f32_attention_applies_the_mask() {
+        // With everything but key 0 masked, each query reads v[0] exactly.
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
+        let mask = Tensor::new(&[0f32, f32::NEG_INFINITY, f32::NEG_INFINITY], &dev).unwrap();
+        let out = attention(&q, &q, &v, Some(&mask)).unwrap();
+        let expect = v.narrow(2, 0, 1).unwrap().broadcast_as((1, 2, 3, 4)).unwrap();
+        let diff = (out - expect).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

@@ -19,13 +19,15 @@ mod tests;
 use std::path::Path;
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 pub use checkpoint::CheckpointGrads;
 pub use config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::models::conv::{self, Conv2d};
+use crate::models::norm::GroupNorm;
 use crate::models::ops::{self, Activation};
 use crate::weights::WeightStore;
 
@@ -61,7 +63,7 @@ impl UNet2DConditionModel {
         };
         let n = cfg.block_out_channels.len();
         Ok(Self {
-            conv_in: candle_nn::conv2d(cfg.in_channels, c0, 3, conv3x3, vb.pp("conv_in"))?,
+            conv_in: conv::conv2d(cfg.in_channels, c0, 3, conv3x3, vb.pp("conv_in"))?,
             time_embedding: TimestepEmbedding::new(
                 c0,
                 cfg.time_embed_dim(),
@@ -82,7 +84,7 @@ impl UNet2DConditionModel {
                 vb.pp("conv_norm_out"),
             )?,
             conv_act: cfg.act_fn,
-            conv_out: candle_nn::conv2d(c0, cfg.out_channels, 3, conv3x3, vb.pp("conv_out"))?,
+            conv_out: conv::conv2d(c0, cfg.out_channels, 3, conv3x3, vb.pp("conv_out"))?,
             in_channels: cfg.in_channels,
             cross_attention_dim: cfg.cross_attention_dim,
             time_proj_dim: c0,
@@ -233,7 +235,7 @@ impl UNet2DConditionModel {
                 ckpt,
             )?;
         }
-        let xs = self.conv_act.forward(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_act(&xs, self.conv_act)?;
         self.conv_out.forward(&xs)
     }
 }

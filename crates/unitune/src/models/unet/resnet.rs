@@ -3,8 +3,10 @@
 //! upsampling then convolution).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use crate::models::conv::{self, Conv2d};
+use crate::models::norm::GroupNorm;
 use crate::models::ops::{self, Activation};
 
 /// A 3x3 convolution keeping the spatial size.
@@ -13,7 +15,7 @@ fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Co
         padding: 1,
         ..Default::default()
     };
-    candle_nn::conv2d(in_channels, out_channels, 3, cfg, vb)
+    conv::conv2d(in_channels, out_channels, 3, cfg, vb)
 }
 
 /// Settings shared by every resnet of the UNet.
@@ -48,7 +50,7 @@ impl ResnetBlock2D {
         vb: VarBuilder,
     ) -> Result<Self> {
         let conv_shortcut = if in_channels != out_channels {
-            Some(candle_nn::conv2d(
+            Some(conv::conv2d(
                 in_channels,
                 out_channels,
                 1,
@@ -78,7 +80,7 @@ impl ResnetBlock2D {
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let hs = self
             .conv1
-            .forward(&self.act.forward(&self.norm1.forward(xs)?)?)?;
+            .forward(&self.norm1.forward_act(xs, self.act)?)?;
         let temb = self
             .time_emb_proj
             .forward(&self.act.forward(temb)?)?
@@ -87,7 +89,7 @@ impl ResnetBlock2D {
         let hs = hs.broadcast_add(&temb)?;
         let hs = self
             .conv2
-            .forward(&self.act.forward(&self.norm2.forward(&hs)?)?)?;
+            .forward(&self.norm2.forward_act(&hs, self.act)?)?;
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -117,7 +119,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
             pad_end: padding == 0,
         })
     }

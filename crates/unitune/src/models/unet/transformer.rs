@@ -3,8 +3,10 @@
 //! This is where the text conditions the image, and what UniTune's fine-tuning mostly moves.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
+use crate::models::conv::{self, Conv2d};
+use crate::models::norm::GroupNorm;
 use crate::models::ops::{self, LayerNorm};
 
 /// diffusers' `Attention` as the UNet uses it: no bias on q/k/v, bias on the output projection,
@@ -167,7 +169,7 @@ impl Transformer2DModel {
             Ok(if s.use_linear_projection {
                 Projection::Linear(candle_nn::linear(from, to, vb)?)
             } else {
-                Projection::Conv(candle_nn::conv2d(from, to, 1, Default::default(), vb)?)
+                Projection::Conv(conv::conv2d(from, to, 1, Default::default(), vb)?)
             })
         };
         let transformer_blocks = (0..s.num_layers)

@@ -3,8 +3,10 @@
 //! single-head self-attention of the mid block, and `UNetMidBlock2D` (resnet, attention, resnet).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
+use crate::models::conv::{self, Conv2d};
+use crate::models::norm::GroupNorm;
 use crate::models::ops;
 
 /// diffusers builds every norm of the VAE with this epsilon.
@@ -12,7 +14,7 @@ pub(super) const EPS: f64 = 1e-6;
 
 pub(super) fn conv2d(c_in: usize, c_out: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
     let padding = kernel / 2;
-    candle_nn::conv2d(
+    conv::conv2d(
         c_in,
         c_out,
         kernel,
@@ -56,8 +58,8 @@ impl ResnetBlock2D {
 impl Module for ResnetBlock2D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // [b, c_in, h, w] -> [b, c_out, h, w]
-        let hs = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let hs = self.conv2.forward(&self.norm2.forward(&hs)?.silu()?)?;
+        let hs = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let hs = self.conv2.forward(&self.norm2.forward_silu(&hs)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -81,7 +83,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
+            conv: conv::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?,
         })
     }
 }

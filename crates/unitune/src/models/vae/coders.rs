@@ -1,10 +1,12 @@
 //! diffusers' VAE `Encoder` (image -> mean and log-variance) and `Decoder` (latents -> image).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::blocks::{conv2d, Downsample2D, MidBlock, ResnetBlock2D, Upsample2D, EPS};
 use super::VaeConfig;
+use crate::models::conv::Conv2d;
+use crate::models::norm::GroupNorm;
 use crate::models::ops;
 
 /// `DownEncoderBlock2D` (resampler `Downsample2D`) or `UpDecoderBlock2D` (`Upsample2D`): resnets,
@@ -67,7 +69,7 @@ impl Head {
 impl Module for Head {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.conv_out
-            .forward(&self.conv_norm_out.forward(xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_silu(xs)?)
     }
 }
 

@@ -11,10 +11,11 @@ mod config;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 use self::coders::{Decoder, Encoder};
 pub use self::config::VaeConfig;
+use crate::models::conv::Conv2d;
 use crate::noise::Noise;
 use crate::weights::WeightStore;
 use crate::Result;

@@ -1,0 +1,130 @@
+//! A drop-in for `candle_nn::Conv2d` that runs f32 CPU convolutions on the gemm custom op of
+//! [`unitune_kernels::conv`]: candle's own CPU conv2d spends a training step in scalar loops
+//! (its backward above all), the custom op runs forward, input and weight gradients as large
+//! gemms. Weights are created and named exactly as `candle_nn::conv2d` does, so checkpoints load
+//! unchanged.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+/// A 2D convolution with bias, as `candle_nn::Conv2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+/// `candle_nn::conv2d`: weight `[out_channels, in_channels / groups, k, k]` and bias
+/// `[out_channels]` under the names `weight` and `bias`, with the same initialisation.
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let inner = candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg, vb)?;
+    Ok(Conv2d { inner })
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Conv2d {
+    /// `[b, c_in, h, w]` -> `[b, c_out, h_out, w_out]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let cfg = self.inner.config();
+        let weight = self.inner.weight();
+        let custom = xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && weight.dtype() == DType::F32
+            && cfg.groups == 1
+            && cfg.dilation == 1;
+        if custom {
+            unitune_kernels::conv::conv2d(xs, weight, self.inner.bias(), cfg.padding, cfg.stride)
+        } else {
+            // The custom op has only a CPU kernel: CUDA (and f16/bf16, grouped or dilated
+            // convolutions) take candle's own conv2d plus bias, which work everywhere.
+            self.inner.forward(xs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    use super::*;
+
+    /// Ours and candle_nn's layer on the same variables.
+    fn layers(cfg: Conv2dConfig, dtype: DType) -> Result<(Conv2d, candle_nn::Conv2d, VarMap)> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+        let ours = conv2d(6, 5, 3, cfg, vb.pp("conv"))?;
+        let theirs = candle_nn::conv2d(6, 5, 3, cfg, vb.pp("conv"))?;
+        Ok((ours, theirs, varmap))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F32)?
+            .to_scalar()
+    }
+
+    #[test]
+    fn same_weights_and_values_as_candle_nn() -> Result<()> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let (ours, theirs, varmap) = layers(cfg, DType::F32)?;
+        let mut names: Vec<_> = varmap
+            .data()
+            .lock()
+            .expect("varmap")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        assert_eq!(names, ["conv.bias", "conv.weight"]);
+        assert_eq!(ours.weight().dims(), [5, 6, 3, 3]);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 6, 8, 10), &Device::Cpu)?)?;
+        let (y_ours, y_theirs) = (ours.forward(x.as_tensor())?, theirs.forward(x.as_tensor())?);
+        assert_eq!(y_ours.dims(), [2, 5, 4, 5]);
+        assert!(max_diff(&y_ours, &y_theirs)? < 1e-5);
+        // The custom op records its backward: every variable gets a gradient, equal to candle's.
+        let (g_ours, g_theirs) = (
+            y_ours.sum_all()?.backward()?,
+            y_theirs.sum_all()?.backward()?,
+        );
+        for t in [x.as_tensor(), ours.weight(), ours.bias().expect("bias")] {
+            let (a, b) = (
+                g_ours.get(t).expect("ours"),
+                g_theirs.get(t).expect("candle"),
+            );
+            assert!(max_diff(a, b)? < 1e-4);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_falls_back_to_candle() -> Result<()> {
+        let (ours, theirs, _) = layers(Default::default(), DType::F16)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 6, 5, 5), &Device::Cpu)?.to_dtype(DType::F16)?;
+        let (y_ours, y_theirs) = (ours.forward(&x)?, theirs.forward(&x)?);
+        assert_eq!(y_ours.dtype(), DType::F16);
+        assert_eq!(max_diff(&y_ours, &y_theirs)?, 0.0);
+        Ok(())
+    }
+}
