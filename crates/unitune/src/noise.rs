@@ -11,15 +11,21 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::Result;
 
 pub enum Noise {
-    /// Standard normal draws from ChaCha8 seeded with the user's seed.
-    Seeded(rand_chacha::ChaCha8Rng),
+    /// Standard normal draws from ChaCha8 seeded with the user's seed (boxed: the generator's
+    /// state is larger than a queue).
+    Seeded(Box<rand_chacha::ChaCha8Rng>),
     /// Tensors handed out in order; running out is an error.
     Replay(VecDeque<Tensor>),
 }
 
 impl Noise {
     pub fn seeded(seed: u64) -> Self {
-        Noise::Seeded(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+        Self::from_rng(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// Draws from `rng`, e.g. one of several streams of a seed.
+    pub fn from_rng(rng: rand_chacha::ChaCha8Rng) -> Self {
+        Noise::Seeded(Box::new(rng))
     }
 
     pub fn replay(tensors: impl IntoIterator<Item = Tensor>) -> Self {

@@ -80,7 +80,7 @@ impl<'a> Run<'a> {
                 resumed_at,
                 s.warmup_steps,
             );
-            let losses = trainer.step(&images, &mut Noise::Seeded(rng), lr, s.max_grad_norm)?;
+            let losses = trainer.step(&images, &mut Noise::from_rng(rng), lr, s.max_grad_norm)?;
             state.vae_loss.push(losses.loss);
             state.vae_l1.push(losses.l1);
             state.vae_kl.push(losses.kl);
@@ -137,7 +137,7 @@ impl<'a> Run<'a> {
             }
             let step = state.step;
             let mut rng = step_rng(s.seed, Stream::Draws, step);
-            let mut noise = Noise::Seeded(step_rng(s.seed, Stream::Noise, step));
+            let mut noise = Noise::from_rng(step_rng(s.seed, Stream::Noise, step));
             let draw = trainer.draw(
                 cache,
                 s.batch_size,
