@@ -64,3 +64,34 @@ fn bad_input_is_named_and_nothing_is_written() {
     assert!(!ok && err.contains("timestep_spacing"), "{err}");
     assert!(!out.exists(), "a failed run wrote its output");
 }
+
+/// The shipped model (used when no `--model` is given) draws what captions ask: in each picture
+/// most pixels take the caption's background colour (nearest palette colour, either shade of a
+/// pattern). The model is unpacked into a fresh cache folder, as on a new machine.
+#[test]
+fn builtin_model_draws_the_captions_background() {
+    use unitune::world::score::nearest_colour;
+    use unitune::world::Colour;
+    let dir = tempdir("builtin");
+    let cases = [
+        ("a red circle on a blue background", Colour::Blue),
+        ("a large green triangle on a white background", Colour::White),
+        ("a small white star on a purple background", Colour::Purple),
+        ("a blue circle below a red star on a yellow background", Colour::Yellow),
+        ("a purple square on a checkered yellow background", Colour::Yellow),
+    ];
+    for (i, (prompt, background)) in cases.into_iter().enumerate() {
+        let out = dir.join(format!("{i}.png"));
+        let out_str = out.to_str().unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_unitune"))
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .args(["generate", "--prompt", prompt, "--steps", "20", "--guidance", "4", "--seed", "0", "-o", out_str])
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let image = image::open(&out).unwrap().to_rgb8();
+        let share = image.pixels().filter(|p| nearest_colour(p.0, true).0 == background).count() as f64
+            / image.pixels().len() as f64;
+        assert!(share > 0.5, "{prompt}: only {:.0}% of the pixels are {background:?}", 100.0 * share);
+    }
+}
