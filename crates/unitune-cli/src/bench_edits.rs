@@ -62,10 +62,10 @@ pub struct BenchEditsArgs {
     #[arg(long, default_value_t = 30)]
     steps: usize,
     /// UniTune guidance scales, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "4,8")]
+    #[arg(long, value_delimiter = ',', default_value = "3,6")]
     guidance: Vec<f64>,
     /// UniTune start fractions (1 = from noise), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1.0,0.9")]
+    #[arg(long, value_delimiter = ',', default_value = "1.0,0.8")]
     start: Vec<f64>,
     /// Also run every UniTune setting with an automatic mask.
     #[arg(long)]
