@@ -1,10 +1,12 @@
 //! CPU kernels for training on candle, as custom ops with a backward: candle's own CPU
-//! convolution, attention and group norm spend most of a training step in scalar loops, page
-//! faults and intermediate tensors (see `BENCHMARKS.md`). Each op here takes f32 contiguous CPU
-//! tensors; the callers in `unitune::models` fall back to candle's composite ops elsewhere (CUDA,
-//! other dtypes). Kept in a crate of its own so that it is optimised even in test builds.
+//! convolution, attention, group norm, linear layers and GEGLU spend most of a training step in
+//! scalar loops, page faults and intermediate tensors (see `BENCHMARKS.md`). Each op takes f32
+//! CPU tensors; the callers in `unitune::models` fall back to candle's composite ops elsewhere
+//! (CUDA, other dtypes). Kept in a crate of its own so that it is optimised even in test builds.
 
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod group_norm;
+pub mod linear;
 mod simd;

@@ -7,6 +7,7 @@
 pub mod clip;
 pub mod conv;
 pub mod export;
+pub mod linear;
 pub mod norm;
 pub mod ops;
 pub mod unet;

@@ -2,8 +2,9 @@
 //! `TimestepEmbedding` (two linear layers), giving the vector every resnet is conditioned on.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::models::linear::{self, Linear};
 use crate::models::ops::Activation;
 
 /// The period of the slowest sinusoid, as in DDPM.
@@ -59,8 +60,8 @@ impl TimestepEmbedding {
         vb: VarBuilder,
     ) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: linear::linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
+            linear_2: linear::linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
             act,
         })
     }

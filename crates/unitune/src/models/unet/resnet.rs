@@ -3,9 +3,10 @@
 //! upsampling then convolution).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::{self, Conv2d};
+use crate::models::linear::{self, Linear};
 use crate::models::norm::GroupNorm;
 use crate::models::ops::{self, Activation};
 
@@ -63,11 +64,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: ops::group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
             conv1: conv3x3(in_channels, out_channels, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(
-                s.temb_channels,
-                out_channels,
-                vb.pp("time_emb_proj"),
-            )?,
+            time_emb_proj: linear::linear(s.temb_channels, out_channels, vb.pp("time_emb_proj"))?,
             norm2: ops::group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
             conv2: conv3x3(out_channels, out_channels, vb.pp("conv2"))?,
             conv_shortcut,

@@ -3,9 +3,10 @@
 //! This is where the text conditions the image, and what UniTune's fine-tuning mostly moves.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::models::conv::{self, Conv2d};
+use crate::models::linear::{self, Linear};
 use crate::models::norm::GroupNorm;
 use crate::models::ops::{self, LayerNorm};
 
@@ -32,10 +33,10 @@ impl Attention {
         let inner = heads * head_dim;
         let context_dim = context_dim.unwrap_or(dim);
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: linear::linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: linear::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: linear::linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
         })
     }
@@ -64,8 +65,8 @@ impl FeedForward {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            out: linear::linear(inner, dim, vb.pp("net.2"))?,
             inner,
         })
     }
@@ -74,9 +75,17 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?; // [b, n, 2 * inner]
-        let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
-        let gate = projected.narrow(D::Minus1, self.inner, self.inner)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        // f32 on the CPU: the fused kernel (one pass each way, vectorised erf, analytic
+        // backward). Elsewhere (CUDA, f16/bf16) the composite below, which runs on every device.
+        let cpu_f32 = projected.device().is_cpu() && projected.dtype() == candle_core::DType::F32;
+        let gated = if cpu_f32 {
+            unitune_kernels::geglu::geglu(&projected)?
+        } else {
+            let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
+            let gate = projected.narrow(D::Minus1, self.inner, self.inner)?;
+            (hidden * gate.gelu_erf()?)?
+        }; // [b, n, inner]
+        self.out.forward(&gated)
     }
 }
 
@@ -167,7 +176,7 @@ impl Transformer2DModel {
         let inner = s.heads * head_dim;
         let projection = |from: usize, to: usize, vb: VarBuilder| -> Result<Projection> {
             Ok(if s.use_linear_projection {
-                Projection::Linear(candle_nn::linear(from, to, vb)?)
+                Projection::Linear(linear::linear(from, to, vb)?)
             } else {
                 Projection::Conv(conv::conv2d(from, to, 1, Default::default(), vb)?)
             })
