@@ -19,8 +19,7 @@ use image::RgbImage;
 use unitune::image_io;
 use unitune::noise::Noise;
 use unitune::pipelines::{
-    contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest,
-    Mask,
+    contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest, Mask,
 };
 use unitune::schedulers::SchedulerKind;
 use unitune::train::session::Session;
@@ -166,12 +165,17 @@ pub fn run(args: EditArgs) -> Result<()> {
     let (sd, session) = match &args.session {
         Some(path) => {
             let mut sd = args.model.load(None)?;
-            let session = Session::load(path).with_context(|| format!("loading session {}", path.display()))?;
-            sd.apply_session(&session).with_context(|| format!("applying session {}", path.display()))?;
+            let session = Session::load(path)
+                .with_context(|| format!("loading session {}", path.display()))?;
+            sd.apply_session(&session)
+                .with_context(|| format!("applying session {}", path.display()))?;
             (sd, session)
         }
         None => {
-            let image = args.image.as_deref().context("give --session, or --image to tune on first")?;
+            let image = args
+                .image
+                .as_deref()
+                .context("give --session, or --image to tune on first")?;
             let out = args.output.with_extension("session");
             let seed = args.seed.unwrap_or_else(rand_seed);
             crate::tune::tune_image(&args.model, image, seed, &out)?

@@ -65,8 +65,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => default_scheduler(&sd),
     };
 
-    let image = args.image.as_deref().map(image_io::load_image).transpose()?;
-    let (width, height) = default_size(&sd, args.width, args.height, image.as_ref().map(|i| i.dimensions()))?;
+    let image = args
+        .image
+        .as_deref()
+        .map(image_io::load_image)
+        .transpose()?;
+    let (width, height) = default_size(
+        &sd,
+        args.width,
+        args.height,
+        image.as_ref().map(|i| i.dimensions()),
+    )?;
     let mut request = GenerateRequest::new(args.prompt.clone());
     (request.width, request.height) = (width, height);
     request.negative_prompt = args.negative_prompt;
@@ -83,7 +92,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 
     let seed = args.seed.unwrap_or_else(rand_seed);
-    eprintln!("seed {seed}, {scheduler:?}, {} steps, {}x{}", request.num_inference_steps, request.width, request.height);
+    eprintln!(
+        "seed {seed}, {scheduler:?}, {} steps, {}x{}",
+        request.num_inference_steps, request.width, request.height
+    );
     let mut progress = BarProgress::new();
     let images = generate(&sd, &request, &mut Noise::seeded(seed), &mut progress)?;
     image_io::save_png(&image_io::tensor_to_image(&images, 0)?, &args.output)?;
@@ -101,20 +113,31 @@ pub fn default_size(
 ) -> Result<(usize, usize)> {
     let f = sd.vae_scale_factor();
     let native = sd.unet_config.sample_size.map(|s| s * f);
-    let pick = |flag: Option<usize>, from_image: Option<u32>, name: &str| match (flag, from_image, native) {
-        (Some(v), _, _) => Ok(v),
-        (None, Some(v), _) => Ok(v as usize / f * f),
-        (None, None, Some(v)) => Ok(v),
-        (None, None, None) => bail!("the model's unet/config.json has no sample_size: pass --{name}"),
-    };
-    Ok((pick(width, image.map(|d| d.0), "width")?, pick(height, image.map(|d| d.1), "height")?))
+    let pick =
+        |flag: Option<usize>, from_image: Option<u32>, name: &str| match (flag, from_image, native)
+        {
+            (Some(v), _, _) => Ok(v),
+            (None, Some(v), _) => Ok(v as usize / f * f),
+            (None, None, Some(v)) => Ok(v),
+            (None, None, None) => {
+                bail!("the model's unet/config.json has no sample_size: pass --{name}")
+            }
+        };
+    Ok((
+        pick(width, image.map(|d| d.0), "width")?,
+        pick(height, image.map(|d| d.1), "height")?,
+    ))
 }
 
 /// Fails early, before any long work, when `output`'s folder does not exist.
 pub fn check_output_dir(output: &Path) -> Result<()> {
     match output.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-            bail!("{}: the output folder {} does not exist", output.display(), dir.display())
+            bail!(
+                "{}: the output folder {} does not exist",
+                output.display(),
+                dir.display()
+            )
         }
         _ => Ok(()),
     }
@@ -123,35 +146,55 @@ pub fn check_output_dir(output: &Path) -> Result<()> {
 /// Refuses to write anything but a PNG, and never over the input image.
 pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
     check_output_dir(output)?;
-    let is_png = output.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    let is_png = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if !is_png {
-        bail!("--output {}: only PNG output is supported (use a .png name)", output.display());
+        bail!(
+            "--output {}: only PNG output is supported (use a .png name)",
+            output.display()
+        );
     }
     if let (Some(input), Ok(out)) = (input, output.canonicalize()) {
         if input.canonicalize().is_ok_and(|inp| inp == out) {
-            bail!("--output {} is the input image; choose another name so the input is kept", output.display());
+            bail!(
+                "--output {} is the input image; choose another name so the input is kept",
+                output.display()
+            );
         }
     }
     Ok(())
 }
 
 fn default_scheduler(sd: &StableDiffusion) -> SchedulerKind {
-    sd.scheduler_config.class_name.as_deref().and_then(SchedulerKind::from_class_name).unwrap_or(SchedulerKind::Ddim)
+    sd.scheduler_config
+        .class_name
+        .as_deref()
+        .and_then(SchedulerKind::from_class_name)
+        .unwrap_or(SchedulerKind::Ddim)
 }
 
 /// Applies `--scheduler-option KEY=VALUE` overrides (VALUE read as JSON, else as a string).
 fn apply_scheduler_options(sd: &mut StableDiffusion, options: &[String]) -> Result<()> {
     let pairs = options
         .iter()
-        .map(|o| o.split_once('=').with_context(|| format!("--scheduler-option `{o}`: expected KEY=VALUE")))
+        .map(|o| {
+            o.split_once('=')
+                .with_context(|| format!("--scheduler-option `{o}`: expected KEY=VALUE"))
+        })
         .collect::<Result<Vec<_>>>()?;
     sd.scheduler_config = sd.scheduler_config.with_overrides(&pairs)?;
     Ok(())
 }
 
 fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("--init-noise {}: not a readable safetensors file", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, device).with_context(|| {
+        format!(
+            "--init-noise {}: not a readable safetensors file",
+            path.display()
+        )
+    })?;
     let latents = tensors
         .get("latents")
         .with_context(|| format!("--init-noise {}: no tensor named `latents`", path.display()))?;
@@ -160,6 +203,9 @@ fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_c
 
 pub fn rand_seed() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
 }

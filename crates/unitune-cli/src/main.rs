@@ -13,7 +13,11 @@ mod tune;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "unitune", version, about = "Text-driven editing of a single photo (UniTune) on Stable Diffusion")]
+#[command(
+    name = "unitune",
+    version,
+    about = "Text-driven editing of a single photo (UniTune) on Stable Diffusion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -78,6 +82,8 @@ fn report(err: anyhow::Error) -> ! {
         }
         last = text;
     }
-    let interrupted = err.chain().any(|c| matches!(c.downcast_ref(), Some(unitune::Error::Interrupted)));
+    let interrupted = err
+        .chain()
+        .any(|c| matches!(c.downcast_ref(), Some(unitune::Error::Interrupted)));
     std::process::exit(if interrupted { 130 } else { 1 });
 }

@@ -56,7 +56,10 @@ impl ModelArgs {
     pub fn to_argv(&self) -> Vec<String> {
         let mut argv = vec!["--device".to_string(), self.device.clone()];
         let optional = [
-            ("--model", self.model.as_ref().map(|p| p.display().to_string())),
+            (
+                "--model",
+                self.model.as_ref().map(|p| p.display().to_string()),
+            ),
             ("--variant", self.variant.clone()),
             ("--dtype", self.dtype.clone()),
         ];
@@ -77,7 +80,9 @@ impl ModelArgs {
             (None, true) | (Some("f32"), _) => Ok(DType::F32),
             (None, false) | (Some("f16"), _) => Ok(DType::F16),
             // candle has no bf16 matrix multiply on the CPU.
-            (Some("bf16"), true) => bail!("--dtype bf16 needs --device cuda; use f32 or f16 on the CPU"),
+            (Some("bf16"), true) => {
+                bail!("--dtype bf16 needs --device cuda; use f32 or f16 on the CPU")
+            }
             (Some("bf16"), false) => Ok(DType::BF16),
             (Some(other), _) => bail!("--dtype {other}: expected f32, f16 or bf16"),
         }

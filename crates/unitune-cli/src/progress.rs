@@ -22,7 +22,10 @@ impl BarProgress {
             }
             eprintln!("\nstopping after this step (Ctrl-C again to quit now)");
         });
-        Self { bar: None, interrupted }
+        Self {
+            bar: None,
+            interrupted,
+        }
     }
 }
 
@@ -30,9 +33,11 @@ impl unitune::pipelines::Progress for BarProgress {
     fn start(&mut self, label: &str, total: usize) {
         let bar = ProgressBar::new(total as u64);
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
         self.bar = Some(bar);

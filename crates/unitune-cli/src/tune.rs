@@ -68,13 +68,24 @@ pub fn run(args: TuneArgs) -> Result<()> {
 
 /// Tunes as `unitune tune` does with these arguments, on `image` with every default, writing the
 /// session to `output`; `edit` uses it when it is given an image but no session.
-pub fn tune_image(model: &ModelArgs, image: &Path, seed: u64, output: &Path) -> Result<(StableDiffusion, Session)> {
+pub fn tune_image(
+    model: &ModelArgs,
+    image: &Path,
+    seed: u64,
+    output: &Path,
+) -> Result<(StableDiffusion, Session)> {
     #[derive(clap::Parser)]
     struct Defaults {
         #[command(flatten)]
         args: TuneArgs,
     }
-    let mut argv: Vec<OsString> = vec!["tune".into(), "--image".into(), image.into(), "--output".into(), output.into()];
+    let mut argv: Vec<OsString> = vec![
+        "tune".into(),
+        "--image".into(),
+        image.into(),
+        "--output".into(),
+        output.into(),
+    ];
     argv.extend(["--seed".into(), seed.to_string().into()]);
     argv.extend(model.to_argv().into_iter().map(OsString::from));
     tune_and_save(Defaults::try_parse_from(argv)?.args)
@@ -83,16 +94,27 @@ pub fn tune_image(model: &ModelArgs, image: &Path, seed: u64, output: &Path) -> 
 /// Runs the tune; returns the model (its UNet now holds the tuned weights) and the session written.
 fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
     check_output_dir(&args.output)?;
-    for (flag, path) in [("--output", Some(&args.output)), ("--log-json", args.log_json.as_ref())] {
+    for (flag, path) in [
+        ("--output", Some(&args.output)),
+        ("--log-json", args.log_json.as_ref()),
+    ] {
         if let Some(path) = path {
-            if path.canonicalize().ok().is_some_and(|p| args.image.canonicalize().ok() == Some(p)) {
-                anyhow::bail!("{flag} {} is the input image; choose another name", path.display());
+            if path
+                .canonicalize()
+                .ok()
+                .is_some_and(|p| args.image.canonicalize().ok() == Some(p))
+            {
+                anyhow::bail!(
+                    "{flag} {} is the input image; choose another name",
+                    path.display()
+                );
             }
         }
     }
     let image = image_io::load_image(&args.image)?;
     let mut sd = args.model.load(Some(args.layers.filter()))?;
-    sd.unet.set_gradient_checkpointing(args.gradient_checkpointing);
+    sd.unet
+        .set_gradient_checkpointing(args.gradient_checkpointing);
     let (width, height) = default_size(&sd, args.width, args.height, None)?;
     let image = image_io::resize_and_center_crop(image, width as u32, height as u32);
 
@@ -118,7 +140,8 @@ fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
 
     let mut log = match &args.log_json {
         Some(path) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("--log-json {}", path.display()))?,
+            std::fs::File::create(path)
+                .with_context(|| format!("--log-json {}", path.display()))?,
         )),
         None => None,
     };
@@ -130,7 +153,14 @@ fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
         }
         Ok(())
     };
-    let session = tune(&sd, &image, settings, &mut Noise::seeded(seed), &mut BarProgress::new(), &mut on_step)?;
+    let session = tune(
+        &sd,
+        &image,
+        settings,
+        &mut Noise::seeded(seed),
+        &mut BarProgress::new(),
+        &mut on_step,
+    )?;
     session.save(&args.output, args.delta_encoding)?;
     let n = session.losses.len().clamp(1, 8) as f32;
     let first = session.losses.iter().take(8).sum::<f32>() / n;

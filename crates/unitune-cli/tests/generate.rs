@@ -9,8 +9,14 @@ fn fixtures() -> PathBuf {
 }
 
 fn unitune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_unitune")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -25,15 +31,46 @@ fn init_noise_reproduces_diffusers() {
     let model = fixtures().join("tiny-sd1");
     let noise = fixtures().join("ref/sd1-init-noise.safetensors");
     let (ok, stderr) = unitune(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "a photo of a red circle on a blue background",
-        "--negative-prompt", "blurry, low quality", "--steps", "8", "--guidance", "7.5", "--scheduler", "ddim",
-        "--width", "64", "--height", "64", "--init-noise", noise.to_str().unwrap(), "--output", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a red circle on a blue background",
+        "--negative-prompt",
+        "blurry, low quality",
+        "--steps",
+        "8",
+        "--guidance",
+        "7.5",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
     let ours = image::open(&out).unwrap().to_rgb8();
-    let refs = candle_core::safetensors::load(fixtures().join("ref/pipelines.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let expected: Vec<f32> = refs["sd1_txt2img_image"].flatten_all().unwrap().to_vec1().unwrap();
-    let max = ours.as_raw().iter().zip(&expected).map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs()).fold(0.0, f32::max);
+    let refs = candle_core::safetensors::load(
+        fixtures().join("ref/pipelines.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let expected: Vec<f32> = refs["sd1_txt2img_image"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let max = ours
+        .as_raw()
+        .iter()
+        .zip(&expected)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0, f32::max);
     assert!(max <= 3.0, "max diff {max}/255");
 }
 
@@ -47,20 +84,67 @@ fn bad_input_is_named_and_nothing_is_written() {
     let before = std::fs::read(&input).unwrap();
     let input = input.to_str().unwrap();
 
-    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--image", input, "--output", input]);
-    assert!(!ok && err.contains("--output") && err.contains("input image"), "{err}");
+    let (ok, err) = unitune(&[
+        "generate", "--model", model, "--prompt", "x", "--image", input, "--output", input,
+    ]);
+    assert!(
+        !ok && err.contains("--output") && err.contains("input image"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(input).unwrap(), before, "input image changed");
 
     let out = dir.join("out.jpg");
-    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--output", out.to_str().unwrap()]);
+    let (ok, err) = unitune(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "x",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("PNG"), "{err}");
 
     let out = dir.join("out.png");
-    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--width", "60", "--output", out.to_str().unwrap()]);
-    assert!(!ok && err.contains("width") && err.contains("multiple of 8"), "{err}");
-    let (ok, err) = unitune(&["generate", "--model", "/nonexistent/model", "--prompt", "x", "--output", out.to_str().unwrap()]);
-    assert!(!ok && err.contains("/nonexistent/model") && err.contains("model_index.json"), "{err}");
-    let (ok, err) = unitune(&["generate", "--model", model, "--prompt", "x", "--scheduler-option", "timestep_spacing=sideways", "--output", out.to_str().unwrap()]);
+    let (ok, err) = unitune(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "x",
+        "--width",
+        "60",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("width") && err.contains("multiple of 8"),
+        "{err}"
+    );
+    let (ok, err) = unitune(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "x",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("/nonexistent/model") && err.contains("model_index.json"),
+        "{err}"
+    );
+    let (ok, err) = unitune(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "x",
+        "--scheduler-option",
+        "timestep_spacing=sideways",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("timestep_spacing"), "{err}");
     assert!(!out.exists(), "a failed run wrote its output");
 }
@@ -75,23 +159,55 @@ fn builtin_model_draws_the_captions_background() {
     let dir = tempdir("builtin");
     let cases = [
         ("a red circle on a blue background", Colour::Blue),
-        ("a large green triangle on a white background", Colour::White),
+        (
+            "a large green triangle on a white background",
+            Colour::White,
+        ),
         ("a small white star on a purple background", Colour::Purple),
-        ("a blue circle below a red star on a yellow background", Colour::Yellow),
-        ("a purple square on a checkered yellow background", Colour::Yellow),
+        (
+            "a blue circle below a red star on a yellow background",
+            Colour::Yellow,
+        ),
+        (
+            "a purple square on a checkered yellow background",
+            Colour::Yellow,
+        ),
     ];
     for (i, (prompt, background)) in cases.into_iter().enumerate() {
         let out = dir.join(format!("{i}.png"));
         let out_str = out.to_str().unwrap();
         let status = Command::new(env!("CARGO_BIN_EXE_unitune"))
             .env("XDG_CACHE_HOME", dir.join("cache"))
-            .args(["generate", "--prompt", prompt, "--steps", "20", "--guidance", "4", "--seed", "0", "-o", out_str])
+            .args([
+                "generate",
+                "--prompt",
+                prompt,
+                "--steps",
+                "20",
+                "--guidance",
+                "4",
+                "--seed",
+                "0",
+                "-o",
+                out_str,
+            ])
             .output()
             .unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let image = image::open(&out).unwrap().to_rgb8();
-        let share = image.pixels().filter(|p| nearest_colour(p.0, true).0 == background).count() as f64
+        let share = image
+            .pixels()
+            .filter(|p| nearest_colour(p.0, true).0 == background)
+            .count() as f64
             / image.pixels().len() as f64;
-        assert!(share > 0.5, "{prompt}: only {:.0}% of the pixels are {background:?}", 100.0 * share);
+        assert!(
+            share > 0.5,
+            "{prompt}: only {:.0}% of the pixels are {background:?}",
+            100.0 * share
+        );
     }
 }

@@ -5,14 +5,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn unitune(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_unitune")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn tune_then_sweep_edits() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let dir: PathBuf = std::env::temp_dir().join(format!("unitune-cli-tune-edit-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("unitune-cli-tune-edit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let input = dir.join("photo.png");
     std::fs::copy(fixtures.join("ref/img2img-input.png"), &input).unwrap();
@@ -23,25 +30,70 @@ fn tune_then_sweep_edits() {
     let log = dir.join("steps.jsonl");
 
     let (ok, err) = unitune(&[
-        "tune", "--model", model, "--image", input, "--steps", "3", "--batch", "2", "--seed", "1",
-        "--log-json", log.to_str().unwrap(), "--output", session.to_str().unwrap(),
+        "tune",
+        "--model",
+        model,
+        "--image",
+        input,
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seed",
+        "1",
+        "--log-json",
+        log.to_str().unwrap(),
+        "--output",
+        session.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 3);
-    assert!(lines.iter().all(|l| l["loss"].as_f64().is_some_and(|v| v > 0.0)));
+    assert!(lines
+        .iter()
+        .all(|l| l["loss"].as_f64().is_some_and(|v| v > 0.0)));
 
     let out = dir.join("edit.png");
     let (ok, err) = unitune(&[
-        "edit", "--model", model, "--session", session.to_str().unwrap(), "--prompt", "a blue square",
-        "--steps", "4", "--seed", "2", "--sweep-guidance", "3,6", "--sweep-start", "0.5,1.0",
-        "--output", out.to_str().unwrap(),
+        "edit",
+        "--model",
+        model,
+        "--session",
+        session.to_str().unwrap(),
+        "--prompt",
+        "a blue square",
+        "--steps",
+        "4",
+        "--seed",
+        "2",
+        "--sweep-guidance",
+        "3,6",
+        "--sweep-start",
+        "0.5,1.0",
+        "--output",
+        out.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    for name in ["edit-g3-t0.5.png", "edit-g3-t1.png", "edit-g6-t0.5.png", "edit-g6-t1.png", "edit-sheet.png"] {
+    for name in [
+        "edit-g3-t0.5.png",
+        "edit-g3-t1.png",
+        "edit-g6-t0.5.png",
+        "edit-g6-t1.png",
+        "edit-sheet.png",
+    ] {
         let path = dir.join(name);
-        assert!(path.exists(), "{name} missing; files: {:?}", std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>());
+        assert!(
+            path.exists(),
+            "{name} missing; files: {:?}",
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect::<Vec<_>>()
+        );
     }
     let cell = image::open(dir.join("edit-g3-t1.png")).unwrap();
     let sheet = image::open(dir.join("edit-sheet.png")).unwrap();
@@ -51,8 +103,15 @@ fn tune_then_sweep_edits() {
     // A session applied to another model is refused by name.
     let other = fixtures.join("tiny-sd2");
     let (ok, err) = unitune(&[
-        "edit", "--model", other.to_str().unwrap(), "--session", session.to_str().unwrap(), "--prompt", "x",
-        "--output", dir.join("x.png").to_str().unwrap(),
+        "edit",
+        "--model",
+        other.to_str().unwrap(),
+        "--session",
+        session.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--output",
+        dir.join("x.png").to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("another model"), "{err}");
 }
