@@ -14,7 +14,7 @@
 //! timesteps, noise) comes from a stream of the seed keyed by phase and step, so a resumed run
 //! sees exactly the data an uninterrupted one would.
 //!
-//! On a shared 2-core CPU the `small` preset's defaults take about an hour (see
+//! On a 2-core CPU the `small` preset's defaults take one to two hours (see
 //! `models/shapes-64/README.md`); run it with `CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1` when
 //! other work competes for the cores, since candle's worker threads spin while waiting.
 //!
@@ -133,7 +133,9 @@ pub struct PretrainSettings {
 }
 
 impl PretrainSettings {
-    /// The defaults for `preset` (the `small` ones are those the built-in model was trained with).
+    /// The defaults for `preset`. The `small` ones are those of the built-in model, which was
+    /// trained in three runs resumed one from another (`models/shapes-64/README.md`): a single
+    /// run differs only in its learning-rate schedule.
     pub fn new(preset: Preset) -> Self {
         Self {
             size: 64,
@@ -144,7 +146,7 @@ impl PretrainSettings {
             vae_batch_size: 8,
             vae_crop: 32,
             vae_learning_rate: 2e-3,
-            steps: 1400,
+            steps: 2800,
             batch_size: 16,
             learning_rate: 1e-3,
             warmup_steps: 50,
