@@ -15,11 +15,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{contiguous, cpu_f32};
+use crate::matmul::{gemm_into, Mat};
 use crate::simd::exp;
+
+/// The name in the errors.
+const OP: &str = "fused attention";
 
 /// `softmax(q·kᵀ·scale)·v` over the last two dimensions of `q: [b, heads, n_q, d]`,
 /// `k: [b, heads, n_k, d]` and `v: [b, heads, n_k, d_v]`, giving `[b, heads, n_q, d_v]`.
@@ -97,17 +101,6 @@ struct FusedAttention {
     lse: Mutex<Option<Vec<f32>>>, // [bh, nq]
 }
 
-/// The f32 data of a contiguous CPU tensor's layout.
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("fused attention: {name} is not contiguous")
-    };
-    match storage {
-        CpuStorage::F32(data) => Ok(&data[start..end]),
-        other => bail!("fused attention: {name} is {:?}, not f32", other.dtype()),
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -123,9 +116,9 @@ impl CustomOp3 for FusedAttention {
         v_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (
-            cpu_f32(q, q_l, "q")?,
-            cpu_f32(k, k_l, "k")?,
-            cpu_f32(v, v_l, "v")?,
+            contiguous(OP, (q, q_l), "q")?,
+            contiguous(OP, (k, k_l), "k")?,
+            contiguous(OP, (v, v_l), "v")?,
         );
         let Dims {
             b, heads, nq, dv, ..
@@ -153,10 +146,7 @@ impl CustomOp3 for FusedAttention {
         let tensors = [q, k, v, out, &grad_out].map(|t| t.storage_and_layout());
         let mut slices = Vec::with_capacity(tensors.len());
         for ((storage, layout), name) in tensors.iter().zip(["q", "k", "v", "out", "grad"]) {
-            match &**storage {
-                Storage::Cpu(cpu) => slices.push(cpu_f32(cpu, layout, name)?),
-                _ => bail!("fused attention: {name} is not on the CPU"),
-            }
+            slices.push(cpu_f32(OP, storage, layout, name)?);
         }
         let Dims { nq, nk, d, dv, .. } = self.dims;
         let bh = self.dims.bh();
@@ -262,15 +252,16 @@ fn backward(dims: &Dims, scale: f32, inputs: [&[f32]; 5], lse: &[f32], grads: Gr
                     let row = h * nq + start; // first row of the block among all bh * nq
                     let q_b = Matrix::rows(&q[row * d..(row + rows) * d], rows, d);
                     let o_b = &out[row * dv..(row + rows) * dv];
-                    let do_b = Matrix::rows(&grad_out[row * dv..(row + rows) * dv], rows, dv);
+                    let do_b = &grad_out[row * dv..(row + rows) * dv];
                     // rowsum(dO ∘ O) = rowsum(P ∘ dP): the softmax Jacobian's shift.
                     for ((dl, o), g) in delta
                         .iter_mut()
                         .zip(o_b.chunks_exact(dv))
-                        .zip(do_b.data.chunks_exact(dv))
+                        .zip(do_b.chunks_exact(dv))
                     {
                         *dl = o.iter().zip(g).map(|(o, g)| o * g).sum();
                     }
+                    let do_b = Matrix::rows(do_b, rows, dv);
                     let probs = &mut probs[..rows * nk]; // [rows, nk]
                     let dscores = &mut dscores[..rows * nk];
                     gemm(probs, false, q_b, k_h.t(), scale);
@@ -298,75 +289,43 @@ fn backward(dims: &Dims, scale: f32, inputs: [&[f32]; 5], lse: &[f32], grads: Gr
         );
 }
 
-/// A strided read-only matrix view (strides in elements).
+/// A strided matrix with its sizes, so that the products below read their sizes off their
+/// operands.
 #[derive(Clone, Copy)]
 struct Matrix<'a> {
-    data: &'a [f32],
+    mat: Mat<'a, f32>,
     rows: usize,
     cols: usize,
-    row_stride: usize,
-    col_stride: usize,
 }
 
 impl<'a> Matrix<'a> {
     /// Row-major `[rows, cols]`.
     fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self {
-            data,
+            mat: Mat::new(data, cols, 1),
             rows,
             cols,
-            row_stride: cols,
-            col_stride: 1,
         }
     }
 
     fn t(self) -> Self {
         Self {
+            mat: self.mat.t(),
             rows: self.cols,
             cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
         }
-    }
-
-    fn in_bounds(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
     }
 }
 
 /// `dst = beta·lhs·rhs`, or `dst += beta·lhs·rhs` when `accumulate`; `dst` row-major
 /// `[lhs.rows, rhs.cols]`. Single-threaded: the callers already run one task per core.
 fn gemm(dst: &mut [f32], accumulate: bool, lhs: Matrix, rhs: Matrix, beta: f32) {
-    let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
-    assert!(rhs.rows == k && dst.len() >= m * n && lhs.in_bounds() && rhs.in_bounds());
-    // SAFETY: the views and `dst` were just checked to hold every element the product touches.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    assert_eq!(
+        lhs.cols, rhs.rows,
+        "fused attention: product of mismatched matrices"
+    );
+    let mnk = (lhs.rows, rhs.cols, lhs.cols);
+    gemm_into(dst, rhs.cols, mnk, lhs.mat, rhs.mat, accumulate, beta);
 }
 
 /// Forward softmax of each `nk`-long row of `scores`, unnormalised: the rows become

@@ -21,17 +21,20 @@
 //! reused across calls, so that a training step does not fault in fresh pages for them.
 
 use std::cell::RefCell;
-use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::cpu::{contiguous, unsupported, Arg};
+use crate::layer::{self, Layer};
+use crate::matmul::{chunks, gemm_into, pieces, zero, Mat, Shared};
+
+/// The name in the errors.
+const OP: &str = "conv2d";
 
 /// The most elements of a column matrix one piece of work builds at a time (16 MB in f32): it
 /// bounds the scratch memory at large image sizes (a VAE at 512 px) and is far above what the
@@ -52,22 +55,16 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     // Checked here too, so that a bad call fails before any work with a clear message.
     let geometry = Geometry::new(x.dims(), weight.dims(), padding, stride)?;
-    let op = Conv2dOp { padding, stride };
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    match bias {
-        None => x.apply_op2_arc(&weight, Arc::new(Box::new(op))),
-        Some(bias) => {
-            if bias.dims() != [geometry.o] {
-                bail!(
-                    "conv2d: bias of shape {:?} for {} output channels",
-                    bias.dims(),
-                    geometry.o
-                )
-            }
-            x.apply_op3_arc(&weight, &bias.contiguous()?, Arc::new(Box::new(op)))
+    if let Some(bias) = bias {
+        if bias.dims() != [geometry.o] {
+            bail!(
+                "conv2d: bias of shape {:?} for {} output channels",
+                bias.dims(),
+                geometry.o
+            )
         }
     }
+    layer::apply(Conv2dOp { padding, stride }, x, weight, bias)
 }
 
 /// The element types the kernels run on, each with its own per-thread scratch buffer.
@@ -97,10 +94,6 @@ macro_rules! element {
 }
 element!(f32);
 element!(f64);
-
-fn zero<T: WithDType>() -> T {
-    T::from_f64(0.0)
-}
 
 /// The sizes of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,19 +184,6 @@ impl Geometry {
     }
 }
 
-/// `0..len` cut into consecutive ranges of `size` (the last may be shorter).
-fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> + Clone {
-    (0..len)
-        .step_by(size)
-        .map(move |start| start..(start + size).min(len))
-}
-
-/// Pieces of work to cut a job into: twice the threads, so that they even out when some threads
-/// are slower (shared CPU) or the piece count is not a multiple of the thread count.
-fn pieces() -> usize {
-    2 * rayon::current_num_threads()
-}
-
 /// Writes the column matrix of input channels `chans` and output rows `rows` of `x: [n, c, h, w]`,
 /// counting the rows of all images in a row (image `b`'s row `r` is `b·oh + r`):
 /// `col[((c - chans.start)·kh + i)·kw + j, (b·oh + r - rows.start)·ow + q]` is
@@ -281,147 +261,6 @@ fn col2im<T: WithDType>(
     }
 }
 
-/// A strided matrix: element `(r, c)` is `data[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    fn new(data: &'a [T], rs: usize, cs: usize) -> Self {
-        Self { data, rs, cs }
-    }
-
-    /// Panics unless every element of a `rows x cols` matrix lies in `data`.
-    fn check(&self, rows: usize, cols: usize) {
-        assert!(
-            rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
-            "conv2d: matrix out of bounds"
-        );
-    }
-}
-
-/// `dst = lhs·rhs`, or `dst += lhs·rhs` when `accumulate`, for `(m, n, k)` = (rows of `dst`,
-/// columns of `dst`, the inner size); `dst` is row-major with row stride `dst_rs`.
-///
-/// # Safety
-/// `dst` must be valid for reads and writes at `r·dst_rs + c` for all `r < m`, `c < n`, and no
-/// other thread may access those elements during the call.
-unsafe fn gemm_raw<T: WithDType>(
-    dst: *mut T,
-    dst_rs: usize,
-    (m, n, k): (usize, usize, usize),
-    lhs: Mat<'_, T>,
-    rhs: Mat<'_, T>,
-    accumulate: bool,
-) {
-    lhs.check(m, k);
-    rhs.check(k, n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let one = T::from_f64(1.0);
-    // SAFETY: the operands were bounds-checked above, `dst` is the caller's promise.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            one,
-            one,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
-/// [`gemm_raw`] into a row-major slice.
-fn gemm_into<T: WithDType>(
-    dst: &mut [T],
-    dst_rs: usize,
-    mnk: (usize, usize, usize),
-    lhs: Mat<'_, T>,
-    rhs: Mat<'_, T>,
-    accumulate: bool,
-) {
-    Mat::new(&*dst, dst_rs, 1).check(mnk.0, mnk.1);
-    // SAFETY: bounds checked just above; the exclusive borrow keeps other threads out.
-    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, mnk, lhs, rhs, accumulate) }
-}
-
-/// An output buffer that parallel pieces of work fill at once, each its own elements (which may
-/// interleave with those of other pieces, so that they cannot be split into sub-slices up front).
-struct Shared<'a, T> {
-    ptr: *mut T,
-    len: usize,
-    _buf: PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: a `Shared` is only a `&mut [T]` whose users promise (in the unsafe methods) to touch
-// disjoint elements.
-unsafe impl<T: Send> Send for Shared<'_, T> {}
-unsafe impl<T: Send> Sync for Shared<'_, T> {}
-
-impl<'a, T: WithDType> Shared<'a, T> {
-    fn new(buf: &'a mut [T]) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-            _buf: PhantomData,
-        }
-    }
-
-    /// The elements `range`.
-    ///
-    /// # Safety
-    /// No other thread may access them while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, range: Range<usize>) -> &mut [T] {
-        assert!(
-            range.start <= range.end && range.end <= self.len,
-            "conv2d: out of bounds"
-        );
-        // SAFETY: in bounds, and exclusive by the caller's promise.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
-    }
-
-    /// [`gemm_raw`] into the row-major matrix at `offset` with row stride `rs`.
-    ///
-    /// # Safety
-    /// No other thread may access that matrix's elements during the call.
-    unsafe fn gemm(
-        &self,
-        offset: usize,
-        rs: usize,
-        mnk: (usize, usize, usize),
-        lhs: Mat<'_, T>,
-        rhs: Mat<'_, T>,
-        accumulate: bool,
-    ) {
-        let (m, n, _) = mnk;
-        assert!(
-            m == 0 || n == 0 || offset + (m - 1) * rs + n <= self.len,
-            "conv2d: out of bounds"
-        );
-        // SAFETY: in bounds, and exclusive by the caller's promise.
-        unsafe { gemm_raw(self.ptr.add(offset), rs, mnk, lhs, rhs, accumulate) }
-    }
-}
-
 /// `x: [n, c, h, w]`, `w: [o, k]`, `bias: [o]` -> `[n, o, oh, ow]`; one piece of work per block
 /// of output rows of an image.
 fn forward<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geometry) -> Vec<T> {
@@ -491,7 +330,7 @@ fn input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry) -> Vec<T> {
             T::with_scratch(rows_of_k * cols.len(), |dcol| {
                 let dy_cols = Mat::new(&dy_side[cols.start..], np, 1);
                 let mnk = (rows_of_k, cols.len(), g.o);
-                gemm_into(dcol, cols.len(), mnk, w_t, dy_cols, false);
+                gemm_into(dcol, cols.len(), mnk, w_t, dy_cols, false, T::from_f64(1.0));
                 // Back onto each image the block of rows covers.
                 for i in rows.start / g.oh..rows.end.div_ceil(g.oh) {
                     let start = (i * g.c + chans.start) * g.hw();
@@ -524,7 +363,8 @@ fn pointwise_input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry, dx: &mut [T
         // The rows of Wᵀ [c, o] for these channels.
         let w_t = Mat::new(&w[first_chan..], 1, g.c);
         let dy_i = Mat::new(&dy[i * g.o * p..], p, 1);
-        gemm_into(dx_part, p, (dx_part.len() / p, p, g.o), w_t, dy_i, false);
+        let mnk = (dx_part.len() / p, p, g.o);
+        gemm_into(dx_part, p, mnk, w_t, dy_i, false, T::from_f64(1.0));
     });
 }
 
@@ -600,18 +440,6 @@ fn sum<T: WithDType>(xs: &[T]) -> T {
     lanes.iter().chain(rest).fold(zero(), |a, &b| a + b)
 }
 
-/// The contiguous elements of a storage.
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("conv2d: {what} must be contiguous")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
-}
-
-fn unsupported<R>(dtype: DType) -> Result<R> {
-    bail!("conv2d: f32 or f64 expected, got {dtype:?}")
-}
-
 /// The convolution; its backward runs [`InputGrad`], [`WeightGrad`] and [`BiasGrad`], computing
 /// only the gradients that some variable depends on.
 #[derive(Clone, Copy, Debug)]
@@ -620,121 +448,56 @@ struct Conv2dOp {
     stride: usize,
 }
 
-type Arg<'a> = (&'a CpuStorage, &'a Layout);
-
 impl Conv2dOp {
+    fn run<T: Element>(g: &Geometry, x: Arg, w: Arg, bias: Option<Arg>) -> Result<CpuStorage> {
+        let x = contiguous::<T>(OP, x, "input")?;
+        let w = contiguous::<T>(OP, w, "weight")?;
+        let bias = bias
+            .map(|(s, l)| contiguous::<T>(OP, (s, l), "bias"))
+            .transpose()?;
+        Ok(T::to_cpu_storage_owned(forward(x, w, bias, g)))
+    }
+}
+
+impl Layer for Conv2dOp {
+    const NAMES: [&'static str; 2] = ["unitune-conv2d", "unitune-conv2d-bias"];
+
     fn cpu(&self, x: Arg, w: Arg, bias: Option<Arg>) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(x.1.dims(), w.1.dims(), self.padding, self.stride)?;
         let storage = match x.0.dtype() {
             DType::F32 => Self::run::<f32>(&g, x, w, bias)?,
             DType::F64 => Self::run::<f64>(&g, x, w, bias)?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
-    fn run<T: Element>(g: &Geometry, x: Arg, w: Arg, bias: Option<Arg>) -> Result<CpuStorage> {
-        let x = contiguous::<T>(x.0, x.1, "input")?;
-        let w = contiguous::<T>(w.0, w.1, "weight")?;
-        let bias = bias
-            .map(|(s, l)| contiguous::<T>(s, l, "bias"))
-            .transpose()?;
-        Ok(T::to_cpu_storage_owned(forward(x, w, bias, g)))
-    }
-
-    /// The gradients of the input and the weight from that of the output (contiguous).
-    fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn input_grad(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let (_, _, h, width) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
         let (padding, stride) = (self.padding, self.stride);
-        let input_grad = InputGrad {
+        let op = InputGrad {
             padding,
             stride,
             h,
             w: width,
         };
-        let weight_grad = WeightGrad {
+        dy.apply_op2_no_bwd(w, &op)
+    }
+
+    fn weight_grad(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let (_, _, kh, kw) = w.dims4()?;
+        let (padding, stride) = (self.padding, self.stride);
+        let op = WeightGrad {
             padding,
             stride,
             kh,
             kw,
         };
-        let dx = x
-            .track_op()
-            .then(|| dy.apply_op2_no_bwd(w, &input_grad))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| dy.apply_op2_no_bwd(x, &weight_grad))
-            .transpose()?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "unitune-conv2d"
+        dy.apply_op2_no_bwd(x, &op)
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ws, wl), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _out: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        self.grads(x, w, &dy.contiguous()?)
-    }
-}
-
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "unitune-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ws, wl), Some((bs, bl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _out: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The incoming gradient may be strided (a broadcast from a sum, for one).
-        let dy = dy.contiguous()?;
-        let (dx, dw) = self.grads(x, w, &dy)?;
-        let db = b
-            .track_op()
-            .then(|| dy.apply_op1_no_bwd(&BiasGrad))
-            .transpose()?;
-        Ok((dx, dw, db))
+    fn bias_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dy.apply_op1_no_bwd(&BiasGrad)
     }
 }
 
@@ -761,8 +524,8 @@ struct InputGrad {
 
 impl InputGrad {
     fn run<T: Element>(g: &Geometry, dy: Arg, w: Arg) -> Result<CpuStorage> {
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
-        let w = contiguous::<T>(w.0, w.1, "weight")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
+        let w = contiguous::<T>(OP, w, "weight")?;
         Ok(T::to_cpu_storage_owned(input_grad(dy, w, g)))
     }
 }
@@ -791,7 +554,7 @@ impl CustomOp2 for InputGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(&g, (dys, dyl), (ws, wl))?,
             DType::F64 => Self::run::<f64>(&g, (dys, dyl), (ws, wl))?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from((n, c, self.h, self.w))))
     }
@@ -807,8 +570,8 @@ struct WeightGrad {
 
 impl WeightGrad {
     fn run<T: Element>(g: &Geometry, dy: Arg, x: Arg) -> Result<CpuStorage> {
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
-        let x = contiguous::<T>(x.0, x.1, "input")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
+        let x = contiguous::<T>(OP, x, "input")?;
         Ok(T::to_cpu_storage_owned(weight_grad(dy, x, g)))
     }
 }
@@ -837,7 +600,7 @@ impl CustomOp2 for WeightGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(&g, (dys, dyl), (xs, xl))?,
             DType::F64 => Self::run::<f64>(&g, (dys, dyl), (xs, xl))?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from((o, c, self.kh, self.kw))))
     }
@@ -849,7 +612,7 @@ struct BiasGrad;
 impl BiasGrad {
     fn run<T: WithDType>(dy: Arg) -> Result<CpuStorage> {
         let (n, o, oh, ow) = dy.1.shape().dims4()?;
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
         Ok(T::to_cpu_storage_owned(bias_grad(dy, n, o, oh * ow)))
     }
 }
@@ -863,7 +626,7 @@ impl CustomOp1 for BiasGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>((dys, dyl))?,
             DType::F64 => Self::run::<f64>((dys, dyl))?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from(dyl.dims()[1])))
     }
@@ -874,6 +637,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
+    use crate::testing::{rel_err, sample, values};
 
     /// A convolution to test: `(n, c, h, w, o, kernel, padding, stride)`.
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
@@ -890,27 +654,6 @@ mod tests {
         (1, 3, 6, 6, 7, 3, 0, 1),  // 3x3 without padding
         (3, 3, 5, 6, 4, 1, 1, 2),  // 1x1 with padding and stride: the general path
     ];
-
-    /// Deterministic values uniform in [-1, 1) (xorshift64*).
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-                bits as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
-
-    fn sample(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let len = dims.iter().product();
-        Tensor::from_vec(values(len, seed), dims, &Device::Cpu)
-            .and_then(|t| t.to_dtype(dtype))
-            .expect("sample tensor")
-    }
 
     /// The inputs of a case: `x`, `weight`, `bias` and a weighting `r` of the output for the loss.
     fn inputs(case: Case, dtype: DType) -> [Tensor; 4] {
@@ -933,25 +676,6 @@ mod tests {
         x.conv2d(w, padding, stride, 1, 1)
             .and_then(|y| y.broadcast_add(&b.reshape((1, o, 1, 1))?))
             .expect("candle conv2d")
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let flat = |t: &Tensor| -> Vec<f64> {
-            t.to_dtype(DType::F64)
-                .and_then(|t| t.flatten_all()?.to_vec1())
-                .expect("to_vec")
-        };
-        let (a, b) = (flat(a), flat(b));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-        assert!(scale > 0.0, "a reference of zeros proves nothing");
-        diff / scale
     }
 
     #[test]

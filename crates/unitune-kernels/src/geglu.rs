@@ -16,7 +16,11 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::contiguous;
 use crate::simd::{erf, exp};
+
+/// The name in the errors.
+const OP: &str = "geglu";
 
 /// `proj[..., :inner] * gelu(proj[..., inner:])` for `proj` of shape `[..., 2 * inner]`, giving
 /// `[..., inner]`: diffusers' `GEGLU.forward` after its Linear, with the exact GELU (torch's
@@ -59,17 +63,6 @@ struct GegluGrad {
     inner: usize,
 }
 
-/// The f32 data of a contiguous CPU tensor's layout.
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("geglu: {name} is not contiguous")
-    };
-    match storage {
-        CpuStorage::F32(data) => Ok(&data[start..end]),
-        _ => bail!("geglu: {name} is not f32"),
-    }
-}
-
 /// Rows of the projection handled by one rayon task.
 fn rows_per_task(inner: usize) -> usize {
     (TASK_ELEMS / inner).max(1)
@@ -81,7 +74,7 @@ impl CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let proj = cpu_f32(storage, layout, "input")?;
+        let proj = contiguous(OP, (storage, layout), "input")?;
         let inner = self.inner;
         let rows = rows_per_task(inner);
         let mut out = vec![0f32; proj.len() / 2];
@@ -114,8 +107,8 @@ impl CustomOp2 for GegluGrad {
         proj_s: &CpuStorage,
         proj_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let grad = cpu_f32(grad_s, grad_l, "output gradient")?;
-        let proj = cpu_f32(proj_s, proj_l, "input")?;
+        let grad = contiguous(OP, (grad_s, grad_l), "output gradient")?;
+        let proj = contiguous(OP, (proj_s, proj_l), "input")?;
         if 2 * grad.len() != proj.len() {
             bail!(
                 "geglu backward: output gradient {:?} for the input {:?}",

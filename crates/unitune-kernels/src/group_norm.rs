@@ -12,10 +12,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::{contiguous, cpu_f32};
 use crate::simd::exp;
+
+/// The name in the errors.
+const OP: &str = "group_norm";
 
 /// `torch.nn.GroupNorm(groups, c, eps)` applied to `x` ([b, c, ...]) with per-channel `gamma` and
 /// `beta` ([c]), followed by SiLU when `silu`; differentiable with respect to all three.
@@ -107,21 +111,6 @@ impl Dims {
     }
 }
 
-/// The f32 data of a contiguous CPU tensor.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        bail!("group_norm: expected a CPU tensor")
-    };
-    cpu_slice(cpu, layout)
-}
-
-fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
-        None => bail!("group_norm: expected a contiguous tensor"),
-    }
-}
-
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         if self.silu {
@@ -140,7 +129,11 @@ impl CustomOp3 for GroupNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, beta) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?);
+        let (x, gamma, beta) = (
+            contiguous(OP, (s1, l1), "x")?,
+            contiguous(OP, (s2, l2), "gamma")?,
+            contiguous(OP, (s3, l3), "beta")?,
+        );
         let d = Dims::new(l1.shape(), self.groups);
         let mut out = vec![0f32; x.len()];
         let mut stats = vec![(0f32, 0f32); x.len() / d.group_len()];
@@ -178,9 +171,12 @@ impl CustomOp3 for GroupNormOp {
         let (gs, gl) = gamma.storage_and_layout();
         let (bs, bl) = beta.storage_and_layout();
         let (dys, dyl) = grad.storage_and_layout();
-        let xv = cpu_f32(&xs, xl)?;
-        let (gamma_v, beta_v) = (cpu_f32(&gs, gl)?, cpu_f32(&bs, bl)?);
-        let dout = cpu_f32(&dys, dyl)?;
+        let xv = cpu_f32(OP, &xs, xl, "x")?;
+        let (gamma_v, beta_v) = (
+            cpu_f32(OP, &gs, gl, "gamma")?,
+            cpu_f32(OP, &bs, bl, "beta")?,
+        );
+        let dout = cpu_f32(OP, &dys, dyl, "output gradient")?;
         // The forward always leaves the statistics; recomputing them is only a fallback.
         let stats = self.stats.lock().ok().and_then(|s| s.clone());
         let stats = match stats {

@@ -6,7 +6,12 @@
 
 pub mod attention;
 pub mod conv;
+mod cpu;
 pub mod geglu;
 pub mod group_norm;
+mod layer;
 pub mod linear;
+mod matmul;
 mod simd;
+#[cfg(test)]
+mod testing;

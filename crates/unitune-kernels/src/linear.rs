@@ -14,16 +14,18 @@
 //! many (training: thousands of tokens), the columns when there are few (the timestep embedding's
 //! batch of one or two).
 
-use std::ops::Range;
-use std::sync::Arc;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::cpu::{contiguous, unsupported, Arg};
+use crate::layer::{self, Layer};
+use crate::matmul::{chunks, pieces, zero, Mat, Shared};
+
+/// The name in the errors.
+const OP: &str = "linear";
 
 /// `x·weightᵀ + bias` for `x: [.., c]` (any rank from 2), `weight: [o, c]` (PyTorch's layout) and
 /// `bias: [o]`, giving `[.., o]` as `candle_nn::Linear`. Differentiable with respect to all three
@@ -33,21 +35,16 @@ use rayon::prelude::*;
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     // Checked here too, so that a bad call fails before any work with a clear message.
     let sizes = Sizes::new(x.dims(), weight.dims())?;
-    let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
-    match bias {
-        None => x.apply_op2_arc(&weight, Arc::new(Box::new(LinearOp))),
-        Some(bias) => {
-            if bias.dims() != [sizes.o] {
-                bail!(
-                    "linear: bias of shape {:?} for {} outputs",
-                    bias.dims(),
-                    sizes.o
-                )
-            }
-            x.apply_op3_arc(&weight, &bias.contiguous()?, Arc::new(Box::new(LinearOp)))
+    if let Some(bias) = bias {
+        if bias.dims() != [sizes.o] {
+            bail!(
+                "linear: bias of shape {:?} for {} outputs",
+                bias.dims(),
+                sizes.o
+            )
         }
     }
+    layer::apply(LinearOp, x, weight, bias)
 }
 
 /// The sizes of one linear layer: `rows` of `c` inputs, `o` outputs.
@@ -87,70 +84,12 @@ impl Sizes {
     }
 }
 
-fn zero<T: WithDType>() -> T {
-    T::from_f64(0.0)
-}
-
-/// `0..len` cut into consecutive ranges of `size` (the last may be shorter).
-fn chunks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> + Clone {
-    (0..len)
-        .step_by(size)
-        .map(move |start| start..(start + size).min(len))
-}
-
-/// Pieces of work to cut a job into: twice the threads, so that they even out when some threads
-/// are slower (shared CPU) or the piece count is not a multiple of the thread count.
-fn pieces() -> usize {
-    2 * rayon::current_num_threads()
-}
-
 /// Below this many multiply-adds a gemm runs whole on the calling thread: handing it out would
 /// cost more than it saves.
 const SMALL_GEMM: usize = 1 << 16;
 
 /// Tiles narrower than this (in rows or columns) waste most of gemm's register blocks.
 const MIN_TILE: usize = 16;
-
-/// A strided matrix: element `(r, c)` is `data[r·rs + c·cs]`.
-#[derive(Clone, Copy)]
-struct Mat<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, T> Mat<'a, T> {
-    fn new(data: &'a [T], rs: usize, cs: usize) -> Self {
-        Self { data, rs, cs }
-    }
-
-    /// Panics unless every element of a `rows x cols` matrix lies in `data`.
-    fn check(&self, rows: usize, cols: usize) {
-        assert!(
-            rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
-            "linear: matrix out of bounds"
-        );
-    }
-
-    /// The matrix from row `r` and column `c` on.
-    fn from(&self, r: usize, c: usize) -> Self {
-        Self::new(&self.data[r * self.rs + c * self.cs..], self.rs, self.cs)
-    }
-}
-
-/// The output of a gemm, shared by the threads that fill its tiles.
-struct Output<T>(*mut T);
-
-// SAFETY: the threads write disjoint tiles (see `matmul`).
-unsafe impl<T: Send> Send for Output<T> {}
-unsafe impl<T: Send> Sync for Output<T> {}
-
-impl<T> Output<T> {
-    /// A method rather than a field access, so that closures capture the whole `Sync` wrapper.
-    fn ptr(&self) -> *mut T {
-        self.0
-    }
-}
 
 /// How many blocks of rows and of columns to cut an `m x n` output into for `pieces` tiles: the
 /// split whose tiles repack the least of the operands (each tile packs its rows of `lhs` and its
@@ -184,48 +123,25 @@ fn matmul<T: WithDType>(
     let tiles: Vec<_> = chunks(m, rows_per)
         .flat_map(|rows| chunks(n, cols_per).map(move |cols| (rows.clone(), cols)))
         .collect();
-    let shared = Output(out.as_mut_ptr());
-    let one = T::from_f64(1.0);
+    let shared = Shared::new(&mut out);
     tiles.into_par_iter().for_each(|(rows, cols)| {
-        // SAFETY: tile (rows, cols) of the `m x n` buffer `out` (in bounds as the ranges are),
-        // which no other tile touches; `out` outlives the parallel loop.
-        let tile = unsafe { shared.ptr().add(rows.start * n + cols.start) };
+        // Tile (rows, cols) of the `m x n` output, which no other tile touches.
+        let offset = rows.start * n + cols.start;
         if let Some(bias) = bias {
             for r in 0..rows.len() {
-                // SAFETY: as above, one row of the tile.
-                let row = unsafe { std::slice::from_raw_parts_mut(tile.add(r * n), cols.len()) };
-                row.copy_from_slice(&bias[cols.clone()]);
+                let start = offset + r * n;
+                // SAFETY: one row of this tile.
+                unsafe { shared.slice(start..start + cols.len()) }
+                    .copy_from_slice(&bias[cols.clone()]);
             }
         }
         if k == 0 {
             return;
         }
         let (lhs, rhs) = (lhs.from(rows.start, 0), rhs.from(0, cols.start));
-        // SAFETY: the operands lie in their slices (checked above for the whole product), the
-        // destination is this tile's.
-        unsafe {
-            gemm::gemm(
-                rows.len(),
-                cols.len(),
-                k,
-                tile,
-                1,
-                n as isize,
-                bias.is_some(),
-                lhs.data.as_ptr(),
-                lhs.cs as isize,
-                lhs.rs as isize,
-                rhs.data.as_ptr(),
-                rhs.cs as isize,
-                rhs.rs as isize,
-                one,
-                one,
-                false,
-                false,
-                false,
-                Parallelism::None,
-            )
-        }
+        let mnk = (rows.len(), cols.len(), k);
+        // SAFETY: this tile's.
+        unsafe { shared.gemm(offset, n, mnk, lhs, rhs, bias.is_some()) }
     });
     out
 }
@@ -274,118 +190,45 @@ fn bias_grad<T: WithDType>(dy: &[T], o: usize) -> Vec<T> {
         )
 }
 
-/// The contiguous elements of a storage.
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("linear: {what} must be contiguous")
-    };
-    Ok(&T::cpu_storage_as_slice(s)?[start..end])
-}
-
-fn unsupported<R>(dtype: DType) -> Result<R> {
-    bail!("linear: f32 or f64 expected, got {dtype:?}")
-}
-
-type Arg<'a> = (&'a CpuStorage, &'a Layout);
-
 /// The linear layer; its backward runs [`InputGrad`], [`WeightGrad`] and [`BiasGrad`], computing
 /// only the gradients that some variable depends on.
 #[derive(Clone, Copy, Debug)]
 struct LinearOp;
 
 impl LinearOp {
+    fn run<T: WithDType>(s: Sizes, x: Arg, w: Arg, bias: Option<Arg>) -> Result<CpuStorage> {
+        let x = contiguous::<T>(OP, x, "input")?;
+        let w = contiguous::<T>(OP, w, "weight")?;
+        let bias = bias
+            .map(|(st, l)| contiguous::<T>(OP, (st, l), "bias"))
+            .transpose()?;
+        Ok(T::to_cpu_storage_owned(forward(x, w, bias, s)))
+    }
+}
+
+impl Layer for LinearOp {
+    const NAMES: [&'static str; 2] = ["unitune-linear", "unitune-linear-bias"];
+
     fn cpu(&self, x: Arg, w: Arg, bias: Option<Arg>) -> Result<(CpuStorage, Shape)> {
         let s = Sizes::new(x.1.dims(), w.1.dims())?;
         let storage = match x.0.dtype() {
             DType::F32 => Self::run::<f32>(s, x, w, bias)?,
             DType::F64 => Self::run::<f64>(s, x, w, bias)?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, s.output(x.1.dims())))
     }
 
-    fn run<T: WithDType>(s: Sizes, x: Arg, w: Arg, bias: Option<Arg>) -> Result<CpuStorage> {
-        let x = contiguous::<T>(x.0, x.1, "input")?;
-        let w = contiguous::<T>(w.0, w.1, "weight")?;
-        let bias = bias
-            .map(|(st, l)| contiguous::<T>(st, l, "bias"))
-            .transpose()?;
-        Ok(T::to_cpu_storage_owned(forward(x, w, bias, s)))
+    fn input_grad(&self, _x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        dy.apply_op2_no_bwd(w, &InputGrad)
     }
 
-    /// The gradients of the input and the weight from that of the output (contiguous).
-    fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = x
-            .track_op()
-            .then(|| dy.apply_op2_no_bwd(w, &InputGrad))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| dy.apply_op2_no_bwd(x, &WeightGrad))
-            .transpose()?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "unitune-linear"
+    fn weight_grad(&self, x: &Tensor, _w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        dy.apply_op2_no_bwd(x, &WeightGrad)
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ws, wl), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _out: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The incoming gradient may be strided (a broadcast from a sum, for one).
-        Self::grads(x, w, &dy.contiguous()?)
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "unitune-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu((xs, xl), (ws, wl), Some((bs, bl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _out: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (dx, dw) = Self::grads(x, w, &dy)?;
-        let db = b
-            .track_op()
-            .then(|| dy.apply_op1_no_bwd(&BiasGrad))
-            .transpose()?;
-        Ok((dx, dw, db))
+    fn bias_grad(&self, dy: &Tensor) -> Result<Tensor> {
+        dy.apply_op1_no_bwd(&BiasGrad)
     }
 }
 
@@ -407,8 +250,8 @@ struct InputGrad;
 
 impl InputGrad {
     fn run<T: WithDType>(s: Sizes, dy: Arg, w: Arg) -> Result<CpuStorage> {
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
-        let w = contiguous::<T>(w.0, w.1, "weight")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
+        let w = contiguous::<T>(OP, w, "weight")?;
         Ok(T::to_cpu_storage_owned(input_grad(dy, w, s)))
     }
 }
@@ -436,7 +279,7 @@ impl CustomOp2 for InputGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(s, (dys, dyl), (ws, wl))?,
             DType::F64 => Self::run::<f64>(s, (dys, dyl), (ws, wl))?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from(x_dims)))
     }
@@ -447,8 +290,8 @@ struct WeightGrad;
 
 impl WeightGrad {
     fn run<T: WithDType>(s: Sizes, dy: Arg, x: Arg) -> Result<CpuStorage> {
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
-        let x = contiguous::<T>(x.0, x.1, "input")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
+        let x = contiguous::<T>(OP, x, "input")?;
         Ok(T::to_cpu_storage_owned(weight_grad(dy, x, s)))
     }
 }
@@ -473,7 +316,7 @@ impl CustomOp2 for WeightGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(s, (dys, dyl), (xs, xl))?,
             DType::F64 => Self::run::<f64>(s, (dys, dyl), (xs, xl))?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from((s.o, s.c))))
     }
@@ -484,7 +327,7 @@ struct BiasGrad;
 
 impl BiasGrad {
     fn run<T: WithDType>(dy: Arg, o: usize) -> Result<CpuStorage> {
-        let dy = contiguous::<T>(dy.0, dy.1, "output gradient")?;
+        let dy = contiguous::<T>(OP, dy, "output gradient")?;
         Ok(T::to_cpu_storage_owned(bias_grad(dy, o)))
     }
 }
@@ -502,7 +345,7 @@ impl CustomOp1 for BiasGrad {
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>((dys, dyl), o)?,
             DType::F64 => Self::run::<f64>((dys, dyl), o)?,
-            dtype => unsupported(dtype)?,
+            dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from(o)))
     }
@@ -513,6 +356,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
+    use crate::testing::{rel_err, sample, values};
 
     /// A layer to test: the input's dims (features last) and the output features.
     type Case = (&'static [usize], usize);
@@ -524,27 +368,6 @@ mod tests {
         (&[3, 40, 24], 48), // large enough to run in parallel tiles
         (&[2, 33], 70),     // few rows, more outputs than inputs (timestep embedding)
     ];
-
-    /// Deterministic values uniform in [-1, 1) (xorshift64*).
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state >> 12;
-                state ^= state << 25;
-                state ^= state >> 27;
-                let bits = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
-                bits as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
-
-    fn sample(dims: &[usize], seed: u64, dtype: DType) -> Tensor {
-        let len = dims.iter().product();
-        Tensor::from_vec(values(len, seed), dims, &Device::Cpu)
-            .and_then(|t| t.to_dtype(dtype))
-            .expect("sample tensor")
-    }
 
     /// The inputs of a case: `x`, `weight`, `bias` and a weighting `r` of the output for the loss.
     fn inputs((x_dims, o): Case, dtype: DType) -> [Tensor; 4] {
@@ -566,25 +389,6 @@ mod tests {
             Some(b) => y.broadcast_add(b).expect("add"),
             None => y,
         }
-    }
-
-    /// `max |a - b| / max |b|`.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        let flat = |t: &Tensor| -> Vec<f64> {
-            t.to_dtype(DType::F64)
-                .and_then(|t| t.flatten_all()?.to_vec1())
-                .expect("to_vec")
-        };
-        let (a, b) = (flat(a), flat(b));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        let scale = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
-        assert!(scale > 0.0, "a reference of zeros proves nothing");
-        diff / scale
     }
 
     #[test]
