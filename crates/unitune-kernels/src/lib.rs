@@ -4,6 +4,7 @@
 //! CPU tensors; the callers in `unitune::models` fall back to candle's composite ops elsewhere
 //! (CUDA, other dtypes). Kept in a crate of its own so that it is optimised even in test builds.
 
+pub mod adafactor;
 pub mod attention;
 pub mod conv;
 mod cpu;

@@ -11,7 +11,10 @@ fn main() -> unitune::Result<()> {
         eprintln!("usage: world_scene SEED INDEX OUT.png");
         std::process::exit(2);
     };
-    let parse = |s: &str, what: &str| s.parse::<u64>().map_err(|e| unitune::Error::argument(what, e.to_string()));
+    let parse = |s: &str, what: &str| {
+        s.parse::<u64>()
+            .map_err(|e| unitune::Error::argument(what, e.to_string()))
+    };
     let world = World::new(SceneConfig::default(), parse(seed, "SEED")?)?;
     let sample = world.edit_sample(parse(index, "INDEX")?);
     unitune::image_io::save_png(&sample.before, std::path::Path::new(out))?;

@@ -13,15 +13,22 @@ use crate::{Error, Result};
 
 /// Reads a PNG, JPEG or WebP file as upright RGB.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let err = |message: String| Error::Image { path: path.to_path_buf(), message };
+    let err = |message: String| Error::Image {
+        path: path.to_path_buf(),
+        message,
+    };
     let reader = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    let mut decoder = reader.into_decoder().map_err(|e| err(format!("cannot decode: {e}")))?;
-    let orientation = decoder.orientation().map_err(|e| err(format!("bad EXIF orientation: {e}")))?;
-    let mut image =
-        image::DynamicImage::from_decoder(decoder).map_err(|e| err(format!("cannot decode: {e}")))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| err(format!("cannot decode: {e}")))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| err(format!("bad EXIF orientation: {e}")))?;
+    let mut image = image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| err(format!("cannot decode: {e}")))?;
     image.apply_orientation(orientation);
     Ok(image.to_rgb8())
 }
@@ -42,9 +49,13 @@ pub fn resize_and_center_crop(image: RgbImage, width: u32, height: u32) -> RgbIm
         return image;
     }
     let scale = f64::max(width as f64 / w as f64, height as f64 / h as f64);
-    let (sw, sh) = (((w as f64 * scale).round() as u32).max(width), ((h as f64 * scale).round() as u32).max(height));
+    let (sw, sh) = (
+        ((w as f64 * scale).round() as u32).max(width),
+        ((h as f64 * scale).round() as u32).max(height),
+    );
     let scaled = resize(image, sw, sh);
-    image::imageops::crop_imm(&scaled, (sw - width) / 2, (sh - height) / 2, width, height).to_image()
+    image::imageops::crop_imm(&scaled, (sw - width) / 2, (sh - height) / 2, width, height)
+        .to_image()
 }
 
 /// `[1, 3, h, w]` f32 in `[-1, 1]`, as diffusers' `VaeImageProcessor.preprocess`.
@@ -77,9 +88,16 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().ok_or_else(|| Error::argument("output", format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    let name = path.file_name().ok_or_else(|| {
+        Error::argument("output", format!("{} is not a file path", path.display()))
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -91,7 +109,10 @@ pub fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
     write_atomic(path, |tmp| {
         image
             .save_with_format(tmp, image::ImageFormat::Png)
-            .map_err(|e| Error::Image { path: path.to_path_buf(), message: format!("cannot write PNG: {e}") })
+            .map_err(|e| Error::Image {
+                path: path.to_path_buf(),
+                message: format!("cannot write PNG: {e}"),
+            })
     })
 }
 
@@ -107,7 +128,9 @@ mod tests {
 
     #[test]
     fn tensor_round_trip_is_exact() {
-        let image = RgbImage::from_fn(5, 3, |x, y| image::Rgb([(x * 50) as u8, (y * 100) as u8, 255]));
+        let image = RgbImage::from_fn(5, 3, |x, y| {
+            image::Rgb([(x * 50) as u8, (y * 100) as u8, 255])
+        });
         let t = image_to_tensor(&image, &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[1, 3, 3, 5]);
         let min = t.min_all().unwrap().to_scalar::<f32>().unwrap();
@@ -119,7 +142,13 @@ mod tests {
     #[test]
     fn cover_and_centre_crop() {
         // A 40x20 image, left half red, right half blue, to 10x10: scaled to 20x10, centre kept.
-        let image = RgbImage::from_fn(40, 20, |x, _| if x < 20 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let image = RgbImage::from_fn(40, 20, |x, _| {
+            if x < 20 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
         let out = resize_and_center_crop(image, 10, 10);
         assert_eq!(out.dimensions(), (10, 10));
         assert!(out.get_pixel(1, 5)[0] > 200 && out.get_pixel(8, 5)[2] > 200);
@@ -131,13 +160,23 @@ mod tests {
         let dir = tempdir("exif");
         let path = dir.join("rotated.jpg");
         let mut jpeg = Vec::new();
-        let image = RgbImage::from_fn(16, 8, |x, _| if x < 8 { image::Rgb([255, 0, 0]) } else { image::Rgb([0, 0, 255]) });
+        let image = RgbImage::from_fn(16, 8, |x, _| {
+            if x < 8 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
         image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
             .encode_image(&image)
             .unwrap();
         // APP1 Exif segment, big-endian TIFF with one IFD entry: Orientation (0x0112) = 6.
         let tiff: Vec<u8> = [
-            b"MM\0\x2a".as_slice(), &[0, 0, 0, 8], &[0, 1], &[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0], &[0, 0, 0, 0],
+            b"MM\0\x2a".as_slice(),
+            &[0, 0, 0, 8],
+            &[0, 1],
+            &[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0],
+            &[0, 0, 0, 0],
         ]
         .concat();
         let payload = [b"Exif\0\0".as_slice(), &tiff].concat();
@@ -172,7 +211,11 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "temporary file left behind");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "temporary file left behind"
+        );
         save_png(&RgbImage::new(2, 2), &path).unwrap();
         assert_eq!(load_image(&path).unwrap().dimensions(), (2, 2));
     }

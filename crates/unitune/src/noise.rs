@@ -37,8 +37,9 @@ impl Noise {
         let shape = shape.into();
         match self {
             Noise::Seeded(rng) => {
-                let data: Vec<f32> =
-                    (0..shape.elem_count()).map(|_| StandardNormal.sample(rng)).collect();
+                let data: Vec<f32> = (0..shape.elem_count())
+                    .map(|_| StandardNormal.sample(rng))
+                    .collect();
                 Ok(Tensor::from_vec(data, shape, device)?)
             }
             Noise::Replay(queue) => {
@@ -68,11 +69,24 @@ mod tests {
         let b = Noise::seeded(7).randn((4, 1000), &Device::Cpu).unwrap();
         let c = Noise::seeded(8).randn((4, 1000), &Device::Cpu).unwrap();
         let diff = |x: &Tensor, y: &Tensor| {
-            (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
         };
         assert_eq!(diff(&a, &b), 0.0);
         assert!(diff(&a, &c) > 0.1);
-        let var = a.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let var = a
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((var - 1.0).abs() < 0.05, "variance {var}");
     }
 
@@ -81,6 +95,9 @@ mod tests {
         let t = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut n = Noise::replay([t]);
         assert!(n.randn((3, 2), &Device::Cpu).is_err());
-        assert!(n.randn((2, 3), &Device::Cpu).is_err(), "queue is empty after one pop");
+        assert!(
+            n.randn((2, 3), &Device::Cpu).is_err(),
+            "queue is empty after one pop"
+        );
     }
 }

@@ -91,7 +91,10 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
             if path.is_file() {
                 Ok(path)
             } else {
-                Err(Error::weights(index, format!("shard `{name}` listed in weight_map is missing")))
+                Err(Error::weights(
+                    index,
+                    format!("shard `{name}` listed in weight_map is missing"),
+                ))
             }
         })
         .collect()
@@ -103,11 +106,17 @@ pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<St
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-            Error::weights(path, format!("not a readable safetensors file (corrupt or truncated?): {e}"))
+            Error::weights(
+                path,
+                format!("not a readable safetensors file (corrupt or truncated?): {e}"),
+            )
         })?;
         for (name, tensor) in tensors {
             if all.insert(name.clone(), tensor).is_some() {
-                return Err(Error::weights(path, format!("tensor `{name}` appears in two shards")));
+                return Err(Error::weights(
+                    path,
+                    format!("tensor `{name}` appears in two shards"),
+                ));
             }
         }
     }
@@ -137,8 +146,15 @@ impl WeightStore {
     /// Opens the weights in component folder `dir` (see [`find_weight_files`]).
     pub fn open(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
         let files = find_weight_files(dir, variant)?;
-        let origin = if files.len() == 1 { files[0].clone() } else { dir.to_path_buf() };
-        Ok(Self::from_tensors(origin, read_safetensors(&files, device)?))
+        let origin = if files.len() == 1 {
+            files[0].clone()
+        } else {
+            dir.to_path_buf()
+        };
+        Ok(Self::from_tensors(
+            origin,
+            read_safetensors(&files, device)?,
+        ))
     }
 
     pub fn from_tensors(origin: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
@@ -187,7 +203,10 @@ impl WeightStore {
             // Our backend's messages already start with the path: keep it once.
             let origin = format!("{}: ", self.inner.origin.display());
             let message = err.to_string();
-            let message = message.strip_prefix(&origin).map(str::to_string).unwrap_or(message);
+            let message = message
+                .strip_prefix(&origin)
+                .map(str::to_string)
+                .unwrap_or(message);
             Error::weights(&self.inner.origin, message)
         })?;
         self.ensure_all_used()?;
@@ -198,8 +217,12 @@ impl WeightStore {
     /// disagree (wrong `config.json`, or weights of another architecture).
     pub fn ensure_all_used(&self) -> Result<()> {
         let used = self.inner.used.lock().expect("weight store lock");
-        let mut extra: Vec<&String> =
-            self.inner.tensors.keys().filter(|k| !used.contains(*k)).collect();
+        let mut extra: Vec<&String> = self
+            .inner
+            .tensors
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .collect();
         if extra.is_empty() {
             return Ok(());
         }
@@ -242,11 +265,20 @@ impl candle_nn::var_builder::SimpleBackend for WeightStore {
         Ok(tensor)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some(stored) = self.inner.tensors.get(name) else {
             candle_core::bail!("{}: missing tensor `{name}`", self.inner.origin.display());
         };
-        self.inner.used.lock().expect("weight store lock").insert(name.to_string());
+        self.inner
+            .used
+            .lock()
+            .expect("weight store lock")
+            .insert(name.to_string());
         let tensor = stored.to_dtype(dtype)?.to_device(device)?;
         match &self.inner.trainable {
             Some(filter) if filter(name) => {
@@ -273,16 +305,23 @@ mod tests {
     use super::*;
 
     fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(rel)
     }
 
     #[test]
     fn finds_single_sharded_and_fp16_files() {
         let single = find_weight_files(&fixture("tiny-sd1/unet"), None).unwrap();
-        assert_eq!(single, vec![fixture("tiny-sd1/unet/diffusion_pytorch_model.safetensors")]);
+        assert_eq!(
+            single,
+            vec![fixture("tiny-sd1/unet/diffusion_pytorch_model.safetensors")]
+        );
         let sharded = find_weight_files(&fixture("tiny-sd2/unet"), None).unwrap();
         assert_eq!(sharded.len(), 4);
-        assert!(sharded.iter().all(|p| p.to_string_lossy().contains("-of-00004")));
+        assert!(sharded
+            .iter()
+            .all(|p| p.to_string_lossy().contains("-of-00004")));
         let fp16 = find_weight_files(&fixture("tiny-sd2/vae"), None).unwrap();
         assert!(fp16[0].ends_with("diffusion_pytorch_model.fp16.safetensors"));
         // Asking for a variant that is not there is an error, not a fallback.
@@ -293,8 +332,10 @@ mod tests {
     #[test]
     fn sharded_weights_load_every_tensor_once() {
         let store = WeightStore::open(&fixture("tiny-sd2/unet"), None, &Device::Cpu).unwrap();
-        let index: ShardIndex =
-            read_json(&fixture("tiny-sd2/unet/diffusion_pytorch_model.safetensors.index.json")).unwrap();
+        let index: ShardIndex = read_json(&fixture(
+            "tiny-sd2/unet/diffusion_pytorch_model.safetensors.index.json",
+        ))
+        .unwrap();
         let mut loaded: Vec<&String> = store.tensors().keys().collect();
         let mut listed: Vec<&String> = index.weight_map.keys().collect();
         loaded.sort();
@@ -307,17 +348,27 @@ mod tests {
         let dir = tempdir("pickle");
         std::fs::write(dir.join("diffusion_pytorch_model.bin"), b"not really").unwrap();
         let err = find_weight_files(&dir, None).unwrap_err().to_string();
-        assert!(err.contains("diffusion_pytorch_model.bin") && err.contains("safetensors"), "{err}");
+        assert!(
+            err.contains("diffusion_pytorch_model.bin") && err.contains("safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
     fn truncated_file_is_an_error_naming_it() {
         let dir = tempdir("truncated");
-        let src = std::fs::read(fixture("tiny-sd1/unet/diffusion_pytorch_model.safetensors")).unwrap();
+        let src =
+            std::fs::read(fixture("tiny-sd1/unet/diffusion_pytorch_model.safetensors")).unwrap();
         let path = dir.join("diffusion_pytorch_model.safetensors");
         std::fs::write(&path, &src[..src.len() / 2]).unwrap();
-        let err = WeightStore::open(&dir, None, &Device::Cpu).err().unwrap().to_string();
-        assert!(err.contains(&path.display().to_string()) && err.contains("corrupt"), "{err}");
+        let err = WeightStore::open(&dir, None, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains("corrupt"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -325,11 +376,17 @@ mod tests {
         let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
         let store = WeightStore::from_tensors(
             "w.safetensors",
-            HashMap::from([("a.weight".to_string(), t(&[2, 3])), ("b".to_string(), t(&[1]))]),
+            HashMap::from([
+                ("a.weight".to_string(), t(&[2, 3])),
+                ("b".to_string(), t(&[1])),
+            ]),
         );
         let vb = store.var_builder(DType::F32, &Device::Cpu);
         let err = vb.pp("a").get((3, 2), "weight").unwrap_err().to_string();
-        assert!(err.contains("w.safetensors") && err.contains("`a.weight`") && err.contains("[3, 2]"), "{err}");
+        assert!(
+            err.contains("w.safetensors") && err.contains("`a.weight`") && err.contains("[3, 2]"),
+            "{err}"
+        );
         let err = vb.get(1, "c").unwrap_err().to_string();
         assert!(err.contains("missing tensor `c`"), "{err}");
         let err = store.ensure_all_used().unwrap_err().to_string();
@@ -341,7 +398,10 @@ mod tests {
         let t = Tensor::ones((2, 2), DType::F16, &Device::Cpu).unwrap();
         let store = WeightStore::from_tensors(
             "w",
-            HashMap::from([("attn.to_q.weight".to_string(), t.clone()), ("conv.weight".to_string(), t)]),
+            HashMap::from([
+                ("attn.to_q.weight".to_string(), t.clone()),
+                ("conv.weight".to_string(), t),
+            ]),
         )
         .with_trainable(Arc::new(|name: &str| name.starts_with("attn.")));
         let vb = store.var_builder(DType::F32, &Device::Cpu);
@@ -357,7 +417,8 @@ mod tests {
     }
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("unitune-weights-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("unitune-weights-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

@@ -246,10 +246,15 @@ impl ClipTextModel {
         }
         let token_embedding = candle_nn::embedding(cfg.vocab_size, c, emb.pp("token_embedding"))?;
         // From scratch: N(0, 0.02), CLIP's own initialisation.
-        let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get_with_hints((cfg.max_position_embeddings, c), "weight", init)?;
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (cfg.max_position_embeddings, c),
+            "weight",
+            init,
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -272,7 +277,8 @@ impl ClipTextModel {
         device: &Device,
     ) -> Result<(Self, ClipTextConfig)> {
         let cfg = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let model = WeightStore::open(dir, variant, device)?.build(dtype, device, |vb| Self::new(vb, &cfg))?;
+        let model = WeightStore::open(dir, variant, device)?
+            .build(dtype, device, |vb| Self::new(vb, &cfg))?;
         Ok((model, cfg))
     }
 

@@ -566,7 +566,10 @@ mod tests {
         write_json(&path, &json).unwrap();
         assert_eq!(ClipTextConfig::from_file(&path).unwrap(), clip);
         // transformers loads in this dtype; diffusers loads the UNet in f32 (see the function).
-        assert_eq!((&json["dtype"], &json["eos_token_id"]), (&json!("float32"), &json!(2)));
+        assert_eq!(
+            (&json["dtype"], &json["eos_token_id"]),
+            (&json!("float32"), &json!(2))
+        );
         let path = dir.join("scheduler.json");
         write_json(&path, &ddim_config_json(&sd.scheduler_config)).unwrap();
         let back = SchedulerConfig::from_file(&path).unwrap();

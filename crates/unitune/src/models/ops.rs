@@ -50,8 +50,12 @@ impl Module for LayerNorm {
         let mean = xs.mean_keepdim(D::Minus1)?;
         let centered = xs.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        let normed = centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -115,13 +119,16 @@ pub fn upsample_nearest(xs: &Tensor, out_h: usize, out_w: usize) -> Result<Tenso
         let idx: Vec<u32> = (0..out).map(|i| ((i * len) / out) as u32).collect();
         Tensor::new(idx, xs.device())
     };
-    xs.index_select(&index(out_h, h)?, 2)?.index_select(&index(out_w, w)?, 3)
+    xs.index_select(&index(out_h, h)?, 2)?
+        .index_select(&index(out_w, w)?, 3)
 }
 
 /// `[b, n, heads * d]` -> `[b, heads, n, d]`.
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, hd) = xs.dims3()?;
-    xs.reshape((b, n, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+    xs.reshape((b, n, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `[b, heads, n, d]` -> `[b, n, heads * d]`.
@@ -165,7 +172,11 @@ pub(crate) mod tests {
         let w = Tensor::randn(0f64, 1.0, out_shape, &dev).unwrap();
         let loss = |x: &Tensor| (f(x).unwrap() * &w).unwrap().sum_all().unwrap();
         let grads = loss(x.as_tensor()).backward().unwrap();
-        let g = grads.get(x.as_tensor()).expect("no gradient reached the input").flatten_all().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .expect("no gradient reached the input")
+            .flatten_all()
+            .unwrap();
         let g: Vec<f64> = g.to_vec1().unwrap();
         let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let eps = 1e-6;
@@ -177,7 +188,10 @@ pub(crate) mod tests {
                 loss(&t).to_scalar::<f64>().unwrap()
             };
             let fd = (probe(eps) - probe(-eps)) / (2.0 * eps);
-            assert!((fd - gi).abs() <= 1e-5 * (1.0 + fd.abs()), "element {i}: autograd {gi}, finite differences {fd}");
+            assert!(
+                (fd - gi).abs() <= 1e-5 * (1.0 + fd.abs()),
+                "element {i}: autograd {gi}, finite differences {fd}"
+            );
         }
     }
 
@@ -186,7 +200,14 @@ pub(crate) mod tests {
         let x = Tensor::randn(0f32, 3.0, (2, 5, 7), &Device::Cpu).unwrap();
         let ours = softmax_last_dim(&x).unwrap();
         let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
-        let diff = (ours - fused).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (ours - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{diff}");
         check_grad(softmax_last_dim, &[3, 6]);
     }
@@ -206,11 +227,20 @@ pub(crate) mod tests {
         let varmap = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let gn = group_norm(2, 4, 1e-5, vb.pp("norm1")).unwrap();
-        let x = Tensor::new(&[[[1f32, 3.0], [5.0, 7.0], [2.0, 2.0], [0.0, 4.0]]], &Device::Cpu).unwrap();
+        let x = Tensor::new(
+            &[[[1f32, 3.0], [5.0, 7.0], [2.0, 2.0], [0.0, 4.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let y: Vec<Vec<Vec<f32>>> = gn.forward(&x).unwrap().to_vec3().unwrap();
         // Group 1 is [1, 3, 5, 7] (mean 4, variance 5), group 2 is [2, 2, 0, 4] (mean 2, variance 2).
         let (s1, s2) = ((5f32 + 1e-5).sqrt(), (2f32 + 1e-5).sqrt());
-        let expect = [[-3.0 / s1, -1.0 / s1], [1.0 / s1, 3.0 / s1], [0.0, 0.0], [-2.0 / s2, 2.0 / s2]];
+        let expect = [
+            [-3.0 / s1, -1.0 / s1],
+            [1.0 / s1, 3.0 / s1],
+            [0.0, 0.0],
+            [-2.0 / s2, 2.0 / s2],
+        ];
         for (row, want) in y[0].iter().zip(expect) {
             for (a, b) in row.iter().zip(want) {
                 assert!((a - b).abs() < 1e-5, "{y:?}");
@@ -227,13 +257,28 @@ pub(crate) mod tests {
         let dev = Device::Cpu;
         let weight = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
-        let ln = LayerNorm { weight: weight.clone(), bias: bias.clone(), eps: 1e-5 };
+        let ln = LayerNorm {
+            weight: weight.clone(),
+            bias: bias.clone(),
+            eps: 1e-5,
+        };
         let x = Tensor::randn(0f32, 2.0, (3, 6), &dev).unwrap();
-        let fused = candle_nn::LayerNorm::new(weight, bias, 1e-5).forward(&x).unwrap();
-        let diff = (ln.forward(&x).unwrap() - fused).unwrap().abs().unwrap().max_all().unwrap();
+        let fused = candle_nn::LayerNorm::new(weight, bias, 1e-5)
+            .forward(&x)
+            .unwrap();
+        let diff = (ln.forward(&x).unwrap() - fused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
         let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let ln = LayerNorm { weight: to64(&ln.weight), bias: to64(&ln.bias), eps: 1e-5 };
+        let ln = LayerNorm {
+            weight: to64(&ln.weight),
+            bias: to64(&ln.bias),
+            eps: 1e-5,
+        };
         check_grad(|x| ln.forward(x), &[2, 6]);
     }
 
@@ -243,19 +288,43 @@ pub(crate) mod tests {
             check_grad(|x| act.forward(x), &[10]);
         }
         let x = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
-        let q: Vec<f64> = Activation::QuickGelu.forward(&x).unwrap().to_vec1().unwrap();
+        let q: Vec<f64> = Activation::QuickGelu
+            .forward(&x)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!((q[0] - 1.0 / (1.0 + (-1.702f64).exp())).abs() < 1e-12);
     }
 
     #[test]
     fn upsample_matches_torch_nearest_and_has_gradient() {
-        let x = Tensor::arange(0f64, 6.0, &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap();
-        let up: Vec<Vec<f64>> = upsample_nearest(&x, 4, 6).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let x = Tensor::arange(0f64, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 2, 3))
+            .unwrap();
+        let up: Vec<Vec<f64>> = upsample_nearest(&x, 4, 6)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         assert_eq!(up[1], vec![0., 0., 1., 1., 2., 2.]);
         assert_eq!(up[3], vec![3., 3., 4., 4., 5., 5.]);
         // Odd target size (diffusers' forward_upsample_size): torch gives rows [0, 0, 1] for 2 -> 3.
-        let odd: Vec<Vec<f64>> = upsample_nearest(&x, 3, 3).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        assert_eq!(odd, vec![vec![0., 1., 2.], vec![0., 1., 2.], vec![3., 4., 5.]]);
+        let odd: Vec<Vec<f64>> = upsample_nearest(&x, 3, 3)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(
+            odd,
+            vec![vec![0., 1., 2.], vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
         check_grad(|x| upsample_nearest(x, 4, 6), &[1, 2, 2, 3]);
         check_grad(|x| upsample_nearest(x, 3, 5), &[1, 1, 2, 3]);
     }
@@ -274,18 +343,45 @@ pub(crate) mod tests {
     fn fused_f32_attention_matches_the_composite_in_f64() {
         // f32 without mask takes the fused kernel, f64 the composite ops (checked just above).
         let dev = Device::Cpu;
-        let t = |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let (q, k, v, w) = (t((2, 3, 40, 8)), t((2, 3, 19, 8)), t((2, 3, 19, 8)), t((2, 3, 40, 8)));
+        let t =
+            |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (q, k, v, w) = (
+            t((2, 3, 40, 8)),
+            t((2, 3, 19, 8)),
+            t((2, 3, 19, 8)),
+            t((2, 3, 40, 8)),
+        );
         let run = |dtype: DType| {
             let vars = [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
-            let out = attention(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), None).unwrap();
-            let grads = (&out * w.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+            let out = attention(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                None,
+            )
+            .unwrap();
+            let grads = (&out * w.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let mut all = vec![out];
-            all.extend(vars.iter().map(|x| grads.get(x.as_tensor()).expect("missing gradient").clone()));
-            all.into_iter().map(|x| x.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>()
+            all.extend(
+                vars.iter()
+                    .map(|x| grads.get(x.as_tensor()).expect("missing gradient").clone()),
+            );
+            all.into_iter()
+                .map(|x| x.to_dtype(DType::F64).unwrap())
+                .collect::<Vec<_>>()
         };
         for (fused, reference) in run(DType::F32).iter().zip(run(DType::F64)) {
-            let diff = (fused - &reference).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (fused - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
             assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
         }
     }
@@ -298,7 +394,11 @@ pub(crate) mod tests {
         let v = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
         let mask = Tensor::new(&[0f32, f32::NEG_INFINITY, f32::NEG_INFINITY], &dev).unwrap();
         let out = attention(&q, &q, &v, Some(&mask)).unwrap();
-        let expect = v.narrow(2, 0, 1).unwrap().broadcast_as((1, 2, 3, 4)).unwrap();
+        let expect = v
+            .narrow(2, 0, 1)
+            .unwrap()
+            .broadcast_as((1, 2, 3, 4))
+            .unwrap();
         let diff = (out - expect).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }

@@ -43,13 +43,21 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, variant: None, trainable: None }
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+            trainable: None,
+        }
     }
 }
 
 /// Pipeline classes whose folders hold exactly the SD 1.x/2.x components we load.
-const PIPELINE_CLASSES: [&str; 3] =
-    ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"];
+const PIPELINE_CLASSES: [&str; 3] = [
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+];
 /// The class each component must have, as `model_index.json` names it.
 const COMPONENTS: [(&str, &str); 5] = [
     ("unet", "UNet2DConditionModel"),
@@ -83,7 +91,8 @@ impl StableDiffusion {
         let variant = options.variant.as_deref();
         let (device, dtype) = (&options.device, options.dtype);
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let (text_encoder, _) = ClipTextModel::load(&dir.join("text_encoder"), variant, dtype, device)?;
+        let (text_encoder, _) =
+            ClipTextModel::load(&dir.join("text_encoder"), variant, dtype, device)?;
         let (vae, vae_config) = AutoencoderKl::load(&dir.join("vae"), variant, dtype, device)?;
         let unet_config = UNet2DConditionConfig::from_file(&dir.join("unet/config.json"))?;
         let mut unet_store = WeightStore::open(&dir.join("unet"), variant, device)?;
@@ -91,7 +100,8 @@ impl StableDiffusion {
             unet_store = unet_store.with_trainable(filter.clone());
         }
         let unet = UNet2DConditionModel::from_store(&unet_store, &unet_config, dtype, device)?;
-        let scheduler_config = SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
+        let scheduler_config =
+            SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -141,7 +151,8 @@ impl StableDiffusion {
     pub fn apply_session(&mut self, session: &Session) -> Result<()> {
         let tuned = session.apply(self.unet_store.tensors(), self.unet_store.origin())?;
         let store = WeightStore::from_tensors(self.unet_store.origin(), tuned);
-        self.unet = UNet2DConditionModel::from_store(&store, &self.unet_config, self.dtype, &self.device)?;
+        self.unet =
+            UNet2DConditionModel::from_store(&store, &self.unet_config, self.dtype, &self.device)?;
         Ok(())
     }
 }
@@ -168,16 +179,27 @@ fn check_model_index(dir: &Path) -> Result<()> {
         return Err(Error::config(
             &path,
             "_class_name",
-            format!("`{class}` is not supported; unitune loads Stable Diffusion 1.x/2.x folders ({})", PIPELINE_CLASSES.join(", ")),
+            format!(
+                "`{class}` is not supported; unitune loads Stable Diffusion 1.x/2.x folders ({})",
+                PIPELINE_CLASSES.join(", ")
+            ),
         ));
     }
     for (name, expected) in COMPONENTS {
         // Each entry is ["library", "ClassName"].
-        let found = index.components.get(name).and_then(|v| v.get(1)).and_then(|c| c.as_str());
+        let found = index
+            .components
+            .get(name)
+            .and_then(|v| v.get(1))
+            .and_then(|c| c.as_str());
         match found {
             None => return Err(Error::config(&path, name, "component missing")),
             Some(found) if !expected.is_empty() && found != expected => {
-                return Err(Error::config(&path, name, format!("class `{found}` is not supported (expected `{expected}`)")))
+                return Err(Error::config(
+                    &path,
+                    name,
+                    format!("class `{found}` is not supported (expected `{expected}`)"),
+                ))
             }
             Some(_) => {}
         }
@@ -190,7 +212,9 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn fixture(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(rel)
     }
 
     #[test]
@@ -208,10 +232,23 @@ pub(crate) mod tests {
     fn other_pipelines_are_refused_by_name() {
         let dir = std::env::temp_dir().join(format!("unitune-index-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("model_index.json"), r#"{"_class_name": "StableDiffusionXLPipeline"}"#).unwrap();
-        let err = StableDiffusion::load(&dir, &LoadOptions::default()).err().unwrap().to_string();
-        assert!(err.contains("_class_name") && err.contains("StableDiffusionXLPipeline"), "{err}");
-        let err = StableDiffusion::load(&dir.join("nowhere"), &LoadOptions::default()).err().unwrap().to_string();
+        std::fs::write(
+            dir.join("model_index.json"),
+            r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
+        )
+        .unwrap();
+        let err = StableDiffusion::load(&dir, &LoadOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("_class_name") && err.contains("StableDiffusionXLPipeline"),
+            "{err}"
+        );
+        let err = StableDiffusion::load(&dir.join("nowhere"), &LoadOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("model_index.json"), "{err}");
     }
 }

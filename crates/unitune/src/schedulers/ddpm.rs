@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::{
-    div, draw_noise, integer_timesteps, mul, NoiseSchedule, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind,
+    div, draw_noise, integer_timesteps, mul, NoiseSchedule, PredictionType, Scheduler,
+    SchedulerConfig, SchedulerKind,
 };
 use crate::noise::Noise;
 use crate::{Error, Result};

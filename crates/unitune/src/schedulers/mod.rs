@@ -184,10 +184,19 @@ fn check_steps(num_inference_steps: usize, config: &SchedulerConfig) -> Result<(
 /// The error for `step` before `set_timesteps` on schedulers that need it.
 /// DDIM's and DDPM's timesteps: the spaced schedule, linspace values rounded half to even as
 /// diffusers casts them to int64.
-fn integer_timesteps(kind: SchedulerKind, config: &SchedulerConfig, num_inference_steps: usize) -> Result<Vec<f64>> {
+fn integer_timesteps(
+    kind: SchedulerKind,
+    config: &SchedulerConfig,
+    num_inference_steps: usize,
+) -> Result<Vec<f64>> {
     check_steps(num_inference_steps, config)?;
     let spacing = config.timestep_spacing_for(kind);
-    let timesteps = spaced_timesteps(spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset);
+    let timesteps = spaced_timesteps(
+        spacing,
+        config.num_train_timesteps,
+        num_inference_steps,
+        config.steps_offset,
+    );
     Ok(match spacing {
         TimestepSpacing::Linspace => timesteps.into_iter().map(f64::round_ties_even).collect(),
         _ => timesteps,

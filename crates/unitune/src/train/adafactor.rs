@@ -30,9 +30,17 @@
 //! Arithmetic and state are f32 whatever the parameter dtype: an f16/bf16 parameter is upcast, updated
 //! and rounded back each step, as transformers does (no persistent f32 master copy, so updates smaller
 //! than the half-precision resolution of a weight are lost: train f32 parameters for that).
+//!
+//! f32 parameters on the CPU step through the fused kernel of [`unitune_kernels::adafactor`] (three
+//! reads of each gradient, parameters and momentum written in place, rayon over parameters and
+//! over pieces of large ones); every other parameter (CUDA, f16/bf16) through candle ops. The two
+//! agree to the rounding of their sums (see the tests).
+
+use std::collections::HashSet;
 
 use candle_core::{backprop::GradStore, DType, Error, Result, Tensor, Var};
 use candle_nn::Optimizer;
+use unitune_kernels::adafactor as fused;
 
 /// Which dims of a parameter with two or more dims get a factored second moment; see the module doc.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,12 +170,14 @@ pub struct Adafactor {
 impl Optimizer for Adafactor {
     type Config = AdafactorConfig;
 
-    /// Non-float vars are dropped, as `candle_nn::AdamW` does. State is allocated at a var's first step.
+    /// Non-float vars are dropped, as `candle_nn::AdamW` does, and so are repeats of a var (which
+    /// would otherwise be stepped twice per step). State is allocated at a var's first step.
     fn new(vars: Vec<Var>, config: AdafactorConfig) -> Result<Self> {
         config.validate()?;
+        let mut seen = HashSet::new();
         let vars = vars
             .into_iter()
-            .filter(|var| var.dtype().is_float())
+            .filter(|var| var.dtype().is_float() && seen.insert(var.id()))
             .map(|var| {
                 let second_moment = match config.factoring.factored_dims(var.dims()) {
                     Some((lo, hi)) => SecondMoment::Factored {
@@ -191,12 +201,26 @@ impl Optimizer for Adafactor {
     /// Updates every var that has a gradient in `grads`; the others are left alone and their step
     /// count does not advance.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let cfg = &self.config;
+        let mut kernel_steps = Vec::new();
         for state in self.vars.iter_mut() {
-            if let Some(grad) = grads.get(&state.var) {
-                update(state, grad, &self.config)?;
+            let Some(grad) = grads.get(&state.var) else {
+                continue;
+            };
+            if fused::supports(state.var.as_tensor(), grad) {
+                kernel_steps.push(state.kernel_step(grad, cfg.decay_rate));
+            } else {
+                update_with_candle_ops(state, grad, cfg)?;
             }
         }
-        Ok(())
+        let hyper = fused::Hyper {
+            lr: cfg.lr,
+            eps1: cfg.eps1,
+            clip_threshold: cfg.clip_threshold,
+            beta1: cfg.beta1,
+            weight_decay: cfg.weight_decay,
+        };
+        fused::step(&mut kernel_steps, &hyper)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -214,6 +238,33 @@ impl Adafactor {
     }
 }
 
+impl VarState {
+    /// Counts the step and hands the var and its state to the fused CPU kernel.
+    fn kernel_step<'a>(&'a mut self, grad: &'a Tensor, decay_rate: f64) -> fused::ParamStep<'a> {
+        self.step += 1;
+        let second_moment = match &mut self.second_moment {
+            SecondMoment::Factored { lo, hi, row_col } => fused::SecondMoment::Factored {
+                lo: *lo,
+                hi: *hi,
+                row_col,
+            },
+            SecondMoment::Full(v) => fused::SecondMoment::Full(v),
+        };
+        fused::ParamStep {
+            param: self.var.as_tensor(),
+            grad,
+            beta2t: beta2t(self.step, decay_rate),
+            second_moment,
+            exp_avg: &mut self.exp_avg,
+        }
+    }
+}
+
+/// `beta2_t = 1 - t^decay_rate` at a parameter's step `t`.
+fn beta2t(step: u32, decay_rate: f64) -> f64 {
+    1.0 - f64::from(step).powf(decay_rate)
+}
+
 /// `beta * prev + (1 - beta) * (mean_sq + eps)`, with the `(1 - beta)` scale and `eps` folded into a
 /// single pass; at a parameter's first step `beta` is 0 and there is no `prev`.
 fn running_mean_sq(prev: Option<&Tensor>, mean_sq: &Tensor, beta: f64, eps: f64) -> Result<Tensor> {
@@ -224,9 +275,15 @@ fn running_mean_sq(prev: Option<&Tensor>, mean_sq: &Tensor, beta: f64, eps: f64)
     }
 }
 
-fn update(state: &mut VarState, grad: &Tensor, cfg: &AdafactorConfig) -> Result<()> {
+/// One step of one var from candle ops: the path of every var the fused kernel does not take
+/// (CUDA, f16/bf16 parameters), and the reference the kernel is tested against.
+fn update_with_candle_ops(
+    state: &mut VarState,
+    grad: &Tensor,
+    cfg: &AdafactorConfig,
+) -> Result<()> {
     state.step += 1;
-    let beta2t = 1.0 - f64::from(state.step).powf(cfg.decay_rate);
+    let beta2t = beta2t(state.step, cfg.decay_rate);
     // Detached so that no autograd graph links one step's state to the next.
     let g = grad.detach().to_dtype(DType::F32)?; // same shape as the var
     let g_sq = g.sqr()?;
@@ -529,5 +586,114 @@ mod tests {
             let err = Adafactor::new(vec![], cfg).unwrap_err();
             assert!(err.to_string().contains("Adafactor"), "{err}");
         }
+    }
+
+    /// `max |a - b| / max |b|`.
+    fn rel_to_max(a: &Tensor, b: &Tensor) -> f32 {
+        let scalar = |t: Tensor| t.max_all().unwrap().to_scalar::<f32>().unwrap();
+        scalar((a - b).unwrap().abs().unwrap()) / scalar(b.abs().unwrap())
+    }
+
+    /// The second-moment tensors of a var.
+    fn second_moment(state: &VarState) -> Vec<&Tensor> {
+        match &state.second_moment {
+            SecondMoment::Factored {
+                row_col: Some((r, c)),
+                ..
+            } => vec![r, c],
+            SecondMoment::Full(Some(v)) => vec![v],
+            other => panic!("no state after a step: {other:?}"),
+        }
+    }
+
+    /// The fused CPU kernel (which [`Adafactor::step`] takes for these f32 CPU vars) against the
+    /// candle-op path, step by step, each measured as `max |a - b| / max |b|`. They differ by the
+    /// rounding of their sums, the kernel's in f64 and candle's in sequential f32, whose error
+    /// grows with the number of elements: candle's sum of `u²` over the 1.26 M elements of the
+    /// last shape is off by up to 5e-5, hence the tolerance on the updates (seen through the
+    /// momentum, which is their running mean: the rounding of the weights hides them). The
+    /// kernel's own tests compare it with an f64 reference.
+    #[test]
+    fn fused_kernel_matches_candle_ops() {
+        let dev = Device::Cpu;
+        // A bias, a linear weight, conv kernels (TwoLargest factors 256 x 128 of the first), a
+        // 1x1 conv (which TwoLargest does not factor) and a 5-d one whose factored dims are
+        // strided and whose slabs are larger than the kernel's pieces of work.
+        let shapes: [&[usize]; 5] = [
+            &[64],
+            &[128, 256],
+            &[256, 128, 3, 3],
+            &[4, 320, 1, 1],
+            &[3, 40, 5, 300, 7],
+        ];
+        let values = |shape: &[usize], seed: f64, scale: f64| {
+            let n: usize = shape.iter().product();
+            Tensor::arange(0u32, n as u32, &dev)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(0.618, seed)
+                .unwrap()
+                .sin()
+                .unwrap()
+                .affine(scale, 0.1 * scale)
+                .unwrap()
+                .reshape(shape)
+                .unwrap()
+        };
+        // Worst (weights, second moments, momenta) over every case.
+        let mut worst = [0f32; 3];
+        let mut check = |i: usize, err: f32, tol: f32, what: &str| {
+            worst[i] = worst[i].max(err);
+            assert!(err < tol, "{what} differ by {err:e}");
+        };
+        for factoring in [Factoring::default(), Factoring::LastTwo] {
+            for (beta1, weight_decay) in [(None, 0.0), (Some(0.9), 0.0), (Some(0.9), 0.01)] {
+                let cfg = cfg(factoring, beta1, weight_decay);
+                let init: Vec<Tensor> = shapes.iter().map(|s| values(s, 0.0, 1.0)).collect();
+                let var_sets: Vec<Vec<Var>> = (0..2)
+                    .map(|_| init.iter().map(|t| Var::from_tensor(t).unwrap()).collect())
+                    .collect();
+                let mut fused = Adafactor::new(var_sets[0].clone(), cfg.clone()).unwrap();
+                let mut composite = Adafactor::new(var_sets[1].clone(), cfg.clone()).unwrap();
+                for (step, scale) in [1.0, 0.1, 10.0, 1.0].into_iter().enumerate() {
+                    let grads: Vec<Tensor> = shapes
+                        .iter()
+                        .map(|s| values(s, 1.0 + step as f64, scale))
+                        .collect();
+                    let mut store = GradStore::default();
+                    for (var, g) in var_sets[0].iter().zip(&grads) {
+                        store.insert(var.as_tensor(), g.clone());
+                    }
+                    fused.step(&store).unwrap();
+                    for (state, g) in composite.vars.iter_mut().zip(&grads) {
+                        update_with_candle_ops(state, g, &cfg).unwrap();
+                    }
+                    for (a, b) in fused.vars.iter().zip(&composite.vars) {
+                        let case = format!(
+                            "{factoring:?} beta1 {beta1:?} wd {weight_decay} step {step} {:?}",
+                            a.var.dims()
+                        );
+                        let (pa, pb) = (a.var.as_tensor(), b.var.as_tensor());
+                        let err = rel_to_max(pa, pb);
+                        check(0, err, 1e-6, &format!("{case}: weights"));
+                        for (x, y) in second_moment(a).into_iter().zip(second_moment(b)) {
+                            assert_eq!(x.dims(), y.dims(), "{case}");
+                            let err = rel_to_max(x, y);
+                            check(1, err, 1e-6, &format!("{case}: second moments"));
+                        }
+                        // The updates themselves, which the rounding of the weights above
+                        // hides: the momentum is their running mean.
+                        if let (Some(ma), Some(mb)) = (&a.exp_avg, &b.exp_avg) {
+                            check(2, rel_to_max(ma, mb), 2e-5, &format!("{case}: momenta"));
+                        }
+                    }
+                }
+            }
+        }
+        println!(
+            "fused kernel vs candle ops: weights {:.1e}, second moments {:.1e}, updates {:.1e}",
+            worst[0], worst[1], worst[2]
+        );
     }
 }

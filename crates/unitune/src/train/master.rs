@@ -158,8 +158,11 @@ mod tests {
         let start = [1.0f32, -1.0, 0.5];
         let run = |with_master: bool| -> Vec<f32> {
             let w = var(&start, DType::BF16);
-            let mut master =
-                with_master.then(|| MasterWeights::new(std::slice::from_ref(&w)).unwrap().unwrap());
+            let mut master = with_master.then(|| {
+                MasterWeights::new(std::slice::from_ref(&w))
+                    .unwrap()
+                    .unwrap()
+            });
             let vars = master.as_ref().map_or(vec![w.clone()], |m| m.masters());
             let mut opt = OptimizerKind::AdamW.build(vars, 1e-4).unwrap();
             for _ in 0..100 {
@@ -200,7 +203,9 @@ mod tests {
     #[test]
     fn f16_overflow_skips_the_step_and_halves_the_scale() {
         let w = var(&[1.0, 2.0], DType::F16);
-        let mut master = MasterWeights::new(std::slice::from_ref(&w)).unwrap().unwrap();
+        let mut master = MasterWeights::new(std::slice::from_ref(&w))
+            .unwrap()
+            .unwrap();
         assert_eq!(master.loss_scale(), 65536.0);
         // d/dw of scale * 1.5 * sum(w), cast back to f16: 1.5 * 2^16 overflows f16 (max 65504).
         let scaled_loss = |scale: f64| {

@@ -50,7 +50,10 @@ impl std::str::FromStr for DeltaEncoding {
             "q8" => Ok(Self::Q8),
             "f16" => Ok(Self::F16),
             "f32" => Ok(Self::F32),
-            _ => Err(Error::argument("delta-encoding", format!("`{s}` is not one of: q8, f16, f32"))),
+            _ => Err(Error::argument(
+                "delta-encoding",
+                format!("`{s}` is not one of: q8, f16, f32"),
+            )),
         }
     }
 }
@@ -95,12 +98,27 @@ impl Session {
             match encoding {
                 DeltaEncoding::Q8 if dims.len() >= 2 => {
                     let (q, scales) = quantize_rows(&delta)?;
-                    buffers.push((format!("{key}{SCALE_SUFFIX}"), Dtype::F32, vec![dims[0]], f32_bytes(&scales)));
-                    buffers.push((key, Dtype::I8, dims, q.into_iter().map(|v| v as u8).collect()));
+                    buffers.push((
+                        format!("{key}{SCALE_SUFFIX}"),
+                        Dtype::F32,
+                        vec![dims[0]],
+                        f32_bytes(&scales),
+                    ));
+                    buffers.push((
+                        key,
+                        Dtype::I8,
+                        dims,
+                        q.into_iter().map(|v| v as u8).collect(),
+                    ));
                 }
                 DeltaEncoding::Q8 | DeltaEncoding::F16 => {
                     let v: Vec<half::f16> = delta.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
-                    buffers.push((key, Dtype::F16, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+                    buffers.push((
+                        key,
+                        Dtype::F16,
+                        dims,
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    ));
                 }
                 DeltaEncoding::F32 => {
                     let v: Vec<f32> = delta.flatten_all()?.to_vec1()?;
@@ -109,16 +127,27 @@ impl Session {
             }
         }
         let (w, h) = self.image.dimensions();
-        buffers.push((SOURCE_IMAGE.into(), Dtype::U8, vec![h as usize, w as usize, 3], self.image.as_raw().clone()));
+        buffers.push((
+            SOURCE_IMAGE.into(),
+            Dtype::U8,
+            vec![h as usize, w as usize, 3],
+            self.image.as_raw().clone(),
+        ));
 
         let metadata = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("version".to_string(), VERSION.to_string()),
             ("token".to_string(), self.token.clone()),
-            ("base_fingerprint".to_string(), self.base_fingerprint.clone()),
+            (
+                "base_fingerprint".to_string(),
+                self.base_fingerprint.clone(),
+            ),
             ("image_sha256".to_string(), self.image_sha256()),
             ("settings".to_string(), self.settings.to_string()),
-            ("losses".to_string(), serde_json::to_string(&self.losses).expect("floats serialize")),
+            (
+                "losses".to_string(),
+                serde_json::to_string(&self.losses).expect("floats serialize"),
+            ),
             ("delta_encoding".to_string(), encoding.name().to_string()),
         ]);
         let views = buffers
@@ -131,7 +160,9 @@ impl Session {
             .collect::<Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(views, Some(metadata))
             .map_err(|e| Error::weights(path, format!("cannot serialize session: {e}")))?;
-        write_atomic(path, |tmp| std::fs::write(tmp, &bytes).map_err(|e| Error::io(path, e)))
+        write_atomic(path, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| Error::io(path, e))
+        })
     }
 
     /// Reads a session written by [`Session::save`].
@@ -141,59 +172,108 @@ impl Session {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a session file (not safetensors: {e})")))?;
         let meta = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| meta.get(key).cloned().ok_or_else(|| bad(format!("not a unitune session (no `{key}` in its metadata)")));
+        let field = |key: &str| {
+            meta.get(key).cloned().ok_or_else(|| {
+                bad(format!(
+                    "not a unitune session (no `{key}` in its metadata)"
+                ))
+            })
+        };
         if field("format")? != FORMAT {
             return Err(bad("not a unitune session file".into()));
         }
         let version = field("version")?;
         if version != VERSION {
-            return Err(bad(format!("session format version {version} is not supported (this unitune reads {VERSION})")));
+            return Err(bad(format!(
+                "session format version {version} is not supported (this unitune reads {VERSION})"
+            )));
         }
-        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("corrupt session: {e}")))?;
+        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(format!("corrupt session: {e}")))?;
 
-        let image = tensors.tensor(SOURCE_IMAGE).map_err(|_| bad("no `source_image` tensor".into()))?;
+        let image = tensors
+            .tensor(SOURCE_IMAGE)
+            .map_err(|_| bad("no `source_image` tensor".into()))?;
         let (h, w) = match image.shape() {
             [h, w, 3] if image.dtype() == Dtype::U8 => (*h as u32, *w as u32),
-            other => return Err(bad(format!("`source_image` has shape {other:?}, expected [h, w, 3] u8"))),
+            other => {
+                return Err(bad(format!(
+                    "`source_image` has shape {other:?}, expected [h, w, 3] u8"
+                )))
+            }
         };
         let image = RgbImage::from_raw(w, h, image.data().to_vec()).expect("size checked above");
 
         let mut deltas = BTreeMap::new();
         for (key, view) in tensors.tensors() {
-            let Some(name) = key.strip_prefix(DELTA_PREFIX) else { continue };
+            let Some(name) = key.strip_prefix(DELTA_PREFIX) else {
+                continue;
+            };
             if name.ends_with(SCALE_SUFFIX) {
                 continue;
             }
             let dims = view.shape().to_vec();
             let values: Vec<f32> = match view.dtype() {
                 Dtype::F32 => bytes_f32(view.data()),
-                Dtype::F16 => view.data().chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::F16 => view
+                    .data()
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
                 Dtype::I8 => {
                     let scale_key = format!("{key}{SCALE_SUFFIX}");
-                    let scales = tensors.tensor(&scale_key).map_err(|_| bad(format!("`{key}` has no `{scale_key}`")))?;
+                    let scales = tensors
+                        .tensor(&scale_key)
+                        .map_err(|_| bad(format!("`{key}` has no `{scale_key}`")))?;
                     let scales = bytes_f32(scales.data());
                     let row = view.data().len() / dims[0].max(1);
                     if scales.len() != dims[0] {
-                        return Err(bad(format!("`{scale_key}` has {} values for {} rows", scales.len(), dims[0])));
+                        return Err(bad(format!(
+                            "`{scale_key}` has {} values for {} rows",
+                            scales.len(),
+                            dims[0]
+                        )));
                     }
-                    view.data().iter().enumerate().map(|(i, &q)| q as i8 as f32 * scales[i / row]).collect()
+                    view.data()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &q)| q as i8 as f32 * scales[i / row])
+                        .collect()
                 }
                 other => return Err(bad(format!("`{key}` has unsupported dtype {other:?}"))),
             };
-            deltas.insert(name.to_string(), Tensor::from_vec(values, dims, &Device::Cpu)?);
+            deltas.insert(
+                name.to_string(),
+                Tensor::from_vec(values, dims, &Device::Cpu)?,
+            );
         }
-        let settings = serde_json::from_str(&field("settings")?).map_err(|e| bad(format!("bad `settings` metadata: {e}")))?;
-        let losses = serde_json::from_str(&field("losses")?).map_err(|e| bad(format!("bad `losses` metadata: {e}")))?;
-        let session = Self { token: field("token")?, base_fingerprint: field("base_fingerprint")?, image, settings, losses, deltas };
+        let settings = serde_json::from_str(&field("settings")?)
+            .map_err(|e| bad(format!("bad `settings` metadata: {e}")))?;
+        let losses = serde_json::from_str(&field("losses")?)
+            .map_err(|e| bad(format!("bad `losses` metadata: {e}")))?;
+        let session = Self {
+            token: field("token")?,
+            base_fingerprint: field("base_fingerprint")?,
+            image,
+            settings,
+            losses,
+            deltas,
+        };
         if session.image_sha256() != field("image_sha256")? {
-            return Err(bad("source image does not match its recorded hash (corrupt file?)".into()));
+            return Err(bad(
+                "source image does not match its recorded hash (corrupt file?)".into(),
+            ));
         }
         Ok(session)
     }
 
     /// The tuned weights: `base` plus the deltas, in each base tensor's dtype and device.
     /// Refuses a base whose fingerprint differs from the one the session was tuned on.
-    pub fn apply(&self, base: &HashMap<String, Tensor>, base_origin: &Path) -> Result<HashMap<String, Tensor>> {
+    pub fn apply(
+        &self,
+        base: &HashMap<String, Tensor>,
+        base_origin: &Path,
+    ) -> Result<HashMap<String, Tensor>> {
         let found = fingerprint(base)?;
         if found != self.base_fingerprint {
             return Err(Error::weights(
@@ -207,9 +287,12 @@ impl Session {
         }
         let mut tuned = base.clone();
         for (name, delta) in &self.deltas {
-            let weight = tuned
-                .get_mut(name)
-                .ok_or_else(|| Error::weights(base_origin, format!("session changes `{name}`, which the model lacks")))?;
+            let weight = tuned.get_mut(name).ok_or_else(|| {
+                Error::weights(
+                    base_origin,
+                    format!("session changes `{name}`, which the model lacks"),
+                )
+            })?;
             let sum = (weight.to_dtype(DType::F32)? + delta.to_device(weight.device())?)?;
             *weight = sum.to_dtype(weight.dtype())?;
         }
@@ -229,7 +312,9 @@ pub fn fingerprint(tensors: &HashMap<String, Tensor>) -> Result<String> {
         let flat = t.flatten_all()?;
         let n = flat.elem_count();
         let picks: Vec<u32> = (0..64.min(n)).map(|i| (i * n / 64.min(n)) as u32).collect();
-        let sample = flat.index_select(&Tensor::new(picks, t.device())?, 0)?.to_dtype(DType::F16)?;
+        let sample = flat
+            .index_select(&Tensor::new(picks, t.device())?, 0)?
+            .to_dtype(DType::F16)?;
         for v in sample.to_vec1::<half::f16>()? {
             hasher.update(v.to_le_bytes());
         }
@@ -248,7 +333,13 @@ fn quantize_rows(delta: &Tensor) -> Result<(Vec<i8>, Vec<f32>)> {
         let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = max / 127.0;
         scales.push(scale);
-        q.extend(row.iter().map(|v| if scale == 0.0 { 0 } else { (v / scale).round().clamp(-127.0, 127.0) as i8 }));
+        q.extend(row.iter().map(|v| {
+            if scale == 0.0 {
+                0
+            } else {
+                (v / scale).round().clamp(-127.0, 127.0) as i8
+            }
+        }));
     }
     Ok((q, scales))
 }
@@ -258,7 +349,9 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -272,13 +365,28 @@ mod tests {
     fn session() -> (Session, HashMap<String, Tensor>) {
         let dev = Device::Cpu;
         let base = HashMap::from([
-            ("a.weight".to_string(), Tensor::randn(0f32, 1.0, (64, 16, 3, 3), &dev).unwrap()),
-            ("a.bias".to_string(), Tensor::randn(0f32, 1.0, 8, &dev).unwrap()),
-            ("b.weight".to_string(), Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap()),
+            (
+                "a.weight".to_string(),
+                Tensor::randn(0f32, 1.0, (64, 16, 3, 3), &dev).unwrap(),
+            ),
+            (
+                "a.bias".to_string(),
+                Tensor::randn(0f32, 1.0, 8, &dev).unwrap(),
+            ),
+            (
+                "b.weight".to_string(),
+                Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap(),
+            ),
         ]);
         let deltas = BTreeMap::from([
-            ("a.weight".to_string(), (Tensor::randn(0f32, 1e-3, (64, 16, 3, 3), &dev).unwrap())),
-            ("a.bias".to_string(), Tensor::randn(0f32, 1e-3, 8, &dev).unwrap()),
+            (
+                "a.weight".to_string(),
+                (Tensor::randn(0f32, 1e-3, (64, 16, 3, 3), &dev).unwrap()),
+            ),
+            (
+                "a.bias".to_string(),
+                Tensor::randn(0f32, 1e-3, 8, &dev).unwrap(),
+            ),
         ]);
         let image = RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
         let s = Session {
@@ -293,7 +401,14 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -301,11 +416,18 @@ mod tests {
         let (s, base) = session();
         let dir = std::env::temp_dir().join(format!("unitune-session-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (encoding, tol) in [(DeltaEncoding::F32, 0.0), (DeltaEncoding::F16, 2e-6), (DeltaEncoding::Q8, 3e-5)] {
+        for (encoding, tol) in [
+            (DeltaEncoding::F32, 0.0),
+            (DeltaEncoding::F16, 2e-6),
+            (DeltaEncoding::Q8, 3e-5),
+        ] {
             let path = dir.join(format!("{encoding:?}.session"));
             s.save(&path, encoding).unwrap();
             let back = Session::load(&path).unwrap();
-            assert_eq!((back.token.as_str(), back.losses.as_slice()), ("beikkpic", [0.5f32, 0.25].as_slice()));
+            assert_eq!(
+                (back.token.as_str(), back.losses.as_slice()),
+                ("beikkpic", [0.5f32, 0.25].as_slice())
+            );
             assert_eq!(back.image, s.image);
             assert_eq!(back.settings, s.settings);
             for (name, d) in &s.deltas {
@@ -325,15 +447,27 @@ mod tests {
     #[test]
     fn another_base_model_is_refused() {
         let (s, mut base) = session();
-        base.insert("b.weight".into(), Tensor::zeros((4, 5), DType::F32, &Device::Cpu).unwrap());
-        let err = s.apply(&base, Path::new("/models/other/unet")).unwrap_err().to_string();
-        assert!(err.contains("/models/other/unet") && err.contains("another model"), "{err}");
+        base.insert(
+            "b.weight".into(),
+            Tensor::zeros((4, 5), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = s
+            .apply(&base, Path::new("/models/other/unet"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/models/other/unet") && err.contains("another model"),
+            "{err}"
+        );
     }
 
     #[test]
     fn fingerprint_ignores_precision_but_not_values() {
         let (_, base) = session();
-        let half: HashMap<String, Tensor> = base.iter().map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap())).collect();
+        let half: HashMap<String, Tensor> = base
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))
+            .collect();
         assert_eq!(fingerprint(&base).unwrap(), fingerprint(&half).unwrap());
         let mut other = base.clone();
         other.insert("a.bias".into(), (&base["a.bias"] + 1.0).unwrap());
@@ -348,6 +482,9 @@ mod tests {
         let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
         candle_core::safetensors::save(&HashMap::from([("x".to_string(), t)]), &path).unwrap();
         let err = Session::load(&path).unwrap_err().to_string();
-        assert!(err.contains("weights.safetensors") && err.contains("not a unitune session"), "{err}");
+        assert!(
+            err.contains("weights.safetensors") && err.contains("not a unitune session"),
+            "{err}"
+        );
     }
 }

@@ -17,8 +17,8 @@
 mod caption;
 mod edits;
 mod render;
-pub mod score;
 mod scene;
+pub mod score;
 mod tokenizer;
 
 #[cfg(test)]

@@ -75,9 +75,7 @@ impl ResnetBlock2D {
 
     /// `xs`: [b, c_in, h, w], `temb`: [b, temb_channels] -> [b, c_out, h, w].
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let hs = self
-            .conv1
-            .forward(&self.norm1.forward_act(xs, self.act)?)?;
+        let hs = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
         let temb = self
             .time_emb_proj
             .forward(&self.act.forward(temb)?)?

@@ -75,8 +75,8 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?; // [b, n, 2 * inner]
-        // f32 on the CPU: the fused kernel (one pass each way, vectorised erf, analytic
-        // backward). Elsewhere (CUDA, f16/bf16) the composite below, which runs on every device.
+                                                // f32 on the CPU: the fused kernel (one pass each way, vectorised erf, analytic
+                                                // backward). Elsewhere (CUDA, f16/bf16) the composite below, which runs on every device.
         let cpu_f32 = projected.device().is_cpu() && projected.dtype() == candle_core::DType::F32;
         let gated = if cpu_f32 {
             unitune_kernels::geglu::geglu(&projected)?

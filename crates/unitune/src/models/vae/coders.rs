@@ -68,8 +68,7 @@ impl Head {
 
 impl Module for Head {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.conv_out
-            .forward(&self.conv_norm_out.forward_silu(xs)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(xs)?)
     }
 }
 

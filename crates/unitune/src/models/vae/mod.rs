@@ -104,7 +104,8 @@ impl AutoencoderKl {
         device: &Device,
     ) -> Result<(Self, VaeConfig)> {
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-        let vae = WeightStore::open(dir, variant, device)?.build(dtype, device, |vb| Self::new(vb, &cfg))?;
+        let vae = WeightStore::open(dir, variant, device)?
+            .build(dtype, device, |vb| Self::new(vb, &cfg))?;
         Ok((vae, cfg))
     }
 
