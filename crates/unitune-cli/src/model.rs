@@ -42,7 +42,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model (the built-in one without `--model`), with `trainable` UNet tensors.
     pub fn load(&self, trainable: Option<TrainableFilter>) -> Result<StableDiffusion> {
-        let device = self.device()?;
+        let device = parse_device(&self.device)?;
         let options = LoadOptions {
             dtype: self.dtype(&device)?,
             device,
@@ -69,10 +69,6 @@ impl ModelArgs {
             }
         }
         argv
-    }
-
-    fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
     }
 
     fn dtype(&self, device: &Device) -> Result<DType> {

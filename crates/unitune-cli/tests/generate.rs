@@ -146,6 +146,14 @@ fn bad_input_is_named_and_nothing_is_written() {
         out.to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("timestep_spacing"), "{err}");
+    let base = ["generate", "--model", model, "--prompt", "x", "--output"];
+    let (ok, err) = unitune(&[&base[..], &[out.to_str().unwrap(), "--device", "gpu"]].concat());
+    assert!(!ok && err.contains("--device gpu"), "{err}");
+    let (ok, err) = unitune(&[&base[..], &[out.to_str().unwrap(), "--dtype", "bf16"]].concat());
+    assert!(
+        !ok && err.contains("--dtype bf16") && err.contains("cuda"),
+        "{err}"
+    );
     assert!(!out.exists(), "a failed run wrote its output");
 }
 
