@@ -1,13 +1,16 @@
 //! Attention at medium-UNet shapes: candle's composite ops (as `unitune::models::ops::attention`
-//! composes them) against the fused custom op, forward and forward + backward, interleaved in one
-//! process so that a busy machine slows both alike. Prints time ratios (candle / ours) and the
-//! bytes of score-sized tensors each keeps for the backward.
+//! composes them) against the fused custom op, forward and forward + backward, then the bytes of
+//! score-sized tensors each keeps for the backward.
+//!
+//! Prints ratios candle / ours from one process, timed as `common/mod.rs` describes; `--reps N`
+//! sets the timed rounds, `--times` adds our absolute times.
 //!
 //! `cargo run --release -p unitune-kernels --example attention_bench`
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Result, Tensor, Var, D};
+use common::{Options, Table};
 use unitune_kernels::attention::attention;
 
 /// The composite attention: every intermediate below is score-sized and held by the graph.
@@ -24,7 +27,7 @@ const COMPOSITE_KEPT: usize = 5;
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
-    let reps = 10;
+    let opts = Options::from_args(11)?;
     // (name, b, heads, n_q, n_k, d): medium UNet, 128 channels / 8 heads at 32x32 and 256 / 8
     // at 16x16, self-attention, and cross-attention to 77 text tokens.
     let cases = [
@@ -33,14 +36,15 @@ fn main() -> Result<()> {
         ("cross 32x32", 4, 8, 1024, 77, 16),
         ("cross 16x16", 4, 8, 256, 77, 32),
     ];
+    let table = Table::new(40, &opts);
     for (name, b, h, nq, nk, d) in cases {
         let scale = 1.0 / (d as f64).sqrt();
         let var = |n: usize| Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?);
         let (q, k, v) = (var(nq)?, var(nk)?, var(nk)?);
         let w = Tensor::randn(0f32, 1.0, (b, h, nq, d), &dev)?;
         let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let run = |ours: bool, backward: bool| -> Result<f64> {
-            let start = Instant::now();
+        let shape = format!("{name} [{b}, {h}, {nq}, {d}] x {nk} keys");
+        table.case(&shape, |ours, backward| {
             let out = if ours {
                 attention(qt, kt, vt, scale)?
             } else {
@@ -48,34 +52,16 @@ fn main() -> Result<()> {
             };
             if backward {
                 let grads = (out * &w)?.sum_all()?.backward()?;
-                assert!(
-                    grads.get(qt).is_some() && grads.get(kt).is_some() && grads.get(vt).is_some()
-                );
+                assert!([qt, kt, vt].iter().all(|t| grads.get(t).is_some()));
             }
-            Ok(start.elapsed().as_secs_f64())
-        };
-        for backward in [false, true] {
-            // One warm-up each, then alternate, keeping the best of each (least disturbed).
-            let (mut best_candle, mut best_ours) = (run(false, backward)?, run(true, backward)?);
-            let (mut sum_candle, mut sum_ours) = (0.0, 0.0);
-            for _ in 0..reps {
-                let t = run(false, backward)?;
-                sum_candle += t;
-                best_candle = f64::min(best_candle, t);
-                let t = run(true, backward)?;
-                sum_ours += t;
-                best_ours = f64::min(best_ours, t);
-            }
-            println!(
-                "{name} [{b}, {h}, {nq}, {d}] x {nk} keys {}: candle/ours best {:.2}x, mean {:.2}x",
-                if backward { "fwd+bwd" } else { "fwd    " },
-                best_candle / best_ours,
-                sum_candle / sum_ours
-            );
-        }
+            Ok(())
+        })?;
+    }
+    println!("kept for backward:");
+    for (name, b, h, nq, nk, _) in cases {
         let scores_bytes = b * h * nq * nk * 4;
         println!(
-            "{name}: kept for backward, candle {} x {:.1} MB = {:.1} MB, ours (log-sum-exp) {:.3} MB",
+            "{name:<12} candle {} x {:.1} MB = {:.1} MB, ours (log-sum-exp) {:.3} MB",
             COMPOSITE_KEPT,
             scores_bytes as f64 / 1e6,
             (COMPOSITE_KEPT * scores_bytes) as f64 / 1e6,

@@ -1,14 +1,17 @@
 //! GroupNorm + SiLU at medium-UNet shapes: candle's composite ops (candle_nn::GroupNorm's forward
-//! math, then `silu`) against the fused custom op, forward and forward + backward, interleaved in
-//! one process so that a busy machine slows both alike. Prints time ratios (candle / ours);
-//! `--times` adds our absolute times (meaningful on an idle machine only). The backward is that of
-//! `out.sum_all()`, through candle's autograd, so it includes candle's gradient bookkeeping.
+//! math, then `silu`) against the fused custom op, forward and forward + backward. The backward is
+//! that of `out.sum_all()`, through candle's autograd, so it includes candle's gradient
+//! bookkeeping.
+//!
+//! Prints ratios candle / ours from one process, timed as `common/mod.rs` describes; `--reps N`
+//! sets the timed rounds, `--times` adds our absolute times.
 //!
 //! `cargo run --release -p unitune-kernels --example group_norm_bench`
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Result, Tensor, Var};
+use common::{Options, Table};
 use unitune_kernels::group_norm::group_norm;
 
 /// candle_nn's `GroupNorm::forward` on an f32 `[b, c, h, w]` tensor, then SiLU.
@@ -28,23 +31,16 @@ fn composite(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f64)
         .silu()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let dev = Device::Cpu;
-    let reps = 41;
-    // Absolute times are only meaningful on an idle machine.
-    let verbose = std::env::args().any(|a| a == "--times");
+    let opts = Options::from_args(41)?;
+    let table = Table::new(20, &opts);
     for (c, hw) in [(128, 32), (256, 16), (512, 8)] {
         let x = Var::from_tensor(&Tensor::randn(0.3f32, 1.5, (4, c, hw, hw), &dev)?)?;
         let gamma = Var::from_tensor(&(Tensor::randn(0f32, 0.2, c, &dev)? + 1.0)?)?;
         let beta = Var::from_tensor(&Tensor::randn(0f32, 0.2, c, &dev)?)?;
         let (xt, gt, bt) = (x.as_tensor(), gamma.as_tensor(), beta.as_tensor());
-        let run = |ours: bool, backward: bool| -> Result<f64> {
-            let start = Instant::now();
+        table.case(&format!("[4, {c}, {hw}, {hw}]"), |ours, backward| {
             let out = if ours {
                 group_norm(xt, gt, bt, 32, 1e-5, true)?
             } else {
@@ -54,29 +50,8 @@ fn main() -> Result<()> {
                 let grads = out.sum_all()?.backward()?;
                 assert!(grads.get(xt).is_some() && grads.get(gt).is_some());
             }
-            Ok(start.elapsed().as_secs_f64())
-        };
-        for backward in [false, true] {
-            // Alternate the two so that a busy machine slows both alike; the median of the
-            // ratios of neighbouring runs is robust to bursts of load.
-            let (mut ratios, mut ours) = (Vec::new(), Vec::new());
-            for _ in 0..reps {
-                let candle = run(false, backward)?;
-                let t = run(true, backward)?;
-                ratios.push(candle / t);
-                ours.push(t);
-            }
-            println!(
-                "[4, {c}, {hw}, {hw}] {}: candle / ours {:.1}x{}",
-                if backward { "fwd+bwd" } else { "fwd    " },
-                median(ratios),
-                if verbose {
-                    format!(" (median ours {:.3} ms)", median(ours) * 1e3)
-                } else {
-                    String::new()
-                }
-            );
-        }
+            Ok(())
+        })?;
     }
     Ok(())
 }

@@ -2,35 +2,16 @@
 //! `candle_nn::Linear` computes it) against the custom op, forward and forward + backward (of
 //! `sum(out ∘ r)`, all of input, weight and bias trainable).
 //!
-//! The machine may be busy, so both run in one process, back to back, in alternating order, and
-//! what is printed are ratios candle / ours: the median over the repetitions of each pair's
-//! wall-time ratio, and the ratio of the median CPU times (summed over all threads, from
-//! `/proc/self/task/*/schedstat`: less sensitive to other processes than wall time).
+//! Prints ratios candle / ours from one process, timed as `common/mod.rs` describes; `--reps N`
+//! sets the timed rounds, `--times` adds our absolute times.
 //!
 //! `cargo run --release -p unitune-kernels --example linear_bench`
 
-use std::time::Instant;
+mod common;
 
 use candle_core::{Device, Result, Tensor, Var};
+use common::{Options, Table};
 use unitune_kernels::linear::linear;
-
-/// CPU seconds used so far by all threads of this process.
-fn cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return f64::NAN;
-    };
-    let nanos: f64 = tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum();
-    nanos / 1e9
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
 
 /// `candle_nn::Linear::forward` on a contiguous input: the rows flattened into one matmul by
 /// `Wᵀ`, then the bias broadcast over them.
@@ -49,7 +30,7 @@ fn candle_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 fn main() -> Result<()> {
     let dev = Device::Cpu;
-    let reps = 21;
+    let opts = Options::from_args(21)?;
     // (name, input dims, outputs, bias)
     let cases: [(&str, &[usize], usize, bool); 5] = [
         ("[4,1024,128] -> 128", &[4, 1024, 128], 128, true),
@@ -58,11 +39,7 @@ fn main() -> Result<()> {
         ("[4,77,768] -> 128 no bias", &[4, 77, 768], 128, false),
         ("[4,512] -> 512 (time emb)", &[4, 512], 512, true),
     ];
-    println!("candle / ours: wall (median of paired ratios), CPU (ratio of medians)");
-    println!(
-        "{:<30} {:>10} {:>10} {:>10} {:>10}",
-        "", "fwd wall", "fwd CPU", "f+b wall", "f+b CPU"
-    );
+    let table = Table::new(30, &opts);
     for (name, x_dims, o, with_bias) in cases {
         let c = x_dims[x_dims.len() - 1];
         let mut out_dims = x_dims.to_vec();
@@ -73,9 +50,7 @@ fn main() -> Result<()> {
         let r = Tensor::randn(0f32, 1.0, out_dims, &dev)?;
         let (xt, wt) = (x.as_tensor(), w.as_tensor());
         let bt = with_bias.then(|| b.as_tensor());
-        // (wall, CPU) seconds of one run.
-        let run = |ours: bool, backward: bool| -> Result<(f64, f64)> {
-            let (start, cpu) = (Instant::now(), cpu_seconds());
+        table.case(name, |ours, backward| {
             let out = if ours {
                 linear(xt, wt, bt)?
             } else {
@@ -88,35 +63,8 @@ fn main() -> Result<()> {
                     .flatten()
                     .all(|t| grads.get(t).is_some()));
             }
-            Ok((start.elapsed().as_secs_f64(), cpu_seconds() - cpu))
-        };
-        let mut cells = Vec::new();
-        for backward in [false, true] {
-            let (mut wall_ratios, mut cpu_candle, mut cpu_ours) = (vec![], vec![], vec![]);
-            for rep in 0..=reps {
-                let order = if rep % 2 == 0 {
-                    [false, true]
-                } else {
-                    [true, false]
-                };
-                let mut times = [(0.0, 0.0); 2];
-                for ours in order {
-                    times[ours as usize] = run(ours, backward)?;
-                }
-                // The first round only warms up.
-                if rep > 0 {
-                    wall_ratios.push(times[0].0 / times[1].0);
-                    cpu_candle.push(times[0].1);
-                    cpu_ours.push(times[1].1);
-                }
-            }
-            cells.push(median(wall_ratios));
-            cells.push(median(cpu_candle) / median(cpu_ours));
-        }
-        println!(
-            "{name:<30} {:>9.2}x {:>9.2}x {:>9.2}x {:>9.2}x",
-            cells[0], cells[1], cells[2], cells[3]
-        );
+            Ok(())
+        })?;
     }
     Ok(())
 }
