@@ -4,8 +4,10 @@
 //! gemms. Weights are created and named exactly as `candle_nn::conv2d` does, so checkpoints load
 //! unchanged.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+
+use super::ops;
 
 /// A 2D convolution with bias, as `candle_nn::Conv2d`.
 #[derive(Debug, Clone)]
@@ -41,9 +43,8 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let cfg = self.inner.config();
         let weight = self.inner.weight();
-        let custom = xs.device().is_cpu()
-            && xs.dtype() == DType::F32
-            && weight.dtype() == DType::F32
+        let custom = ops::kernel_ready(&[xs, weight])
+            && self.inner.bias().is_none_or(|b| ops::kernel_ready(&[b]))
             && cfg.groups == 1
             && cfg.dilation == 1;
         if custom {
@@ -58,7 +59,7 @@ impl Module for Conv2d {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     use super::*;

@@ -5,8 +5,10 @@
 //! on every thread. Weights are created and named exactly as `candle_nn::linear` does, so
 //! checkpoints load unchanged.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use super::ops;
 
 /// A linear layer `x·weightᵀ + bias`, as `candle_nn::Linear`.
 #[derive(Debug, Clone)]
@@ -40,11 +42,9 @@ impl Linear {
 impl Module for Linear {
     /// `[.., in_dim]` -> `[.., out_dim]`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         let custom = xs.rank() >= 2
-            && f32_cpu(xs)
-            && f32_cpu(self.weight())
-            && self.bias().is_none_or(f32_cpu);
+            && ops::kernel_ready(&[xs, self.weight()])
+            && self.bias().is_none_or(|b| ops::kernel_ready(&[b]));
         if custom {
             unitune_kernels::linear::linear(xs, self.weight(), self.bias())
         } else {
@@ -57,7 +57,7 @@ impl Module for Linear {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
     use super::*;

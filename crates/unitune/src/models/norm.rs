@@ -7,9 +7,9 @@
 //! or dtype (CUDA, f16 weights) it falls back to candle_nn's GroupNorm and candle's `silu`, which
 //! are differentiable and run everywhere, so the `cuda` build keeps working.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 
-use super::ops::Activation;
+use super::ops::{self, Activation};
 
 /// Group normalisation over `[b, c, ...]` with per-channel `weight` and `bias` ([c]).
 #[derive(Debug, Clone)]
@@ -55,11 +55,7 @@ impl GroupNorm {
     /// Whether the CPU kernel takes this input (the rank as candle_nn requires it, so that every
     /// path accepts the same shapes).
     fn fused(&self, xs: &Tensor) -> bool {
-        xs.device().is_cpu()
-            && xs.rank() >= 3
-            && [xs, &self.weight, &self.bias]
-                .iter()
-                .all(|t| t.dtype() == DType::F32)
+        xs.rank() >= 3 && ops::kernel_ready(&[xs, &self.weight, &self.bias])
     }
 
     fn kernel(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
@@ -101,7 +97,7 @@ impl Module for GroupNorm {
 mod tests {
     use super::*;
     use crate::models::ops::tests::check_grad;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();

@@ -137,6 +137,14 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, n, heads * d))
 }
 
+/// Whether the CPU training kernels of `unitune_kernels` take these tensors: all f32 on the CPU.
+/// Every other device and dtype (CUDA, f16, bf16) uses candle's own ops, which run everywhere.
+pub fn kernel_ready(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
 /// Scaled dot-product attention on `[b, heads, n, d]` tensors; `mask` is added to the scores
 /// (e.g. `-inf` above the diagonal for CLIP's causal mask).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
@@ -144,10 +152,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     // Unmasked f32 on the CPU (the UNet's and the VAE's attention): the fused kernel, which keeps
     // no [b, heads, n_q, n_k] tensor for the backward. Everything else (CLIP's causal mask, CUDA,
     // f16/f64, empty tensors) takes the composite ops below, which run on every device.
-    let cpu_f32 = [q, k, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.elem_count() > 0);
-    if mask.is_none() && cpu_f32 {
+    let empty = [q, k, v].iter().any(|t| t.elem_count() == 0);
+    if mask.is_none() && !empty && kernel_ready(&[q, k, v]) {
         return unitune_kernels::attention::attention(q, k, v, scale);
     }
     let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, n_q, n_k]

@@ -77,8 +77,7 @@ impl Module for FeedForward {
         let projected = self.proj.forward(xs)?; // [b, n, 2 * inner]
                                                 // f32 on the CPU: the fused kernel (one pass each way, vectorised erf, analytic
                                                 // backward). Elsewhere (CUDA, f16/bf16) the composite below, which runs on every device.
-        let cpu_f32 = projected.device().is_cpu() && projected.dtype() == candle_core::DType::F32;
-        let gated = if cpu_f32 {
+        let gated = if ops::kernel_ready(&[&projected]) {
             unitune_kernels::geglu::geglu(&projected)?
         } else {
             let hidden = projected.narrow(D::Minus1, 0, self.inner)?;
