@@ -11,8 +11,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
+use super::linear::{self, Linear};
 use super::ops::{attention, merge_heads, split_heads, Activation, LayerNorm};
 use crate::error::{read_json, Error, Result};
 use crate::weights::WeightStore;
@@ -149,10 +150,10 @@ impl ClipAttention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let c = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(c, c, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(c, c, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(c, c, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(c, c, vb.pp("out_proj"))?,
+            q_proj: linear::linear(c, c, vb.pp("q_proj"))?,
+            k_proj: linear::linear(c, c, vb.pp("k_proj"))?,
+            v_proj: linear::linear(c, c, vb.pp("v_proj"))?,
+            out_proj: linear::linear(c, c, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
         })
     }
@@ -178,8 +179,8 @@ struct ClipMlp {
 impl ClipMlp {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         Ok(Self {
-            fc1: candle_nn::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: candle_nn::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear::linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: linear::linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             act: cfg.hidden_act,
         })
     }

@@ -3,9 +3,10 @@
 //! single-head self-attention of the mid block, and `UNetMidBlock2D` (resnet, attention, resnet).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::{self, Conv2d};
+use crate::models::linear::{self, Linear};
 use crate::models::norm::GroupNorm;
 use crate::models::ops;
 
@@ -139,7 +140,7 @@ impl Attention {
         } else {
             ["to_q", "to_k", "to_v", "to_out.0"]
         };
-        let linear = |name: &str| candle_nn::linear(channels, channels, vb.pp(name));
+        let linear = |name: &str| linear::linear(channels, channels, vb.pp(name));
         Ok(Self {
             group_norm: ops::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: linear(q)?,
