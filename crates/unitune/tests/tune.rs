@@ -23,7 +23,12 @@ fn fixtures() -> PathBuf {
 }
 
 fn load(model: &str, layers: Option<TrainableLayers>) -> StableDiffusion {
+    load_in(model, layers, DType::F32)
+}
+
+fn load_in(model: &str, layers: Option<TrainableLayers>, dtype: DType) -> StableDiffusion {
     let options = LoadOptions {
+        dtype,
         trainable: layers.map(TrainableLayers::filter),
         ..LoadOptions::default()
     };
@@ -271,12 +276,7 @@ fn loss_halves_over_a_tune() {
 /// A tune of `steps` steps on tiny-sd1 loaded in `dtype`, with seeded noise: the session's
 /// deltas (for half precision, from the f32 master weights) and the losses.
 fn tune_in(dtype: DType, steps: usize) -> Session {
-    let options = LoadOptions {
-        dtype,
-        trainable: Some(TrainableLayers::Most.filter()),
-        ..LoadOptions::default()
-    };
-    let sd = StableDiffusion::load(&fixtures().join("tiny-sd1"), &options).unwrap();
+    let sd = load_in("tiny-sd1", Some(TrainableLayers::Most), dtype);
     let settings = TuneSettings {
         steps,
         learning_rate: 1e-3,
