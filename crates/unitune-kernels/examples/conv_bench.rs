@@ -1,6 +1,11 @@
 //! Convolutions at medium-UNet shapes: candle's conv2d plus a broadcast bias (as
 //! `candle_nn::Conv2d` computes it) against the gemm custom op, forward and forward + backward
-//! (of `sum(out ∘ r)`, all of input, weight and bias trainable).
+//! (of `sum(out ∘ r)`, all of input, weight and bias trainable). Then a resnet's first
+//! convolution plus its time embedding `temb[:, :, None, None]`: the gemm op with a bias per image
+//! against the gemm op followed by a broadcast add (the UNet before the bias per image). Their
+//! loss sums a 1x1 convolution of the output to one channel: a contiguous output gradient, as
+//! from the group norm after it in the UNet, at little cost of its own (candle's `sum(out ∘ r)`
+//! would take about as long as the broadcast add that is compared).
 //!
 //! Prints ratios candle / ours from one process, timed as `common/mod.rs` describes; `--reps N`
 //! sets the timed rounds, `--times` adds our absolute times.
@@ -9,7 +14,7 @@
 
 mod common;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var, D};
 use common::{Options, Table};
 use unitune_kernels::conv::conv2d;
 
@@ -44,6 +49,36 @@ fn main() -> Result<()> {
             if backward {
                 let grads = (out * &r)?.sum_all()?.backward()?;
                 assert!([xt, wt, bt].iter().all(|t| grads.get(t).is_some()));
+            }
+            Ok(())
+        })?;
+    }
+    println!();
+    println!("conv + temb (\"candle\": our conv, then a broadcast add; \"ours\": bias per image)");
+    let table = Table::new(28, &opts);
+    for (n, c, size) in [(4, 128, 32), (4, 256, 16), (4, 512, 8)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, size, size), &dev)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (c, c, 3, 3), &dev)? * 0.05)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, c, &dev)?)?;
+        let temb = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c), &dev)?)?;
+        let r = Tensor::randn(0f32, 1.0, (1, c, 1, 1), &dev)?;
+        let (xt, wt, bt, tt) = (
+            x.as_tensor(),
+            w.as_tensor(),
+            b.as_tensor(),
+            temb.as_tensor(),
+        );
+        let name = format!("[{n},{c},{size},{size}] + temb");
+        table.case(&name, |ours, backward| {
+            let out = if ours {
+                conv2d(xt, wt, Some(&bt.unsqueeze(0)?.broadcast_add(tt)?), 1, 1)?
+            } else {
+                conv2d(xt, wt, Some(bt), 1, 1)?
+                    .broadcast_add(&tt.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?
+            };
+            if backward {
+                let grads = conv2d(&out, &r, None, 0, 1)?.sum_all()?.backward()?;
+                assert!([xt, wt, bt, tt].iter().all(|t| grads.get(t).is_some()));
             }
             Ok(())
         })?;

@@ -10,6 +10,9 @@
 //! - input gradient: `dcol = Wᵀ·dy[O, P]`, added back onto the input pixels it came from (col2im);
 //! - weight gradient: `dW[O, K] = dy·colᵀ`; bias gradient: `dy` summed per channel.
 //!
+//! The bias may differ per image (`[N, O]`): a resnet's time embedding, added to its first
+//! convolution's output, then costs no pass over the output of its own, forward or backward.
+//!
 //! The two gradients put the images side by side (`P` becomes `N·P` columns), so that small
 //! images still make large gemms. A 1x1 convolution without stride or padding has `col = x`: its
 //! forward and input gradient need no column matrix at all.
@@ -41,11 +44,13 @@ const OP: &str = "conv2d";
 /// training sizes need, whose gemms therefore stay whole.
 const SCRATCH_LIMIT: usize = 1 << 22;
 
-/// `conv2d(x, weight) + bias` for `x: [n, c, h, w]`, `weight: [o, c, kh, kw]`, `bias: [o]`, with
-/// the same zero `padding` on every side and the same `stride` in both directions (groups 1,
-/// dilation 1), giving `[n, o, oh, ow]` as `Tensor::conv2d`. Differentiable with respect to all
-/// three inputs (first order). CPU tensors of dtype f32 (or f64), any layout (non-contiguous ones
-/// are copied first); on another device the op returns candle's "no cuda implementation" error.
+/// `conv2d(x, weight) + bias` for `x: [n, c, h, w]`, `weight: [o, c, kh, kw]`, with the same
+/// zero `padding` on every side and the same `stride` in both directions (groups 1, dilation 1),
+/// giving `[n, o, oh, ow]` as `Tensor::conv2d`. The bias is `[o]`, or `[n, o]` for a bias per
+/// image (added over each image's pixels as `bias[:, :, None, None]`). Differentiable with
+/// respect to all three inputs (first order). CPU tensors of dtype f32 (or f64), any layout
+/// (non-contiguous ones are copied first); on another device the op returns candle's "no cuda
+/// implementation" error.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -54,17 +59,23 @@ pub fn conv2d(
     stride: usize,
 ) -> Result<Tensor> {
     // Checked here too, so that a bad call fails before any work with a clear message.
-    let geometry = Geometry::new(x.dims(), weight.dims(), padding, stride)?;
-    if let Some(bias) = bias {
-        if bias.dims() != [geometry.o] {
-            bail!(
-                "conv2d: bias of shape {:?} for {} output channels",
-                bias.dims(),
-                geometry.o
-            )
-        }
-    }
-    layer::apply(Conv2dOp { padding, stride }, x, weight, bias)
+    let g = Geometry::new(x.dims(), weight.dims(), padding, stride)?;
+    let per_image_bias = match bias.map(Tensor::dims) {
+        None => false,
+        Some(&[o]) if o == g.o => false,
+        Some(&[n, o]) if n == g.n && o == g.o => true,
+        Some(dims) => bail!(
+            "conv2d: bias of shape {dims:?}, expected [{o}] or, per image, [{n}, {o}]",
+            o = g.o,
+            n = g.n
+        ),
+    };
+    let op = Conv2dOp {
+        padding,
+        stride,
+        per_image_bias,
+    };
+    layer::apply(op, x, weight, bias)
 }
 
 /// The element types the kernels run on, each with its own per-thread scratch buffer.
@@ -261,8 +272,8 @@ fn col2im<T: WithDType>(
     }
 }
 
-/// `x: [n, c, h, w]`, `w: [o, k]`, `bias: [o]` -> `[n, o, oh, ow]`; one piece of work per block
-/// of output rows of an image.
+/// `x: [n, c, h, w]`, `w: [o, k]`, `bias: [o]` or `[n, o]` (told apart by its length) ->
+/// `[n, o, oh, ow]`; one piece of work per block of output rows of an image.
 fn forward<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geometry) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
     let mut out = vec![zero(); g.n * g.o * p];
@@ -277,6 +288,12 @@ fn forward<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geometry) -> Ve
         // The piece's output: columns `cols` of the [o, p] matrix of image i.
         let offset = i * g.o * p + cols.start;
         if let Some(bias) = bias {
+            // The gemm adds onto the bias: a bias per image costs nothing more than a shared one.
+            let bias = if bias.len() == g.o {
+                bias
+            } else {
+                &bias[i * g.o..][..g.o]
+            };
             for (c, &b) in bias.iter().enumerate() {
                 let start = offset + c * p;
                 // SAFETY: within this piece's output, which no other piece touches.
@@ -415,8 +432,12 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], g: &Geometry) -> Vec<T> {
     dw
 }
 
-/// `dy: [n, o, p]` summed over images and pixels -> `[o]`.
-fn bias_grad<T: WithDType>(dy: &[T], n: usize, o: usize, p: usize) -> Vec<T> {
+/// `dy: [n, o, p]` summed over images and pixels -> `[o]`, or over pixels only -> `[n, o]` for
+/// a bias per image.
+fn bias_grad<T: WithDType>(dy: &[T], n: usize, o: usize, p: usize, per_image: bool) -> Vec<T> {
+    if per_image {
+        return dy.par_chunks(p).map(sum).collect();
+    }
     (0..o)
         .into_par_iter()
         .map(|c| {
@@ -446,6 +467,8 @@ fn sum<T: WithDType>(xs: &[T]) -> T {
 struct Conv2dOp {
     padding: usize,
     stride: usize,
+    /// Whether the bias is `[n, o]` rather than `[o]`.
+    per_image_bias: bool,
 }
 
 impl Conv2dOp {
@@ -464,6 +487,19 @@ impl Layer for Conv2dOp {
 
     fn cpu(&self, x: Arg, w: Arg, bias: Option<Arg>) -> Result<(CpuStorage, Shape)> {
         let g = Geometry::new(x.1.dims(), w.1.dims(), self.padding, self.stride)?;
+        if let Some((_, bias)) = bias {
+            let expected: &[usize] = if self.per_image_bias {
+                &[g.n, g.o]
+            } else {
+                &[g.o]
+            };
+            if bias.dims() != expected {
+                bail!(
+                    "conv2d: bias of shape {:?}, expected {expected:?}",
+                    bias.dims()
+                )
+            }
+        }
         let storage = match x.0.dtype() {
             DType::F32 => Self::run::<f32>(&g, x, w, bias)?,
             DType::F64 => Self::run::<f64>(&g, x, w, bias)?,
@@ -497,7 +533,10 @@ impl Layer for Conv2dOp {
     }
 
     fn bias_grad(&self, dy: &Tensor) -> Result<Tensor> {
-        dy.apply_op1_no_bwd(&BiasGrad)
+        let op = BiasGrad {
+            per_image: self.per_image_bias,
+        };
+        dy.apply_op1_no_bwd(&op)
     }
 }
 
@@ -606,14 +645,18 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
-/// `dy` -> the bias's gradient, `dy` summed over all but the channel dimension.
-struct BiasGrad;
+/// `dy` -> the bias's gradient, `dy` summed over all but the channel dimension, or over the
+/// pixels only (`[n, o]`) for a bias per image.
+struct BiasGrad {
+    per_image: bool,
+}
 
 impl BiasGrad {
-    fn run<T: WithDType>(dy: Arg) -> Result<CpuStorage> {
+    fn run<T: WithDType>(&self, dy: Arg) -> Result<CpuStorage> {
         let (n, o, oh, ow) = dy.1.shape().dims4()?;
         let dy = contiguous::<T>(OP, dy, "output gradient")?;
-        Ok(T::to_cpu_storage_owned(bias_grad(dy, n, o, oh * ow)))
+        let db = bias_grad(dy, n, o, oh * ow, self.per_image);
+        Ok(T::to_cpu_storage_owned(db))
     }
 }
 
@@ -624,17 +667,23 @@ impl CustomOp1 for BiasGrad {
 
     fn cpu_fwd(&self, dys: &CpuStorage, dyl: &Layout) -> Result<(CpuStorage, Shape)> {
         let storage = match dys.dtype() {
-            DType::F32 => Self::run::<f32>((dys, dyl))?,
-            DType::F64 => Self::run::<f64>((dys, dyl))?,
+            DType::F32 => self.run::<f32>((dys, dyl))?,
+            DType::F64 => self.run::<f64>((dys, dyl))?,
             dtype => unsupported(OP, dtype)?,
         };
-        Ok((storage, Shape::from(dyl.dims()[1])))
+        let (n, o) = (dyl.dims()[0], dyl.dims()[1]);
+        let shape = if self.per_image {
+            Shape::from((n, o))
+        } else {
+            Shape::from(o)
+        };
+        Ok((storage, shape))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{DType, Device, Tensor, Var, D};
 
     use super::*;
     use crate::testing::{rel_err, sample, values};
@@ -655,35 +704,37 @@ mod tests {
         (3, 3, 5, 6, 4, 1, 1, 2),  // 1x1 with padding and stride: the general path
     ];
 
-    /// The inputs of a case: `x`, `weight`, `bias` and a weighting `r` of the output for the loss.
-    fn inputs(case: Case, dtype: DType) -> [Tensor; 4] {
+    /// The inputs of a case: `x`, `weight`, `bias` (`[o]`, or `[n, o]` when `per_image`) and a
+    /// weighting `r` of the output for the loss.
+    fn inputs(case: Case, dtype: DType, per_image: bool) -> [Tensor; 4] {
         let (n, c, h, w, o, k, padding, stride) = case;
         let (oh, ow) = (
             (h + 2 * padding - k) / stride + 1,
             (w + 2 * padding - k) / stride + 1,
         );
+        let bias: &[usize] = if per_image { &[n, o] } else { &[o] };
         [
             sample(&[n, c, h, w], 1, dtype),
             sample(&[o, c, k, k], 2, dtype),
-            sample(&[o], 3, dtype),
+            sample(bias, 3, dtype),
             sample(&[n, o, oh, ow], 4, dtype),
         ]
     }
 
-    /// candle's convolution plus bias, as `candle_nn::Conv2d` computes it.
+    /// candle's convolution plus bias, as `candle_nn::Conv2d` computes it (or, for a bias
+    /// `[n, o]`, as a resnet adds its time embedding: `bias[:, :, None, None]`).
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, padding: usize, stride: usize) -> Tensor {
-        let o = b.dim(0).expect("bias");
         x.conv2d(w, padding, stride, 1, 1)
-            .and_then(|y| y.broadcast_add(&b.reshape((1, o, 1, 1))?))
+            .and_then(|y| y.broadcast_add(&b.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?))
             .expect("candle conv2d")
     }
 
     #[test]
     fn forward_matches_candle() {
         let mut worst = 0.0f64;
-        for case in CASES {
+        for (case, per_image) in CASES.iter().flat_map(|&c| [(c, false), (c, true)]) {
             let (padding, stride) = (case.6, case.7);
-            let [x, w, b, _] = inputs(case, DType::F32);
+            let [x, w, b, _] = inputs(case, DType::F32, per_image);
             let expected = reference(&x, &w, &b, padding, stride);
             let with_bias = conv2d(&x, &w, Some(&b), padding, stride).expect("conv2d");
             let no_bias = conv2d(&x, &w, None, padding, stride).expect("conv2d");
@@ -692,7 +743,10 @@ mod tests {
                 rel_err(&with_bias, &expected),
                 rel_err(&no_bias, &expected_no_bias),
             ] {
-                assert!(err < 1e-6, "{case:?}: off by {err:e}");
+                assert!(
+                    err < 1e-6,
+                    "{case:?} (bias per image {per_image}): off by {err:e}"
+                );
                 worst = worst.max(err);
             }
         }
@@ -702,7 +756,7 @@ mod tests {
     #[test]
     fn forward_takes_strided_inputs_and_f64() {
         let case = CASES[3];
-        let [x, w, b, _] = inputs(case, DType::F64);
+        let [x, w, b, _] = inputs(case, DType::F64, false);
         // The same values with height and width swapped twice: a non-contiguous layout.
         let x_t = x
             .transpose(2, 3)
@@ -717,10 +771,27 @@ mod tests {
 
     #[test]
     fn rejects_bad_shapes_and_dtypes() {
-        let [x, w, b, _] = inputs(CASES[0], DType::F32);
+        // CASES[0] has 2 images of 5 output channels.
+        let [x, w, b, _] = inputs(CASES[0], DType::F32, false);
         let w_bad = sample(&[5, 4, 3, 3], 5, DType::F32);
         assert!(conv2d(&x, &w_bad, None, 1, 1).is_err());
-        assert!(conv2d(&x, &w, Some(&sample(&[4], 6, DType::F32)), 1, 1).is_err());
+        for bias in [
+            &[4][..],
+            &[],
+            &[1, 5],
+            &[3, 5],
+            &[5, 2],
+            &[2, 5, 1],
+            &[1, 2, 5],
+        ] {
+            let err = conv2d(&x, &w, Some(&sample(bias, 6, DType::F32)), 1, 1)
+                .expect_err("a bias of the wrong shape");
+            assert!(
+                err.to_string()
+                    .contains("expected [5] or, per image, [2, 5]"),
+                "{err}"
+            );
+        }
         assert!(conv2d(&x, &w, Some(&b), 1, 0).is_err());
         let small = sample(&[1, 3, 2, 2], 7, DType::F32);
         assert!(conv2d(&small, &w, Some(&b), 0, 1).is_err());
@@ -751,9 +822,9 @@ mod tests {
         // `gradients_match_finite_differences` covers the other cases.
         let cases = CASES.iter().filter(|c| c.7 == 1 || c.2 % 2 == c.3 % 2);
         let mut worst = 0.0f64;
-        for &case in cases {
+        for (case, per_image) in cases.flat_map(|&c| [(c, false), (c, true)]) {
             let (padding, stride) = (case.6, case.7);
-            let inputs = inputs(case, DType::F32);
+            let inputs = inputs(case, DType::F32, per_image);
             let ours = grads(
                 |x, w, b| conv2d(x, w, Some(b), padding, stride).expect("ours"),
                 &inputs,
@@ -761,7 +832,10 @@ mod tests {
             let theirs = grads(|x, w, b| reference(x, w, b, padding, stride), &inputs);
             for (name, (a, b)) in ["x", "weight", "bias"].iter().zip(ours.iter().zip(&theirs)) {
                 let err = rel_err(a, b);
-                assert!(err < 1e-5, "{case:?}: gradient of {name} off by {err:e}");
+                assert!(
+                    err < 1e-5,
+                    "{case:?} (bias per image {per_image}): gradient of {name} off by {err:e}"
+                );
                 worst = worst.max(err);
             }
         }
@@ -780,9 +854,9 @@ mod tests {
         // The loss is linear in each input, so central differences are exact up to rounding.
         let eps = 1e-3;
         let mut worst = 0.0f64;
-        for case in CASES {
+        for (case, per_image) in CASES.iter().flat_map(|&c| [(c, false), (c, true)]) {
             let (padding, stride) = (case.6, case.7);
-            let inputs = inputs(case, DType::F64);
+            let inputs = inputs(case, DType::F64, per_image);
             let ours = grads(
                 |x, w, b| conv2d(x, w, Some(b), padding, stride).expect("ours"),
                 &inputs,
@@ -810,7 +884,7 @@ mod tests {
                 let err = rel_err(grad, &numeric);
                 assert!(
                     err < 1e-10,
-                    "{case:?}: gradient of argument {arg} off by {err:e}"
+                    "{case:?} (bias per image {per_image}): gradient of argument {arg} off by {err:e}"
                 );
                 worst = worst.max(err);
             }
@@ -822,7 +896,7 @@ mod tests {
     fn strided_output_gradient_and_frozen_inputs() {
         let case = CASES[1];
         let (padding, stride) = (case.6, case.7);
-        let [x, w, b, _] = inputs(case, DType::F32);
+        let [x, w, b, _] = inputs(case, DType::F32, false);
         let (x_var, w_var) = (
             Var::from_tensor(&x).expect("v"),
             Var::from_tensor(&w).expect("v"),
@@ -881,6 +955,11 @@ mod tests {
             close(
                 forward(&x, &wt, Some(&b), &tiny),
                 forward(&x, &wt, Some(&b), &g),
+            );
+            let b_per_image = values(n * o, 5);
+            close(
+                forward(&x, &wt, Some(&b_per_image), &tiny),
+                forward(&x, &wt, Some(&b_per_image), &g),
             );
             close(input_grad(&r, &wt, &tiny), input_grad(&r, &wt, &g));
             close(weight_grad(&r, &x, &tiny), weight_grad(&r, &x, &g));

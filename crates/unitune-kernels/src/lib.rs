@@ -11,8 +11,10 @@ mod cpu;
 pub mod geglu;
 pub mod group_norm;
 mod layer;
+pub mod layer_norm;
 pub mod linear;
 mod matmul;
 mod simd;
 #[cfg(test)]
 mod testing;
+pub mod upsample;

@@ -4,7 +4,7 @@
 //! gemms. Weights are created and named exactly as `candle_nn::conv2d` does, so checkpoints load
 //! unchanged.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::ops;
@@ -36,6 +36,47 @@ impl Conv2d {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias()
     }
+
+    /// Whether the gemm custom op takes this convolution of `xs` (and of the other tensors).
+    fn custom(&self, xs: &Tensor, others: &[&Tensor]) -> bool {
+        let cfg = self.inner.config();
+        ops::kernel_ready(&[xs, self.inner.weight()])
+            && ops::kernel_ready(others)
+            && self.inner.bias().is_none_or(|b| ops::kernel_ready(&[b]))
+            && cfg.groups == 1
+            && cfg.dilation == 1
+    }
+
+    /// `forward(xs) + extra[:, :, None, None]` for `xs: [b, c_in, h, w]` and `extra: [b, c_out]`
+    /// (a resnet's time embedding): the custom op adds `bias + extra` as a bias per image, so
+    /// that the sum costs no pass over the output, forward or backward.
+    pub fn forward_with_added_bias(&self, xs: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let (b, out_channels) = (xs.dim(0)?, self.inner.weight().dim(0)?);
+        if extra.dims() != [b, out_channels] {
+            bail!(
+                "conv2d: added bias of shape {:?} for {b} images of {out_channels} channels",
+                extra.dims()
+            )
+        }
+        if self.custom(xs, &[extra]) {
+            let cfg = self.inner.config();
+            let bias = match self.inner.bias() {
+                Some(bias) => bias.unsqueeze(0)?.broadcast_add(extra)?, // [b, c_out]
+                None => extra.clone(),
+            };
+            unitune_kernels::conv::conv2d(
+                xs,
+                self.inner.weight(),
+                Some(&bias),
+                cfg.padding,
+                cfg.stride,
+            )
+        } else {
+            // Off the custom op (CUDA, f16/bf16): the convolution plus its bias, then `extra`.
+            self.forward(xs)?
+                .broadcast_add(&extra.unsqueeze(2)?.unsqueeze(3)?)
+        }
+    }
 }
 
 impl Module for Conv2d {
@@ -43,11 +84,7 @@ impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let cfg = self.inner.config();
         let weight = self.inner.weight();
-        let custom = ops::kernel_ready(&[xs, weight])
-            && self.inner.bias().is_none_or(|b| ops::kernel_ready(&[b]))
-            && cfg.groups == 1
-            && cfg.dilation == 1;
-        if custom {
+        if self.custom(xs, &[]) {
             unitune_kernels::conv::conv2d(xs, weight, self.inner.bias(), cfg.padding, cfg.stride)
         } else {
             // The custom op has only a CPU kernel: CUDA (and f16/bf16, grouped or dilated
@@ -116,6 +153,49 @@ mod tests {
             );
             assert!(max_diff(a, b)? < 1e-4);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn added_bias_matches_candle_nn_plus_broadcast() -> Result<()> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let (ours, theirs, _) = layers(cfg, DType::F32)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 6, 7, 5), &Device::Cpu)?)?;
+        let extra = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5), &Device::Cpu)?)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 5, 7, 5), &Device::Cpu)?;
+        let y_ours = ours.forward_with_added_bias(x.as_tensor(), extra.as_tensor())?;
+        let y_theirs = theirs
+            .forward(x.as_tensor())?
+            .broadcast_add(&extra.as_tensor().unsqueeze(2)?.unsqueeze(3)?)?;
+        assert_eq!(y_ours.dims(), [3, 5, 7, 5]);
+        assert!(max_diff(&y_ours, &y_theirs)? < 1e-5);
+        let (g_ours, g_theirs) = (
+            (y_ours * &r)?.sum_all()?.backward()?,
+            (y_theirs * &r)?.sum_all()?.backward()?,
+        );
+        let vars = [x.as_tensor(), extra.as_tensor(), ours.weight()];
+        for t in vars.into_iter().chain(ours.bias()) {
+            let (a, b) = (
+                g_ours.get(t).expect("ours"),
+                g_theirs.get(t).expect("candle"),
+            );
+            assert_eq!(a.dims(), t.dims());
+            assert!(max_diff(a, b)? < 1e-4);
+        }
+        // The same sum off the custom op (f16), and a mis-shaped `extra` is refused.
+        let (ours, theirs, _) = layers(cfg, DType::F16)?;
+        let (x, extra) = (x.to_dtype(DType::F16)?, extra.to_dtype(DType::F16)?);
+        let y_ours = ours.forward_with_added_bias(&x, &extra)?;
+        let y_theirs = theirs
+            .forward(&x)?
+            .broadcast_add(&extra.unsqueeze(2)?.unsqueeze(3)?)?;
+        assert_eq!(max_diff(&y_ours, &y_theirs)?, 0.0);
+        assert!(ours
+            .forward_with_added_bias(&x, &extra.narrow(0, 0, 1)?)
+            .is_err());
         Ok(())
     }
 

@@ -45,6 +45,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // f32 on the CPU: the fused kernel, which keeps only each row's statistics for its
+        // analytic backward and sums the weight and bias gradients in parallel (candle's
+        // composite below sums them on one thread). Everything else (CUDA, f16/bf16, f64, empty
+        // tensors) takes the composite ops, which run on every device.
+        if xs.elem_count() > 0 && kernel_ready(&[xs, &self.weight, &self.bias]) {
+            return unitune_kernels::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps);
+        }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(compute_dtype(dtype))?;
         let mean = xs.mean_keepdim(D::Minus1)?;
@@ -104,11 +111,17 @@ impl Module for Activation {
 }
 
 /// Nearest-neighbour upsampling of `[b, c, h, w]` to `[b, c, out_h, out_w]`, as
-/// `F.interpolate(mode="nearest")`. The factor-2 case is a broadcast (cheap, and its backward sums
-/// correctly; candle's `upsample_nearest2d` backward overwrites rather than accumulates).
+/// `F.interpolate(mode="nearest")`. The factor-2 case is a custom op on the CPU kernels, elsewhere
+/// a broadcast (cheap, and its backward sums correctly; candle's `upsample_nearest2d` backward
+/// overwrites rather than accumulates).
 pub fn upsample_nearest(xs: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
     if out_h == 2 * h && out_w == 2 * w {
+        // The broadcast's backward is a single-threaded strided sum: the kernel sums the 2x2
+        // blocks in parallel. CUDA and f16/bf16 keep the broadcast, which runs everywhere.
+        if kernel_ready(&[xs]) {
+            return unitune_kernels::upsample::upsample_nearest2x(xs);
+        }
         return xs
             .reshape((b, c, h, 1, w, 1))?
             .broadcast_as((b, c, h, 2, w, 2))?
@@ -149,9 +162,10 @@ pub fn kernel_ready(tensors: &[&Tensor]) -> bool {
 /// (e.g. `-inf` above the diagonal for CLIP's causal mask).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    // Unmasked f32 on the CPU (the UNet's and the VAE's attention): the fused kernel, which keeps
-    // no [b, heads, n_q, n_k] tensor for the backward. Everything else (CLIP's causal mask, CUDA,
-    // f16/f64, empty tensors) takes the composite ops below, which run on every device.
+    // Unmasked f32 on the CPU (the VAE's attention; the UNet's takes `attention_heads`): the
+    // fused kernel, which keeps no [b, heads, n_q, n_k] tensor for the backward. Everything else
+    // (CLIP's causal mask, CUDA, f16/f64, empty tensors) takes the composite ops below, which run
+    // on every device.
     let empty = [q, k, v].iter().any(|t| t.elem_count() == 0);
     if mask.is_none() && !empty && kernel_ready(&[q, k, v]) {
         return unitune_kernels::attention::attention(q, k, v, scale);
@@ -162,6 +176,23 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         None => scores,
     };
     softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// Unmasked scaled dot-product attention on q, k, v as the projections give them,
+/// `[b, n, heads * d]`, giving `[b, n_q, heads * d]`: [`attention`] between [`split_heads`] and
+/// [`merge_heads`].
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    // f32 on the CPU: the fused kernel reads and writes this layout in place, so that neither the
+    // copies into [b, heads, n, d] and back nor their backward are needed. Everything else (CUDA,
+    // f16/bf16, f64, empty tensors) splits the heads and takes the composite ops, which run on
+    // every device.
+    let empty = [q, k, v].iter().any(|t| t.elem_count() == 0);
+    if !empty && kernel_ready(&[q, k, v]) {
+        let scale = 1.0 / ((q.dim(D::Minus1)? / heads) as f64).sqrt();
+        return unitune_kernels::attention::attention_heads(q, k, v, heads, scale);
+    }
+    let [q, k, v] = [q, k, v].map(|t| split_heads(t, heads));
+    merge_heads(&attention(&q?, &k?, &v?, None)?)
 }
 
 #[cfg(test)]
@@ -389,6 +420,37 @@ pub(crate) mod tests {
                 .max_all()
                 .unwrap();
             assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_on_packed_heads_matches_split_heads() {
+        // f32 takes the kernel on [b, n, heads * d] in place, f64 the split -> composite -> merge
+        // fallback, whose gradient is checked against finite differences.
+        let dev = Device::Cpu;
+        let (heads, d) = (3, 5);
+        let t = |n: usize| Tensor::randn(0f64, 1.0, (2, n, heads * d), &dev).unwrap();
+        let (q, k, v, w) = (t(11), t(7), t(7), t(11));
+        check_grad(|q| attention_heads(q, &k, &v, heads), &[2, 4, heads * d]);
+        let run = |dtype: DType| {
+            let vars = [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+            let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+            let out = attention_heads(q, k, v, heads).unwrap();
+            let loss = (&out * w.to_dtype(dtype).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let mut all = vec![out];
+            all.extend([q, k, v].map(|x| grads.get(x).expect("missing gradient").clone()));
+            all.into_iter()
+                .map(|x| x.to_dtype(DType::F64).unwrap())
+                .collect::<Vec<_>>()
+        };
+        for (fused, reference) in run(DType::F32).iter().zip(run(DType::F64)) {
+            assert_eq!(fused.dims(), reference.dims());
+            let diff = (fused - &reference).unwrap().abs().unwrap().max_all();
+            assert!(diff.unwrap().to_scalar::<f64>().unwrap() < 1e-5);
         }
     }
 

@@ -296,18 +296,22 @@ mod tests {
         worst
     }
 
+    /// Recomputing changes the order in which f32 partial sums are added, so the gradients may
+    /// differ by rounding (about 1e-6 of the largest entry); a lost or wrong gradient is off by O(1).
+    const ROUNDING: f32 = 1e-5;
+
     #[test]
     fn checkpointing_keeps_every_gradient() {
         for model in ["sd1", "sd2"] {
-            assert!(compare(model, |_| true, true) <= 1e-6);
+            assert!(compare(model, |_| true, true) <= ROUNDING);
         }
     }
 
     #[test]
     fn a_trainable_unit_behind_frozen_inputs_still_gets_its_gradient() {
         // Only cross-attention trains: the first transformer's input and the text are constants.
-        assert!(compare("sd1", |n| n.contains(".attn2."), false) <= 1e-6);
+        assert!(compare("sd1", |n| n.contains(".attn2."), false) <= ROUNDING);
         // Only the time embedding trains: its gradient comes back through every resnet's side input.
-        assert!(compare("sd2", |n| n.starts_with("time_embedding."), false) <= 1e-6);
+        assert!(compare("sd2", |n| n.starts_with("time_embedding."), false) <= ROUNDING);
     }
 }

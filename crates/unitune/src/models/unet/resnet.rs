@@ -75,13 +75,11 @@ impl ResnetBlock2D {
 
     /// `xs`: [b, c_in, h, w], `temb`: [b, temb_channels] -> [b, c_out, h, w].
     pub fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let hs = self.conv1.forward(&self.norm1.forward_act(xs, self.act)?)?;
-        let temb = self
-            .time_emb_proj
-            .forward(&self.act.forward(temb)?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?; // [b, c, 1, 1]
-        let hs = hs.broadcast_add(&temb)?;
+        // [b, c_out], added as `temb[:, :, None, None]`: folded into conv1's bias.
+        let temb = self.time_emb_proj.forward(&self.act.forward(temb)?)?;
+        let hs = self
+            .conv1
+            .forward_with_added_bias(&self.norm1.forward_act(xs, self.act)?, &temb)?;
         let hs = self
             .conv2
             .forward(&self.norm2.forward_act(&hs, self.act)?)?;

@@ -44,10 +44,10 @@ impl Attention {
     /// `xs`: [b, n, dim]; `context`: [b, m, context_dim], or `None` to attend to `xs` itself.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let q = ops::split_heads(&self.to_q.forward(xs)?, self.heads)?; // [b, heads, n, d]
-        let k = ops::split_heads(&self.to_k.forward(context)?, self.heads)?; // [b, heads, m, d]
-        let v = ops::split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let out = ops::merge_heads(&ops::attention(&q, &k, &v, None)?)?; // [b, n, inner]
+        let q = self.to_q.forward(xs)?; // [b, n, heads * d]
+        let k = self.to_k.forward(context)?; // [b, m, heads * d]
+        let v = self.to_v.forward(context)?;
+        let out = ops::attention_heads(&q, &k, &v, self.heads)?; // [b, n, inner]
         self.to_out.forward(&out)
     }
 }
