@@ -42,6 +42,7 @@ enum Command {
 
 fn main() {
     keep_freed_memory();
+    park_idle_candle_workers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
@@ -66,6 +67,18 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// candle runs its elementwise ops on a pool of its own, whose workers spin 25,000 times after
+/// each op before they sleep. Our kernels run on rayon's threads, which those spinning workers
+/// then compete with for the cores: a tenth of a CPU training step in our profile (BENCHMARKS.md).
+/// Sleeping after 200 spins gives the cores back; a value the user set is kept.
+fn park_idle_candle_workers() {
+    const SPIN_LIMIT: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN_LIMIT).is_none() {
+        // Called first thing, before any thread exists that could read the environment.
+        std::env::set_var(SPIN_LIMIT, "200");
     }
 }
 
