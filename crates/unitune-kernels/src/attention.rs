@@ -25,12 +25,13 @@
 
 use std::cell::RefCell;
 use std::f32::consts::LOG2_E;
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, cpu_f32};
+use crate::cpu::{contiguous, cpu_f32, uninit_vec};
 use crate::matmul::{gemm_into, pieces, Mat, Shared};
 
 /// The name in the errors.
@@ -245,9 +246,12 @@ impl CustomOp3 for FusedAttention {
             contiguous(OP, (v, v_l), "v")?,
         ];
         let Dims { nq, dv, .. } = self.dims;
-        let mut out = vec![0f32; self.dims.bh() * nq * dv];
         let mut lse = vec![0f32; self.dims.bh() * nq];
-        forward(&self.dims, self.scale, inputs, &mut out, &mut lse);
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            forward(&self.dims, self.scale, inputs, out, &mut lse);
+        };
+        // SAFETY: `forward` writes all of `out`.
+        let out = unsafe { uninit_vec(self.dims.bh() * nq * dv, fill) };
         *self.lse.lock().map_err(|_| poisoned())? = Some(lse);
         Ok((CpuStorage::F32(out), self.dims.shape(nq, dv)))
     }
@@ -272,21 +276,21 @@ impl CustomOp3 for FusedAttention {
         }
         let Dims { nq, nk, d, dv, .. } = self.dims;
         let bh = self.dims.bh();
-        let (mut dq, mut dk, mut dvv) = (
-            vec![0f32; bh * nq * d],
-            vec![0f32; bh * nk * d],
-            vec![0f32; bh * nk * dv],
-        );
         let [q_s, k_s, v_s, o_s, do_s] = slices[..] else {
             unreachable!("five tensors were read")
         };
-        backward(
-            &self.dims,
-            self.scale,
-            [q_s, k_s, v_s, o_s, do_s],
-            lse,
-            [&mut dq, &mut dk, &mut dvv],
-        );
+        let inputs = [q_s, k_s, v_s, o_s, do_s];
+        let (mut dk, mut dvv) = (Vec::new(), Vec::new());
+        // SAFETY (all three): `backward` writes all of dq, dk and dv.
+        let dq = unsafe {
+            uninit_vec(bh * nq * d, |dq| {
+                dk = uninit_vec(bh * nk * d, |dk| {
+                    dvv = uninit_vec(bh * nk * dv, |dv| {
+                        backward(&self.dims, self.scale, inputs, lse, [dq, dk, dv])
+                    })
+                })
+            })
+        };
         drop(tensors);
         let dev = q.device();
         Ok((
@@ -301,14 +305,21 @@ fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("fused attention: lock poisoned".into())
 }
 
-/// `inputs`: q, k, v in the layout of `dims`; `out` gets the attention (same layout), `lse`
-/// `[bh, nq]` the log-sum-exp of each row of scores, in base 2: `log₂ Σ 2^(s·log₂e)`.
-fn forward(dims: &Dims, scale: f32, inputs: [&[f32]; 3], out: &mut [f32], lse: &mut [f32]) {
+/// `inputs`: q, k, v in the layout of `dims`; `out` gets the attention (same layout; all written,
+/// it need not be initialised), `lse` `[bh, nq]` the log-sum-exp of each row of scores, in base
+/// 2: `log₂ Σ 2^(s·log₂e)`.
+fn forward(
+    dims: &Dims,
+    scale: f32,
+    inputs: [&[f32]; 3],
+    out: &mut [MaybeUninit<f32>],
+    lse: &mut [f32],
+) {
     let Dims { nq, nk, d, dv, .. } = *dims;
     let [q, k, v] = inputs;
     let bq = dims.query_block(true);
     let blocks = nq.div_ceil(bq);
-    let (out, lse) = (Shared::new(out), Shared::new(lse));
+    let (out, lse) = (Shared::new(out), Shared::init(lse));
     (0..dims.bh() * blocks).into_par_iter().for_each(|task| {
         let (bh, start) = (task / blocks, task % blocks * bq);
         let rows = bq.min(nq - start);
@@ -325,7 +336,8 @@ fn forward(dims: &Dims, scale: f32, inputs: [&[f32]; 3], out: &mut [f32], lse: &
             let offset = offset + start * rs; // the block's first output row
             let p = Matrix::rows(scores, rows, nk).mat;
             let v_h = dims.head(v, bh, nk, dv).mat;
-            // SAFETY (both): the task's own output rows, which no other task touches.
+            // SAFETY (both): the task's own output rows, which no other task touches; the gemm
+            // writes them.
             unsafe { out.gemm(offset, rs, (rows, dv, nk), p, v_h, false) };
             for (i, &inv) in inv_sum.iter().enumerate() {
                 let row = offset + i * rs;
@@ -337,8 +349,14 @@ fn forward(dims: &Dims, scale: f32, inputs: [&[f32]; 3], out: &mut [f32], lse: &
 }
 
 /// `inputs`: q, k, v, out and the gradient of out, all in the layout of `dims`; `lse`: [bh, nq];
-/// `grads`: those of q, k and v (overwritten).
-fn backward(dims: &Dims, scale: f32, inputs: [&[f32]; 5], lse: &[f32], grads: [&mut [f32]; 3]) {
+/// `grads`: those of q, k and v, all written (they need not be initialised).
+fn backward(
+    dims: &Dims,
+    scale: f32,
+    inputs: [&[f32]; 5],
+    lse: &[f32],
+    grads: [&mut [MaybeUninit<f32>]; 3],
+) {
     let Dims { nq, nk, d, dv, .. } = *dims;
     let [q, k, v, out, grad_out] = inputs;
     let bq = dims.query_block(false);
@@ -380,7 +398,9 @@ fn backward(dims: &Dims, scale: f32, inputs: [&[f32]; 5], lse: &[f32], grads: [&
                 // dK and dV add up over the query blocks, dQ is the block's own; the gradients of
                 // a head are written by its task only.
                 let more = start > 0;
-                // SAFETY (all three): this head's gradients, which no other task touches.
+                // SAFETY (all three): this head's gradients, which no other task touches; the first
+                // query block (`start = 0`, `more` false) writes dK and dV whole, before the others
+                // add into them.
                 unsafe {
                     dvv.gemm(dv_at, dv_rs, (nk, dv, rows), p.t().mat, do_b.mat, more);
                     let dq_b = dq_at + start * dq_rs;
@@ -614,11 +634,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{EXP2_MAX, EXP2_MIN, EXP2_P, ROUND};
-
-    /// Whether the CPU runs these kernels.
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
+    pub(super) use crate::simd::avx2::available;
+    use crate::simd::avx2::{split, sum_lanes};
 
     /// 8 lanes of [`super::exp2`], with fused multiply-adds.
     #[inline]
@@ -646,25 +663,6 @@ mod avx2 {
         let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn sum_lanes(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
-    }
-
-    /// A row of `len` elements: its whole vectors, and the mask of the elements after them
-    /// (lanes `0..len % 8`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn split(len: usize) -> (usize, __m256i) {
-        let whole = len / 8 * 8;
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((len - whole) as i32), lanes);
-        (whole, mask)
     }
 
     /// [`super::softmax_rows`].

@@ -24,6 +24,7 @@
 //! reused across calls, so that a training step does not fault in fresh pages for them.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::backend::BackendStorage;
@@ -32,9 +33,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, unsupported, Arg};
+use crate::cpu::{contiguous, uninit_vec, unsupported, zeroed, Arg};
 use crate::layer::{self, Layer};
-use crate::matmul::{chunks, gemm_into, pieces, zero, Mat, Shared};
+use crate::matmul::{chunks, gemm_into, gemm_uninit, pieces, zero, Mat, Shared};
 
 /// The name in the errors.
 const OP: &str = "conv2d";
@@ -276,50 +277,55 @@ fn col2im<T: WithDType>(
 /// `[n, o, oh, ow]`; one piece of work per block of output rows of an image.
 fn forward<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geometry) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
-    let mut out = vec![zero(); g.n * g.o * p];
     let rows_per_piece = g.oh.div_ceil(pieces().div_ceil(g.n)).min(g.rows_fitting(k));
     let work: Vec<_> = (0..g.n)
         .flat_map(|i| chunks(g.oh, rows_per_piece).map(move |rows| (i, rows)))
         .collect();
-    let shared = Shared::new(&mut out);
     let weight = Mat::new(w, k, 1);
-    work.into_par_iter().for_each(|(i, rows)| {
-        let cols = rows.start * g.ow..rows.end * g.ow;
-        // The piece's output: columns `cols` of the [o, p] matrix of image i.
-        let offset = i * g.o * p + cols.start;
-        if let Some(bias) = bias {
-            // The gemm adds onto the bias: a bias per image costs nothing more than a shared one.
-            let bias = if bias.len() == g.o {
-                bias
-            } else {
-                &bias[i * g.o..][..g.o]
-            };
-            for (c, &b) in bias.iter().enumerate() {
-                let start = offset + c * p;
-                // SAFETY: within this piece's output, which no other piece touches.
-                unsafe { shared.slice(start..start + cols.len()) }.fill(b);
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        let shared = Shared::new(out);
+        work.into_par_iter().for_each(|(i, rows)| {
+            let cols = rows.start * g.ow..rows.end * g.ow;
+            // The piece's output: columns `cols` of the [o, p] matrix of image i.
+            let offset = i * g.o * p + cols.start;
+            if let Some(bias) = bias {
+                // The gemm adds onto the bias: a bias per image costs nothing more than a shared
+                // one.
+                let bias = if bias.len() == g.o {
+                    bias
+                } else {
+                    &bias[i * g.o..][..g.o]
+                };
+                for (c, &b) in bias.iter().enumerate() {
+                    let start = offset + c * p;
+                    // SAFETY: within this piece's output, which no other piece touches.
+                    unsafe { shared.uninit(start..start + cols.len()) }.fill(MaybeUninit::new(b));
+                }
             }
-        }
-        let mnk = (g.o, cols.len(), k);
-        // SAFETY (both): this piece's output, which no other piece touches.
-        if g.pointwise() {
-            let x_i = Mat::new(&x[i * g.c * p + cols.start..], p, 1);
-            unsafe { shared.gemm(offset, p, mnk, weight, x_i, bias.is_some()) }
-        } else {
-            T::with_scratch(k * cols.len(), |col| {
-                im2col(
-                    x,
-                    g,
-                    0..g.c,
-                    i * g.oh + rows.start..i * g.oh + rows.end,
-                    col,
-                );
-                let col = Mat::new(col, cols.len(), 1);
-                unsafe { shared.gemm(offset, p, mnk, weight, col, bias.is_some()) }
-            })
-        }
-    });
-    out
+            let mnk = (g.o, cols.len(), k);
+            // SAFETY (both): this piece's output, which no other piece touches, initialised above
+            // when accumulating onto the bias.
+            if g.pointwise() {
+                let x_i = Mat::new(&x[i * g.c * p + cols.start..], p, 1);
+                unsafe { shared.gemm(offset, p, mnk, weight, x_i, bias.is_some()) }
+            } else {
+                T::with_scratch(k * cols.len(), |col| {
+                    im2col(
+                        x,
+                        g,
+                        0..g.c,
+                        i * g.oh + rows.start..i * g.oh + rows.end,
+                        col,
+                    );
+                    let col = Mat::new(col, cols.len(), 1);
+                    unsafe { shared.gemm(offset, p, mnk, weight, col, bias.is_some()) }
+                })
+            }
+        });
+    };
+    // SAFETY: the pieces cover the output (every image's rows), each writing all of its elements
+    // in its gemm.
+    unsafe { uninit_vec(g.n * g.o * p, fill) }
 }
 
 /// `dy: [n, o, oh, ow]`, `w: [o, k]` -> `dx: [n, c, h, w]`; one piece of work per block of input
@@ -329,43 +335,56 @@ fn forward<T: Element>(x: &[T], w: &[T], bias: Option<&[T]>, g: &Geometry) -> Ve
 /// piece per image and block of channels instead (measured faster).
 fn input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry) -> Vec<T> {
     let (k, kk, np) = (g.k(), g.kh * g.kw, g.n * g.p());
-    let mut dx = vec![zero(); g.n * g.c * g.hw()];
+    let len = g.n * g.c * g.hw();
     if g.pointwise() {
-        pointwise_input_grad(dy, w, g, &mut dx);
-        return dx;
+        // SAFETY: `pointwise_input_grad` writes all of `dx`.
+        return unsafe { uninit_vec(len, |dx| pointwise_input_grad(dy, w, g, dx)) };
     }
     let dy_side = side_by_side(dy, g);
     let dy_side = dy_side.as_deref().unwrap_or(dy);
     let work: Vec<_> = chunks(g.c, g.c.div_ceil(pieces())).collect();
-    let shared = Shared::new(&mut dx);
-    work.into_par_iter().for_each(|chans| {
-        // The rows of Wᵀ [k, o] for these channels.
-        let w_t = Mat::new(&w[chans.start * kk..], 1, k);
-        let rows_of_k = chans.len() * kk;
-        for rows in chunks(g.n * g.oh, g.rows_fitting(rows_of_k)) {
-            let cols = rows.start * g.ow..rows.end * g.ow;
-            T::with_scratch(rows_of_k * cols.len(), |dcol| {
-                let dy_cols = Mat::new(&dy_side[cols.start..], np, 1);
-                let mnk = (rows_of_k, cols.len(), g.o);
-                gemm_into(dcol, cols.len(), mnk, w_t, dy_cols, false, T::from_f64(1.0));
-                // Back onto each image the block of rows covers.
-                for i in rows.start / g.oh..rows.end.div_ceil(g.oh) {
-                    let start = (i * g.c + chans.start) * g.hw();
-                    // SAFETY: channels `chans` of every image belong to this piece alone.
-                    let dx_i = unsafe { shared.slice(start..start + chans.len() * g.hw()) };
-                    let local = rows.start.max(i * g.oh)..rows.end.min((i + 1) * g.oh);
-                    let dcol_i = &dcol[(local.start - rows.start) * g.ow..];
-                    let local = local.start - i * g.oh..local.end - i * g.oh;
-                    col2im(dcol_i, cols.len(), g, local, dx_i);
-                }
-            });
-        }
-    });
-    dx
+    let fill = |dx: &mut [MaybeUninit<T>]| {
+        let shared = Shared::new(dx);
+        work.into_par_iter().for_each(|chans| {
+            // The rows of Wᵀ [k, o] for these channels.
+            let w_t = Mat::new(&w[chans.start * kk..], 1, k);
+            let rows_of_k = chans.len() * kk;
+            for rows in chunks(g.n * g.oh, g.rows_fitting(rows_of_k)) {
+                let cols = rows.start * g.ow..rows.end * g.ow;
+                T::with_scratch(rows_of_k * cols.len(), |dcol| {
+                    let dy_cols = Mat::new(&dy_side[cols.start..], np, 1);
+                    let mnk = (rows_of_k, cols.len(), g.o);
+                    gemm_into(dcol, cols.len(), mnk, w_t, dy_cols, false, T::from_f64(1.0));
+                    // Back onto each image the block of rows covers.
+                    for i in rows.start / g.oh..rows.end.div_ceil(g.oh) {
+                        let start = (i * g.c + chans.start) * g.hw();
+                        let part = start..start + chans.len() * g.hw();
+                        let local = rows.start.max(i * g.oh)..rows.end.min((i + 1) * g.oh);
+                        // SAFETY (both): channels `chans` of every image belong to this piece
+                        // alone; zeroed by the block of the image's first row (blocks run in
+                        // order), so written before any later block adds into them.
+                        let dx_i = if local.start == i * g.oh {
+                            zeroed(unsafe { shared.uninit(part) })
+                        } else {
+                            unsafe { shared.slice(part) }
+                        };
+                        let dcol_i = &dcol[(local.start - rows.start) * g.ow..];
+                        let local = local.start - i * g.oh..local.end - i * g.oh;
+                        col2im(dcol_i, cols.len(), g, local, dx_i);
+                    }
+                });
+            }
+        });
+    };
+    // SAFETY: the pieces cover the channels of every image, and the blocks of rows of a piece
+    // cover every image's rows (`oh >= 1`), so that each image's part is zeroed once, before the
+    // blocks add into it.
+    unsafe { uninit_vec(len, fill) }
 }
 
-/// [`input_grad`] of a 1x1 convolution without stride or padding: `dx = Wᵀ·dy` for each image.
-fn pointwise_input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry, dx: &mut [T]) {
+/// [`input_grad`] of a 1x1 convolution without stride or padding: `dx = Wᵀ·dy` for each image,
+/// writing all of `dx`.
+fn pointwise_input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry, dx: &mut [MaybeUninit<T>]) {
     let p = g.p();
     let chans_per_piece = g.c.div_ceil(pieces().div_ceil(g.n));
     let work: Vec<_> = dx
@@ -381,7 +400,7 @@ fn pointwise_input_grad<T: Element>(dy: &[T], w: &[T], g: &Geometry, dx: &mut [T
         let w_t = Mat::new(&w[first_chan..], 1, g.c);
         let dy_i = Mat::new(&dy[i * g.o * p..], p, 1);
         let mnk = (dx_part.len() / p, p, g.o);
-        gemm_into(dx_part, p, mnk, w_t, dy_i, false, T::from_f64(1.0));
+        gemm_uninit(dx_part, p, mnk, w_t, dy_i, T::from_f64(1.0));
     });
 }
 
@@ -392,13 +411,15 @@ fn side_by_side<T: WithDType>(dy: &[T], g: &Geometry) -> Option<Vec<T>> {
         return None;
     }
     let (p, np) = (g.p(), g.n * g.p());
-    let mut side = vec![zero(); g.o * np];
-    side.par_chunks_mut(np).enumerate().for_each(|(c, row)| {
-        for (i, dst) in row.chunks_exact_mut(p).enumerate() {
-            dst.copy_from_slice(&dy[(i * g.o + c) * p..][..p]);
-        }
-    });
-    Some(side)
+    let fill = |side: &mut [MaybeUninit<T>]| {
+        side.par_chunks_mut(np).enumerate().for_each(|(c, row)| {
+            for (i, dst) in row.chunks_exact_mut(p).enumerate() {
+                dst.write_copy_of_slice(&dy[(i * g.o + c) * p..][..p]);
+            }
+        })
+    };
+    // SAFETY: the `o` rows of `n·p` are each written whole, image by image.
+    Some(unsafe { uninit_vec(g.o * np, fill) })
 }
 
 /// `dy: [n, o, oh, ow]`, `x: [n, c, h, w]` -> `dW: [o, k]`; one piece of work per block of input
@@ -409,27 +430,31 @@ fn weight_grad<T: Element>(dy: &[T], x: &[T], g: &Geometry) -> Vec<T> {
     let (k, kk, np) = (g.k(), g.kh * g.kw, g.n * g.p());
     let dy_side = side_by_side(dy, g);
     let dy_side = dy_side.as_deref().unwrap_or(dy);
-    let mut dw = vec![zero(); g.o * k];
     let work: Vec<_> = chunks(g.c, g.c.div_ceil(pieces())).collect();
-    let shared = Shared::new(&mut dw);
-    work.into_par_iter().for_each(|chans| {
-        let rows_of_k = chans.len() * kk;
-        let mut accumulate = false;
-        for rows in chunks(g.n * g.oh, g.rows_fitting(rows_of_k)) {
-            let cols = rows.start * g.ow..rows.end * g.ow;
-            T::with_scratch(rows_of_k * cols.len(), |col| {
-                im2col(x, g, chans.clone(), rows, col);
-                let dy_cols = Mat::new(&dy_side[cols.start..], np, 1);
-                let col_t = Mat::new(col, 1, cols.len());
-                let mnk = (g.o, rows_of_k, cols.len());
-                // SAFETY: the piece's output, columns `chans.start·kk..` of the [o, k] matrix,
-                // which no other piece touches.
-                unsafe { shared.gemm(chans.start * kk, k, mnk, dy_cols, col_t, accumulate) };
-            });
-            accumulate = true;
-        }
-    });
-    dw
+    let fill = |dw: &mut [MaybeUninit<T>]| {
+        let shared = Shared::new(dw);
+        work.into_par_iter().for_each(|chans| {
+            let rows_of_k = chans.len() * kk;
+            let mut accumulate = false;
+            for rows in chunks(g.n * g.oh, g.rows_fitting(rows_of_k)) {
+                let cols = rows.start * g.ow..rows.end * g.ow;
+                T::with_scratch(rows_of_k * cols.len(), |col| {
+                    im2col(x, g, chans.clone(), rows, col);
+                    let dy_cols = Mat::new(&dy_side[cols.start..], np, 1);
+                    let col_t = Mat::new(col, 1, cols.len());
+                    let mnk = (g.o, rows_of_k, cols.len());
+                    // SAFETY: the piece's output, columns `chans.start·kk..` of the [o, k] matrix,
+                    // which no other piece touches; the first block of rows writes it, the others
+                    // add into it.
+                    unsafe { shared.gemm(chans.start * kk, k, mnk, dy_cols, col_t, accumulate) };
+                });
+                accumulate = true;
+            }
+        });
+    };
+    // SAFETY: the pieces cover the channels, and each writes its columns of every output row in
+    // the gemm of its first block of rows (there is one: `n·oh >= 1`).
+    unsafe { uninit_vec(g.o * k, fill) }
 }
 
 /// `dy: [n, o, p]` summed over images and pixels -> `[o]`, or over pixels only -> `[n, o]` for

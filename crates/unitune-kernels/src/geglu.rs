@@ -11,12 +11,13 @@
 //! and split the rows over rayon.
 
 use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, uninit_vec};
 use crate::simd::{erf, exp};
 
 /// The name in the errors.
@@ -77,10 +78,13 @@ impl CustomOp1 for Geglu {
         let proj = contiguous(OP, (storage, layout), "input")?;
         let inner = self.inner;
         let rows = rows_per_task(inner);
-        let mut out = vec![0f32; proj.len() / 2];
-        out.par_chunks_mut(rows * inner)
-            .zip(proj.par_chunks(rows * 2 * inner))
-            .for_each(|(out, proj)| forward(proj, out, inner));
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(rows * inner)
+                .zip(proj.par_chunks(rows * 2 * inner))
+                .for_each(|(out, proj)| forward(proj, out, inner))
+        };
+        // SAFETY: `forward` writes each chunk whole (`inner` outputs per row of `proj`).
+        let out = unsafe { uninit_vec(proj.len() / 2, fill) };
         let mut dims = layout.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = inner;
@@ -118,12 +122,15 @@ impl CustomOp2 for GegluGrad {
         }
         let inner = self.inner;
         let rows = rows_per_task(inner);
-        let mut dproj = vec![0f32; proj.len()];
-        dproj
-            .par_chunks_mut(rows * 2 * inner)
-            .zip(proj.par_chunks(rows * 2 * inner))
-            .zip(grad.par_chunks(rows * inner))
-            .for_each(|((dproj, proj), grad)| backward(proj, grad, dproj, inner));
+        let fill = |dproj: &mut [MaybeUninit<f32>]| {
+            dproj
+                .par_chunks_mut(rows * 2 * inner)
+                .zip(proj.par_chunks(rows * 2 * inner))
+                .zip(grad.par_chunks(rows * inner))
+                .for_each(|((dproj, proj), grad)| backward(proj, grad, dproj, inner))
+        };
+        // SAFETY: `backward` writes each chunk whole (the rows of `proj`).
+        let dproj = unsafe { uninit_vec(proj.len(), fill) };
         Ok((CpuStorage::F32(dproj), proj_l.shape().clone()))
     }
 }
@@ -134,8 +141,9 @@ fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
 }
 
-/// `out = hidden * gelu(gate)` row by row; `proj` holds whole rows `[hidden | gate]`.
-fn forward(proj: &[f32], out: &mut [f32], inner: usize) {
+/// `out = hidden * gelu(gate)` row by row, writing all of `out`; `proj` holds whole rows
+/// `[hidden | gate]`.
+fn forward(proj: &[f32], out: &mut [MaybeUninit<f32>], inner: usize) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         // Safety: the CPU has the features `forward_avx2` is compiled for.
@@ -146,27 +154,27 @@ fn forward(proj: &[f32], out: &mut [f32], inner: usize) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn forward_avx2(proj: &[f32], out: &mut [f32], inner: usize) {
+unsafe fn forward_avx2(proj: &[f32], out: &mut [MaybeUninit<f32>], inner: usize) {
     forward_impl(proj, out, inner)
 }
 
 #[inline(always)]
-fn forward_impl(proj: &[f32], out: &mut [f32], inner: usize) {
+fn forward_impl(proj: &[f32], out: &mut [MaybeUninit<f32>], inner: usize) {
     for (row, out) in proj
         .chunks_exact(2 * inner)
         .zip(out.chunks_exact_mut(inner))
     {
         let (hidden, gate) = row.split_at(inner);
         for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-            *o = h * gelu(g);
+            o.write(h * gelu(g));
         }
     }
 }
 
 /// The gradient of the projection, row by row, from that of the output (`grad`):
 /// `d hidden = grad * gelu(gate)`, `d gate = grad * hidden * gelu'(gate)` with
-/// `gelu'(x) = Φ(x) + x·φ(x)` (φ the standard normal density).
-fn backward(proj: &[f32], grad: &[f32], dproj: &mut [f32], inner: usize) {
+/// `gelu'(x) = Φ(x) + x·φ(x)` (φ the standard normal density); writes all of `dproj`.
+fn backward(proj: &[f32], grad: &[f32], dproj: &mut [MaybeUninit<f32>], inner: usize) {
     #[cfg(target_arch = "x86_64")]
     if crate::simd::has_avx2() {
         // Safety: the CPU has the features `backward_avx2` is compiled for.
@@ -177,12 +185,12 @@ fn backward(proj: &[f32], grad: &[f32], dproj: &mut [f32], inner: usize) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn backward_avx2(proj: &[f32], grad: &[f32], dproj: &mut [f32], inner: usize) {
+unsafe fn backward_avx2(proj: &[f32], grad: &[f32], dproj: &mut [MaybeUninit<f32>], inner: usize) {
     backward_impl(proj, grad, dproj, inner)
 }
 
 #[inline(always)]
-fn backward_impl(proj: &[f32], grad: &[f32], dproj: &mut [f32], inner: usize) {
+fn backward_impl(proj: &[f32], grad: &[f32], dproj: &mut [MaybeUninit<f32>], inner: usize) {
     let rows = proj
         .chunks_exact(2 * inner)
         .zip(grad.chunks_exact(inner))
@@ -195,8 +203,8 @@ fn backward_impl(proj: &[f32], grad: &[f32], dproj: &mut [f32], inner: usize) {
         for ((dh, dg), ((&h, &g), &go)) in outputs.zip(inputs) {
             let cdf = 0.5 * (1.0 + erf(g * FRAC_1_SQRT_2));
             let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * g * g);
-            *dh = go * g * cdf;
-            *dg = go * h * (cdf + g * pdf);
+            dh.write(go * g * cdf);
+            dg.write(go * h * (cdf + g * pdf));
         }
     }
 }
@@ -326,13 +334,12 @@ mod tests {
                 .zip(b)
                 .all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs()))
         };
-        let (mut a, mut b) = (vec![0f32; rows * inner], vec![0f32; rows * inner]);
-        forward(&proj, &mut a, inner);
-        forward_impl(&proj, &mut b, inner);
+        // SAFETY (all four): each writes its whole output.
+        let a = unsafe { uninit_vec(rows * inner, |out| forward(&proj, out, inner)) };
+        let b = unsafe { uninit_vec(rows * inner, |out| forward_impl(&proj, out, inner)) };
         assert!(close(&a, &b));
-        let (mut a, mut b) = (vec![0f32; proj.len()], vec![0f32; proj.len()]);
-        backward(&proj, &grad, &mut a, inner);
-        backward_impl(&proj, &grad, &mut b, inner);
+        let a = unsafe { uninit_vec(proj.len(), |d| backward(&proj, &grad, d, inner)) };
+        let b = unsafe { uninit_vec(proj.len(), |d| backward_impl(&proj, &grad, d, inner)) };
         assert!(close(&a, &b));
         assert!(a.iter().any(|&v| v != 0.0));
     }

@@ -10,12 +10,13 @@
 //! group) with rayon; sums run in short f32 blocks gathered in f64, as accurate as candle's f32
 //! composite or better (see the tests).
 
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, cpu_f32};
+use crate::cpu::{contiguous, cpu_f32, uninit_vec};
 use crate::simd::exp;
 
 /// The name in the errors.
@@ -135,22 +136,25 @@ impl CustomOp3 for GroupNormOp {
             contiguous(OP, (s3, l3), "beta")?,
         );
         let d = Dims::new(l1.shape(), self.groups);
-        let mut out = vec![0f32; x.len()];
         let mut stats = vec![(0f32, 0f32); x.len() / d.group_len()];
-        out.par_chunks_mut(d.group_len())
-            .zip(stats.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (out, stats))| {
-                let x = &x[i * d.group_len()..][..d.group_len()];
-                let ch = d.channel_range(i);
-                let group = Group {
-                    x,
-                    gamma: &gamma[ch.clone()],
-                    beta: &beta[ch],
-                    spatial: d.spatial,
-                };
-                *stats = group.forward(out, self.eps, self.silu);
-            });
+        let fill = |out: &mut [MaybeUninit<f32>]| {
+            out.par_chunks_mut(d.group_len())
+                .zip(stats.par_iter_mut())
+                .enumerate()
+                .for_each(|(i, (out, stats))| {
+                    let x = &x[i * d.group_len()..][..d.group_len()];
+                    let ch = d.channel_range(i);
+                    let group = Group {
+                        x,
+                        gamma: &gamma[ch.clone()],
+                        beta: &beta[ch],
+                        spatial: d.spatial,
+                    };
+                    *stats = group.forward(out, self.eps, self.silu);
+                });
+        };
+        // SAFETY: the groups cover the output, and `forward` writes each whole.
+        let out = unsafe { uninit_vec(x.len(), fill) };
         if let Ok(mut saved) = self.stats.lock() {
             *saved = Some(stats);
         }
@@ -187,23 +191,26 @@ impl CustomOp3 for GroupNormOp {
                 .collect(),
         };
 
-        let mut dx = vec![0f32; xv.len()];
         // Per (sample, channel): the parts of (d_beta, d_gamma).
         let mut partial = vec![(0f64, 0f64); xv.len() / d.spatial];
-        dx.par_chunks_mut(d.group_len())
-            .zip(partial.par_chunks_mut(d.group_channels))
-            .enumerate()
-            .for_each(|(i, (dx, partial))| {
-                let range = i * d.group_len()..(i + 1) * d.group_len();
-                let ch = d.channel_range(i);
-                let group = Group {
-                    x: &xv[range.clone()],
-                    gamma: &gamma_v[ch.clone()],
-                    beta: &beta_v[ch],
-                    spatial: d.spatial,
-                };
-                group.backward(&dout[range], stats[i], self.silu, dx, partial);
-            });
+        let fill = |dx: &mut [MaybeUninit<f32>]| {
+            dx.par_chunks_mut(d.group_len())
+                .zip(partial.par_chunks_mut(d.group_channels))
+                .enumerate()
+                .for_each(|(i, (dx, partial))| {
+                    let range = i * d.group_len()..(i + 1) * d.group_len();
+                    let ch = d.channel_range(i);
+                    let group = Group {
+                        x: &xv[range.clone()],
+                        gamma: &gamma_v[ch.clone()],
+                        beta: &beta_v[ch],
+                        spatial: d.spatial,
+                    };
+                    group.backward(&dout[range], stats[i], self.silu, dx, partial);
+                });
+        };
+        // SAFETY: the groups cover the input, and `backward` writes each group's gradient whole.
+        let dx = unsafe { uninit_vec(xv.len(), fill) };
 
         let mut dgamma = vec![0f64; d.channels];
         let mut dbeta = vec![0f64; d.channels];
@@ -232,8 +239,9 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// Writes the normalised group (through SiLU when `silu`) to `out`; returns `(mean, rstd)`.
-    fn forward(&self, out: &mut [f32], eps: f64, silu: bool) -> (f32, f32) {
+    /// Writes the normalised group (through SiLU when `silu`) to all of `out`; returns
+    /// `(mean, rstd)`.
+    fn forward(&self, out: &mut [MaybeUninit<f32>], eps: f64, silu: bool) -> (f32, f32) {
         #[cfg(target_arch = "x86_64")]
         if crate::simd::has_avx2() {
             // Safety: the CPU has the features `forward_avx2` is compiled for.
@@ -244,12 +252,17 @@ impl Group<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn forward_avx2(&self, out: &mut [f32], eps: f64, silu: bool) -> (f32, f32) {
+    unsafe fn forward_avx2(
+        &self,
+        out: &mut [MaybeUninit<f32>],
+        eps: f64,
+        silu: bool,
+    ) -> (f32, f32) {
         self.forward_impl(out, eps, silu)
     }
 
     #[inline(always)]
-    fn forward_impl(&self, out: &mut [f32], eps: f64, silu: bool) -> (f32, f32) {
+    fn forward_impl(&self, out: &mut [MaybeUninit<f32>], eps: f64, silu: bool) -> (f32, f32) {
         let stats = group_stats(self.x, eps);
         if silu {
             self.normalise::<true>(out, stats)
@@ -261,7 +274,7 @@ impl Group<'_> {
 
     /// Normalise, scale and shift (then SiLU when `SILU`), channel by channel.
     #[inline(always)]
-    fn normalise<const SILU: bool>(&self, out: &mut [f32], (mean, rstd): (f32, f32)) {
+    fn normalise<const SILU: bool>(&self, out: &mut [MaybeUninit<f32>], (mean, rstd): (f32, f32)) {
         let s = self.spatial;
         let channels = self.x.chunks_exact(s).zip(out.chunks_exact_mut(s));
         for ((x, out), (&g, &b)) in channels.zip(self.gamma.iter().zip(self.beta)) {
@@ -269,19 +282,19 @@ impl Group<'_> {
             let shift = b - mean * scale;
             for (o, &v) in out.iter_mut().zip(x) {
                 let y = v * scale + shift;
-                *o = if SILU { y / (1.0 + exp(-y)) } else { y };
+                o.write(if SILU { y / (1.0 + exp(-y)) } else { y });
             }
         }
     }
 
-    /// Writes the input gradient to `dx` and each channel's `(d_beta, d_gamma)` part to
+    /// Writes the input gradient to all of `dx` and each channel's `(d_beta, d_gamma)` part to
     /// `partial`, given the gradient `dout` of the output and the forward's `(mean, rstd)`.
     fn backward(
         &self,
         dout: &[f32],
         stats: (f32, f32),
         silu: bool,
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         partial: &mut [(f64, f64)],
     ) {
         #[cfg(target_arch = "x86_64")]
@@ -299,7 +312,7 @@ impl Group<'_> {
         dout: &[f32],
         stats: (f32, f32),
         silu: bool,
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         partial: &mut [(f64, f64)],
     ) {
         self.backward_impl(dout, stats, silu, dx, partial)
@@ -315,7 +328,7 @@ impl Group<'_> {
         dout: &[f32],
         stats: (f32, f32),
         silu: bool,
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         partial: &mut [(f64, f64)],
     ) {
         let s = self.spatial;
@@ -332,6 +345,8 @@ impl Group<'_> {
             sum_gdp += g as f64 * part.0;
             sum_gdp_xhat += g as f64 * part.1;
         }
+        // SAFETY: `channel_dp` wrote each channel's `dp` whole, and the channels tile `dx`.
+        let dx = unsafe { dx.assume_init_mut() };
         let n = self.x.len() as f64;
         let (mean_gdp, mean_gdp_xhat) = ((sum_gdp / n) as f32, (sum_gdp_xhat / n) as f32);
         let (mean, rstd) = stats;
@@ -386,12 +401,12 @@ fn group_stats(x: &[f32], eps: f64) -> (f32, f32) {
 }
 
 /// For one channel: writes `dp` (the gradient before the affine output's SiLU when `SILU`, else
-/// `dout`) to `dp`, and returns the sums of `dp` and `dp * x_hat`.
+/// `dout`) to all of `dp`, and returns the sums of `dp` and `dp * x_hat`.
 #[inline(always)]
 fn channel_dp<const SILU: bool>(
     x: &[f32],
     dout: &[f32],
-    dp: &mut [f32],
+    dp: &mut [MaybeUninit<f32>],
     gamma: f32,
     beta: f32,
     (mean, rstd): (f32, f32),
@@ -419,7 +434,7 @@ fn channel_dp<const SILU: bool>(
         for ((x, go), dp) in chunks.zip(dp.chunks_exact_mut(LANES)) {
             for l in 0..LANES {
                 let (d, d_xhat) = element(x[l], go[l]);
-                dp[l] = d;
+                dp[l].write(d);
                 acc_dp[l] += d;
                 acc_dp_xhat[l] += d_xhat;
             }
@@ -427,7 +442,7 @@ fn channel_dp<const SILU: bool>(
         let tail = x.len() - x.len() % LANES;
         for (i, d) in dp.iter_mut().enumerate().skip(tail) {
             let (e, e_xhat) = element(x[i], dout[i]);
-            *d = e;
+            d.write(e);
             acc_dp[0] += e;
             acc_dp_xhat[0] += e_xhat;
         }
@@ -598,9 +613,12 @@ mod tests {
             spatial,
         };
         for silu in [false, true] {
-            let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-            let stats = group.forward(&mut a, 1e-5, silu);
-            assert_eq!(stats, group.forward_impl(&mut b, 1e-5, silu));
+            let (mut stats, mut stats_b) = ((0.0, 0.0), (0.0, 0.0));
+            // SAFETY (all four): each writes its whole output.
+            let a = unsafe { uninit_vec(x.len(), |out| stats = group.forward(out, 1e-5, silu)) };
+            let b =
+                unsafe { uninit_vec(x.len(), |out| stats_b = group.forward_impl(out, 1e-5, silu)) };
+            assert_eq!(stats, stats_b);
             let close = |a: &[f32], b: &[f32]| {
                 a.iter()
                     .zip(b)
@@ -608,8 +626,16 @@ mod tests {
             };
             assert!(close(&a, &b));
             let (mut pa, mut pb) = (vec![(0f64, 0f64); channels], vec![(0f64, 0f64); channels]);
-            group.backward(&dout, stats, silu, &mut a, &mut pa);
-            group.backward_impl(&dout, stats, silu, &mut b, &mut pb);
+            let a = unsafe {
+                uninit_vec(x.len(), |dx| {
+                    group.backward(&dout, stats, silu, dx, &mut pa)
+                })
+            };
+            let b = unsafe {
+                uninit_vec(x.len(), |dx| {
+                    group.backward_impl(&dout, stats, silu, dx, &mut pb)
+                })
+            };
             assert!(close(&a, &b));
             for (pa, pb) in pa.iter().zip(&pb) {
                 assert!(

@@ -12,6 +12,7 @@
 //! AVX2 intrinsics where the CPU has them (see [`avx2`]), in short f32 blocks gathered in f64, and
 //! each few rows' statistics come before their outputs so that their dependent steps overlap.
 
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -20,7 +21,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, unsupported, Arg};
+use crate::cpu::{contiguous, uninit_vec, unsupported, Arg};
 use crate::matmul::{pieces, zero};
 
 /// The name in the errors.
@@ -93,12 +94,15 @@ impl LayerNormOp {
         let b = contiguous::<T>(OP, b, "bias")?;
         let c = w.len();
         let rows = rows_per_piece(x.len() / c, c, pieces());
-        let mut out = vec![zero::<T>(); x.len()];
         let mut stats = vec![(0.0, 0.0); x.len() / c];
-        out.par_chunks_mut(rows * c)
-            .zip(x.par_chunks(rows * c))
-            .zip(stats.par_chunks_mut(rows))
-            .for_each(|((out, x), stats)| T::forward_piece(x, w, b, self.eps, out, stats));
+        let fill = |out: &mut [MaybeUninit<T>]| {
+            out.par_chunks_mut(rows * c)
+                .zip(x.par_chunks(rows * c))
+                .zip(stats.par_chunks_mut(rows))
+                .for_each(|((out, x), stats)| T::forward_piece(x, w, b, self.eps, out, stats))
+        };
+        // SAFETY: the pieces cover the output, and `forward_piece` writes each whole.
+        let out = unsafe { uninit_vec(x.len(), fill) };
         match self.stats.lock() {
             Ok(mut saved) => *saved = Some(stats),
             Err(_) => bail!("layer_norm: statistics lock poisoned"),
@@ -217,26 +221,27 @@ impl CustomOp3 for LayerNormOp {
 /// The element types of the op: f32, whose row loops run in AVX2 intrinsics where the CPU has
 /// them, and f64 (for the tests' finite differences), which runs the portable loops.
 trait Element: WithDType {
-    /// Normalises whole rows of `x` into `out` and writes each row's `(mean, rstd)` to `stats`.
+    /// Normalises whole rows of `x` into all of `out` and writes each row's `(mean, rstd)` to
+    /// `stats`.
     fn forward_piece(
         x: &[Self],
         w: &[Self],
         b: &[Self],
         eps: f64,
-        out: &mut [Self],
+        out: &mut [MaybeUninit<Self>],
         stats: &mut [(f64, f64)],
     ) {
         forward_rows(x, w, b, eps, out, stats, row_stats)
     }
 
-    /// [`backward`] on whole rows: writes the input's gradient to `dx` unless it is empty,
+    /// [`backward`] on whole rows: writes the input's gradient to all of `dx` unless it is empty,
     /// returns the piece's share of the weight and bias gradients when `params`.
     fn backward_piece(
         x: &[Self],
         dy: &[Self],
         w: &[Self],
         stats: &[(f64, f64)],
-        dx: &mut [Self],
+        dx: &mut [MaybeUninit<Self>],
         params: bool,
     ) -> Option<ParamGrads> {
         backward_rows(x, dy, w, stats, dx, params, grad_sums)
@@ -251,7 +256,7 @@ impl Element for f32 {
         w: &[f32],
         b: &[f32],
         eps: f64,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         stats: &mut [(f64, f64)],
     ) {
         #[cfg(target_arch = "x86_64")]
@@ -267,7 +272,7 @@ impl Element for f32 {
         dy: &[f32],
         w: &[f32],
         stats: &[(f64, f64)],
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         params: bool,
     ) -> Option<ParamGrads> {
         #[cfg(target_arch = "x86_64")]
@@ -343,7 +348,7 @@ fn forward_rows<T: WithDType>(
     w: &[T],
     b: &[T],
     eps: f64,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     stats: &mut [(f64, f64)],
     row_stats: impl Fn(&[T], f64) -> (T, T),
 ) {
@@ -361,7 +366,7 @@ fn forward_rows<T: WithDType>(
         for ((x, out), &(mean, rstd)) in rows.zip(stats.iter()) {
             let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
             for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
-                *o = (v - mean) * rstd * w + b;
+                o.write((v - mean) * rstd * w + b);
             }
         }
     }
@@ -407,19 +412,25 @@ fn backward<T: Element>(
     rows: usize,
 ) -> (Option<Vec<T>>, Option<ParamGrads>) {
     let n = rows * w.len();
-    let mut dx = input.then(|| vec![zero::<T>(); x.len()]);
     let pieces = x
         .par_chunks(n)
         .zip(dy.par_chunks(n))
         .zip(stats.par_chunks(rows));
-    let shares: Vec<Option<ParamGrads>> = match dx.as_mut() {
-        Some(dx) => pieces
-            .zip(dx.par_chunks_mut(n))
-            .map(|(((x, dy), stats), dx)| T::backward_piece(x, dy, w, stats, dx, params))
-            .collect(),
-        None => pieces
+    let mut shares: Vec<Option<ParamGrads>> = Vec::new();
+    let dx = if input {
+        let fill = |dx: &mut [MaybeUninit<T>]| {
+            shares = pieces
+                .zip(dx.par_chunks_mut(n))
+                .map(|(((x, dy), stats), dx)| T::backward_piece(x, dy, w, stats, dx, params))
+                .collect()
+        };
+        // SAFETY: the pieces cover `dx`, and `backward_piece` writes each whole.
+        Some(unsafe { uninit_vec(x.len(), fill) })
+    } else {
+        shares = pieces
             .map(|((x, dy), stats)| T::backward_piece(x, dy, w, stats, &mut [], params))
-            .collect(),
+            .collect();
+        None
     };
     let dparams = shares.into_iter().flatten().reduce(ParamGrads::add);
     (dx, dparams)
@@ -432,7 +443,7 @@ fn backward_rows<T: WithDType>(
     dy: &[T],
     w: &[T],
     stats: &[(f64, f64)],
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     params: bool,
     grad_sums: impl Fn(&[T], &[T], T, T) -> (f64, f64),
 ) -> Option<ParamGrads> {
@@ -452,7 +463,7 @@ fn rows<T: WithDType, const INPUT: bool, const PARAMS: bool>(
     dy: &[T],
     w: &[T],
     stats: &[(f64, f64)],
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     grad_sums: impl Fn(&[T], &[T], T, T) -> (f64, f64),
 ) -> Option<ParamGrads> {
     let c = w.len();
@@ -469,7 +480,7 @@ fn rows<T: WithDType, const INPUT: bool, const PARAMS: bool>(
         .zip(stats.chunks(STATS_ROWS));
     for (i, ((x, dy), stats)) in batches.enumerate() {
         let stats = stats.iter().map(|&(m, r)| (T::from_f64(m), T::from_f64(r)));
-        let dx: &mut [T] = if INPUT {
+        let dx: &mut [MaybeUninit<T>] = if INPUT {
             &mut dx[i * batch..i * batch + x.len()]
         } else {
             &mut []
@@ -487,6 +498,8 @@ fn rows<T: WithDType, const INPUT: bool, const PARAMS: bool>(
             }
         }
         if INPUT {
+            // SAFETY: `input_sums` wrote each row of the batch.
+            let dx = unsafe { dx.assume_init_mut() };
             let rows = x.chunks_exact(c).zip(dx.chunks_exact_mut(c));
             for (((x, dx), (mean, rstd)), &means) in rows.zip(stats).zip(&means) {
                 input_grad_row(x, mean, rstd, means, dx);
@@ -521,7 +534,7 @@ fn param_row<T: WithDType>(x: &[T], dy: &[T], mean: T, rstd: T, dw: &mut [T], db
     }
 }
 
-/// The first half of one row's input gradient: writes `g = dy * w` to `g` and returns
+/// The first half of one row's input gradient: writes `g = dy * w` to all of `g` and returns
 /// `(mean(g), mean(g * x_hat))`, the sums from `grad_sums` (as [`grad_sums`]). `g` goes through
 /// memory so that each sum reads two slices: the compiler vectorises those, not one sum over `x`,
 /// `dy` and `w`.
@@ -532,12 +545,15 @@ fn input_sums<T: WithDType>(
     w: &[T],
     mean: T,
     rstd: T,
-    g: &mut [T],
+    g: &mut [MaybeUninit<T>],
     grad_sums: impl Fn(&[T], &[T], T, T) -> (f64, f64),
 ) -> (T, T) {
+    assert_eq!(g.len(), w.len(), "layer_norm: row lengths");
     for ((g, &d), &w) in g.iter_mut().zip(dy).zip(w) {
-        *g = d * w;
+        g.write(d * w);
     }
+    // SAFETY: written just above (`dy` is a row as long, the callers' row of `x.chunks_exact(c)`).
+    let g = unsafe { g.assume_init_mut() };
     let n = x.len() as f64;
     let (sum_g, sum_g_xhat) = grad_sums(g, x, mean, rstd);
     (T::from_f64(sum_g / n), T::from_f64(sum_g_xhat / n))
@@ -568,12 +584,11 @@ fn input_grad_row<T: WithDType>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{backward_rows, forward_rows, ParamGrads, BLOCK};
+    use std::mem::MaybeUninit;
 
-    /// Whether the CPU runs these kernels.
-    pub(super) fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
+    use super::{backward_rows, forward_rows, ParamGrads, BLOCK};
+    pub(super) use crate::simd::avx2::available;
+    use crate::simd::avx2::{split, sum_lanes};
 
     /// [`super::Element::forward_piece`] for f32.
     ///
@@ -585,7 +600,7 @@ mod avx2 {
         w: &[f32],
         b: &[f32],
         eps: f64,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         stats: &mut [(f64, f64)],
     ) {
         forward_rows(x, w, b, eps, out, stats, |x, eps| row_stats(x, eps))
@@ -601,30 +616,11 @@ mod avx2 {
         dy: &[f32],
         w: &[f32],
         stats: &[(f64, f64)],
-        dx: &mut [f32],
+        dx: &mut [MaybeUninit<f32>],
         params: bool,
     ) -> Option<ParamGrads> {
         let sums = |g: &[f32], x: &[f32], mean, rstd| grad_sums(g, x, mean, rstd);
         backward_rows(x, dy, w, stats, dx, params, sums)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn sum_lanes(v: __m256) -> f64 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s))) as f64
-    }
-
-    /// A row of `len` elements: its whole vectors, and the mask of the elements after them
-    /// (lanes `0..len % 8`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn split(len: usize) -> (usize, __m256i) {
-        let whole = len / 8 * 8;
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((len - whole) as i32), lanes);
-        (whole, mask)
     }
 
     /// The sums of the vectors `f(a, b, mask, acc)` and `h(a, b, mask, acc)` add into (`acc`
@@ -681,7 +677,7 @@ mod avx2 {
                 acc_h[3] = h(va, vb, mask, acc_h[3]);
             }
             let fold = |[a, b, c, d]: [__m256; 4]| {
-                sum_lanes(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)))
+                sum_lanes(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d))) as f64
             };
             total_f += fold(acc_f);
             total_h += fold(acc_h);
@@ -935,10 +931,18 @@ mod tests {
             let flat =
                 |t: &Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("v") };
             let (x, w, b, dy) = (flat(&x), flat(&w), flat(&b), flat(&dy));
-            let (mut out_a, mut out_b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
             let (mut st_a, mut st_b) = (vec![(0.0, 0.0); rows], vec![(0.0, 0.0); rows]);
-            f32::forward_piece(&x, &w, &b, 1e-5, &mut out_a, &mut st_a);
-            forward_rows(&x, &w, &b, 1e-5, &mut out_b, &mut st_b, row_stats);
+            // SAFETY (all four): each writes its whole output.
+            let out_a = unsafe {
+                uninit_vec(x.len(), |out| {
+                    f32::forward_piece(&x, &w, &b, 1e-5, out, &mut st_a)
+                })
+            };
+            let out_b = unsafe {
+                uninit_vec(x.len(), |out| {
+                    forward_rows(&x, &w, &b, 1e-5, out, &mut st_b, row_stats)
+                })
+            };
             assert!(close(&out_a, &out_b), "{rows}x{c}: outputs");
             for (a, b) in st_a.iter().zip(&st_b) {
                 assert!(
@@ -948,9 +952,17 @@ mod tests {
             }
             for (input, params) in [(true, true), (true, false), (false, true)] {
                 let len = if input { x.len() } else { 0 };
-                let (mut dx_a, mut dx_b) = (vec![0f32; len], vec![0f32; len]);
-                let p_a = f32::backward_piece(&x, &dy, &w, &st_a, &mut dx_a, params);
-                let p_b = backward_rows(&x, &dy, &w, &st_b, &mut dx_b, params, grad_sums);
+                let (mut p_a, mut p_b) = (None, None);
+                let dx_a = unsafe {
+                    uninit_vec(len, |dx| {
+                        p_a = f32::backward_piece(&x, &dy, &w, &st_a, dx, params)
+                    })
+                };
+                let dx_b = unsafe {
+                    uninit_vec(len, |dx| {
+                        p_b = backward_rows(&x, &dy, &w, &st_b, dx, params, grad_sums)
+                    })
+                };
                 assert!(close(&dx_a, &dx_b), "{rows}x{c}: input gradients");
                 assert_eq!(p_a.is_some(), params);
                 if let (Some(p_a), Some(p_b)) = (p_a, p_b) {

@@ -1,8 +1,10 @@
 //! CPU kernels for training on candle, as custom ops with a backward: candle's own CPU
-//! convolution, attention, group norm, linear layers and GEGLU spend most of a training step in
-//! scalar loops, page faults and intermediate tensors (see `BENCHMARKS.md`). Each op takes f32
-//! CPU tensors; the callers in `unitune::models` fall back to candle's composite ops elsewhere
-//! (CUDA, other dtypes). Kept in a crate of its own so that it is optimised even in test builds.
+//! convolution, attention, group and layer norm, linear layers, GEGLU and upsampling spend most of
+//! a training step in scalar loops, single-threaded reductions, page faults and intermediate
+//! tensors, each of which also costs a gradient in the backward (see `BENCHMARKS.md`). Each op
+//! takes f32 CPU tensors; the callers in `unitune::models` fall back to candle's composite ops
+//! elsewhere (CUDA, other dtypes). Kept in a crate of its own so that it is optimised even in test
+//! builds.
 
 pub mod adafactor;
 pub mod attention;

@@ -14,13 +14,15 @@
 //! many (training: thousands of tokens), the columns when there are few (the timestep embedding's
 //! batch of one or two).
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, unsupported, Arg};
+use crate::cpu::{contiguous, uninit_vec, unsupported, zeroed, Arg};
 use crate::layer::{self, Layer};
 use crate::matmul::{chunks, pieces, zero, Mat, Shared};
 
@@ -117,33 +119,40 @@ fn matmul<T: WithDType>(
     lhs.check(m, k);
     rhs.check(k, n);
     assert!(bias.is_none_or(|b| b.len() == n), "linear: bias length");
-    let mut out = vec![zero::<T>(); m * n];
     let (rb, cb) = tiling(m, n, if m * n * k < SMALL_GEMM { 1 } else { pieces });
     let (rows_per, cols_per) = (m.div_ceil(rb).max(1), n.div_ceil(cb).max(1));
     let tiles: Vec<_> = chunks(m, rows_per)
         .flat_map(|rows| chunks(n, cols_per).map(move |cols| (rows.clone(), cols)))
         .collect();
-    let shared = Shared::new(&mut out);
-    tiles.into_par_iter().for_each(|(rows, cols)| {
-        // Tile (rows, cols) of the `m x n` output, which no other tile touches.
-        let offset = rows.start * n + cols.start;
-        if let Some(bias) = bias {
-            for r in 0..rows.len() {
-                let start = offset + r * n;
-                // SAFETY: one row of this tile.
-                unsafe { shared.slice(start..start + cols.len()) }
-                    .copy_from_slice(&bias[cols.clone()]);
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        let shared = Shared::new(out);
+        tiles.into_par_iter().for_each(|(rows, cols)| {
+            // Tile (rows, cols) of the `m x n` output, which no other tile touches.
+            let offset = rows.start * n + cols.start;
+            let rows_of_tile = (0..rows.len()).map(|r| offset + r * n..offset + r * n + cols.len());
+            match bias {
+                Some(bias) => rows_of_tile.for_each(|row| {
+                    // SAFETY: one row of this tile.
+                    unsafe { shared.uninit(row) }.write_copy_of_slice(&bias[cols.clone()]);
+                }),
+                None if k == 0 => rows_of_tile.for_each(|row| {
+                    // SAFETY: one row of this tile.
+                    zeroed(unsafe { shared.uninit(row) });
+                }),
+                None => {}
             }
-        }
-        if k == 0 {
-            return;
-        }
-        let (lhs, rhs) = (lhs.from(rows.start, 0), rhs.from(0, cols.start));
-        let mnk = (rows.len(), cols.len(), k);
-        // SAFETY: this tile's.
-        unsafe { shared.gemm(offset, n, mnk, lhs, rhs, bias.is_some()) }
-    });
-    out
+            if k == 0 {
+                return;
+            }
+            let (lhs, rhs) = (lhs.from(rows.start, 0), rhs.from(0, cols.start));
+            let mnk = (rows.len(), cols.len(), k);
+            // SAFETY: this tile's, initialised above when accumulating onto the bias.
+            unsafe { shared.gemm(offset, n, mnk, lhs, rhs, bias.is_some()) }
+        });
+    };
+    // SAFETY: the tiles cover the output, and each writes all of its elements: the gemm, or the
+    // bias (`k = 0`), or zeros (neither).
+    unsafe { uninit_vec(m * n, fill) }
 }
 
 /// `x: [rows, c]`, `w: [o, c]`, `bias: [o]` -> `y: [rows, o] = x·Wᵀ + bias`.

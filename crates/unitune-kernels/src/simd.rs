@@ -12,6 +12,38 @@ pub fn has_avx2() -> bool {
     false
 }
 
+/// Helpers of the kernels' hand-written AVX2 + FMA loops (attention's softmax rows, layer norm's
+/// row sums), which take rows of any length with a masked last vector.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Whether the CPU runs AVX2 + FMA code.
+    pub(crate) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// The sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn sum_lanes(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// A row of `len` elements: its whole vectors, and the mask of the elements after them
+    /// (lanes `0..len % 8`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn split(len: usize) -> (usize, __m256i) {
+        let whole = len / 8 * 8;
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((len - whole) as i32), lanes);
+        (whole, mask)
+    }
+}
+
 /// `eˣ` to about 1e-7 relative, in branch-free arithmetic that vectorises: `x = n·ln2 + r` with
 /// `|r| ≤ ln2/2` (ln 2 split in two so that `n·ln2_hi` is exact), `eʳ` by Cephes' `expf`
 /// polynomial, `2ⁿ` built in the exponent bits. Inputs below −86 give e⁻⁸⁶ ≈ 4e-38 (no subnormals;

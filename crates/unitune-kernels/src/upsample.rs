@@ -7,13 +7,14 @@
 //! each (image, channel) plane is a task for rayon: the forward writes each output row pair once
 //! (the second row a copy of the first), the backward sums each 2x2 block of the output gradient.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{contiguous, unsupported};
+use crate::cpu::{contiguous, uninit_vec, unsupported};
 
 /// The name in the errors.
 const OP: &str = "upsample_nearest2x";
@@ -49,44 +50,49 @@ fn planes_per_task(plane_out: usize) -> usize {
 /// `x: [planes, h, w]` -> `[planes, 2h, 2w]`.
 fn forward<T: WithDType>(x: &[T], h: usize, w: usize) -> Vec<T> {
     let (hw, planes) = (h * w, planes_per_task(4 * h * w));
-    let mut out = vec![T::zero(); 4 * x.len()];
-    if hw == 0 {
-        return out;
-    }
-    out.par_chunks_mut(planes * 4 * hw)
-        .zip(x.par_chunks(planes * hw))
-        .for_each(|(out, x)| {
-            for (pair, row) in out.chunks_exact_mut(4 * w).zip(x.chunks_exact(w)) {
-                let (top, bottom) = pair.split_at_mut(2 * w);
-                for (dst, &v) in top.chunks_exact_mut(2).zip(row) {
-                    dst.fill(v);
+    let fill = |out: &mut [MaybeUninit<T>]| {
+        if hw == 0 {
+            return; // no elements
+        }
+        out.par_chunks_mut(planes * 4 * hw)
+            .zip(x.par_chunks(planes * hw))
+            .for_each(|(out, x)| {
+                for (pair, row) in out.chunks_exact_mut(4 * w).zip(x.chunks_exact(w)) {
+                    let (top, bottom) = pair.split_at_mut(2 * w);
+                    for (dst, &v) in top.chunks_exact_mut(2).zip(row) {
+                        dst.fill(MaybeUninit::new(v));
+                    }
+                    // SAFETY: the `w` pairs of `top` were written just above.
+                    bottom.write_copy_of_slice(unsafe { top.assume_init_ref() });
                 }
-                bottom.copy_from_slice(top);
-            }
-        });
-    out
+            })
+    };
+    // SAFETY: each row pair of the output is written whole, from its row of `x`.
+    unsafe { uninit_vec(4 * x.len(), fill) }
 }
 
 /// `dy: [planes, 2h, 2w]` -> `dx: [planes, h, w]`, each the sum of its 2x2 block, in the order
 /// candle's broadcast backward adds them (row by row), so that the two agree exactly.
 fn backward<T: WithDType>(dy: &[T], h: usize, w: usize) -> Vec<T> {
     let (hw, planes) = (h * w, planes_per_task(4 * h * w));
-    let mut dx = vec![T::zero(); dy.len() / 4];
-    if hw == 0 {
-        return dx;
-    }
-    dx.par_chunks_mut(planes * hw)
-        .zip(dy.par_chunks(planes * 4 * hw))
-        .for_each(|(dx, dy)| {
-            for (row, pair) in dx.chunks_exact_mut(w).zip(dy.chunks_exact(4 * w)) {
-                let (top, bottom) = pair.split_at(2 * w);
-                let blocks = top.chunks_exact(2).zip(bottom.chunks_exact(2));
-                for (d, (t, b)) in row.iter_mut().zip(blocks) {
-                    *d = t[0] + t[1] + b[0] + b[1];
+    let fill = |dx: &mut [MaybeUninit<T>]| {
+        if hw == 0 {
+            return; // no elements
+        }
+        dx.par_chunks_mut(planes * hw)
+            .zip(dy.par_chunks(planes * 4 * hw))
+            .for_each(|(dx, dy)| {
+                for (row, pair) in dx.chunks_exact_mut(w).zip(dy.chunks_exact(4 * w)) {
+                    let (top, bottom) = pair.split_at(2 * w);
+                    let blocks = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                    for (d, (t, b)) in row.iter_mut().zip(blocks) {
+                        d.write(t[0] + t[1] + b[0] + b[1]);
+                    }
                 }
-            }
-        });
-    dx
+            })
+    };
+    // SAFETY: each row of `dx` is written whole, from its row pair of `dy`.
+    unsafe { uninit_vec(dy.len() / 4, fill) }
 }
 
 /// The upsampling; its backward runs [`Upsample2xGrad`].
