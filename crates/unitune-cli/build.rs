@@ -25,7 +25,10 @@ fn files(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/shapes-64");
+    // Read when the script runs, not baked in when it compiles: cargo may reuse one compiled
+    // build script for a checkout at another path (a second worktree sharing the target dir).
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest).join("../../models/shapes-64");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut found = Vec::new();
     files(&root, &root, &mut found);
