@@ -376,66 +376,16 @@ pub(crate) mod tests {
         check_grad(|k| attention(&q, k, &v, None), &[1, 2, 4, 3]);
     }
 
-    #[test]
-    fn fused_f32_attention_matches_the_composite_in_f64() {
-        // f32 without mask takes the fused kernel, f64 the composite ops (checked just above).
-        let dev = Device::Cpu;
-        let t =
-            |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let (q, k, v, w) = (
-            t((2, 3, 40, 8)),
-            t((2, 3, 19, 8)),
-            t((2, 3, 19, 8)),
-            t((2, 3, 40, 8)),
-        );
+    /// Asserts that `attn(q, k, v)` in f32 (the fused kernel) gives the output and the gradients
+    /// of q, k and v of `sum(out * w)` that it gives in f64 (the composite ops), within 1e-5.
+    fn f32_attention_matches_f64(
+        attn: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+        [q, k, v, w]: [&Tensor; 4],
+    ) {
         let run = |dtype: DType| {
-            let vars = [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
-            let out = attention(
-                vars[0].as_tensor(),
-                vars[1].as_tensor(),
-                vars[2].as_tensor(),
-                None,
-            )
-            .unwrap();
-            let grads = (&out * w.to_dtype(dtype).unwrap())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let mut all = vec![out];
-            all.extend(
-                vars.iter()
-                    .map(|x| grads.get(x.as_tensor()).expect("missing gradient").clone()),
-            );
-            all.into_iter()
-                .map(|x| x.to_dtype(DType::F64).unwrap())
-                .collect::<Vec<_>>()
-        };
-        for (fused, reference) in run(DType::F32).iter().zip(run(DType::F64)) {
-            let diff = (fused - &reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(diff.to_scalar::<f64>().unwrap() < 1e-5);
-        }
-    }
-
-    #[test]
-    fn attention_on_packed_heads_matches_split_heads() {
-        // f32 takes the kernel on [b, n, heads * d] in place, f64 the split -> composite -> merge
-        // fallback, whose gradient is checked against finite differences.
-        let dev = Device::Cpu;
-        let (heads, d) = (3, 5);
-        let t = |n: usize| Tensor::randn(0f64, 1.0, (2, n, heads * d), &dev).unwrap();
-        let (q, k, v, w) = (t(11), t(7), t(7), t(11));
-        check_grad(|q| attention_heads(q, &k, &v, heads), &[2, 4, heads * d]);
-        let run = |dtype: DType| {
-            let vars = [&q, &k, &v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
+            let vars = [q, k, v].map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap());
             let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
-            let out = attention_heads(q, k, v, heads).unwrap();
+            let out = attn(q, k, v).unwrap();
             let loss = (&out * w.to_dtype(dtype).unwrap())
                 .unwrap()
                 .sum_all()
@@ -452,6 +402,33 @@ pub(crate) mod tests {
             let diff = (fused - &reference).unwrap().abs().unwrap().max_all();
             assert!(diff.unwrap().to_scalar::<f64>().unwrap() < 1e-5);
         }
+    }
+
+    #[test]
+    fn fused_f32_attention_matches_the_composite_in_f64() {
+        // f32 without mask takes the fused kernel, f64 the composite ops (checked just above).
+        let dev = Device::Cpu;
+        let t =
+            |shape: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (q, k, v, w) = (
+            t((2, 3, 40, 8)),
+            t((2, 3, 19, 8)),
+            t((2, 3, 19, 8)),
+            t((2, 3, 40, 8)),
+        );
+        f32_attention_matches_f64(|q, k, v| attention(q, k, v, None), [&q, &k, &v, &w]);
+    }
+
+    #[test]
+    fn attention_on_packed_heads_matches_split_heads() {
+        // f32 takes the kernel on [b, n, heads * d] in place, f64 the split -> composite -> merge
+        // fallback, whose gradient is checked against finite differences.
+        let dev = Device::Cpu;
+        let (heads, d) = (3, 5);
+        let t = |n: usize| Tensor::randn(0f64, 1.0, (2, n, heads * d), &dev).unwrap();
+        let (q, k, v, w) = (t(11), t(7), t(7), t(11));
+        check_grad(|q| attention_heads(q, &k, &v, heads), &[2, 4, heads * d]);
+        f32_attention_matches_f64(|q, k, v| attention_heads(q, k, v, heads), [&q, &k, &v, &w]);
     }
 
     #[test]
