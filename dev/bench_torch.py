@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from transformers.optimization import Adafactor
 
-# Each preset: (config overrides, latent size, context tokens); mirrors `Preset` in bench.rs.
+# Each preset: (config overrides, latent size, context tokens); mirrors `Preset` in crates/unitune-lab/src/speed.rs.
 PRESETS = {
     "tiny": (
         dict(

@@ -15,11 +15,16 @@ mod embedded {
 
 /// Loads `model`, or the built-in model when it is `None`.
 pub fn load(model: Option<&Path>, options: &LoadOptions) -> Result<StableDiffusion> {
-    let dir = match model {
-        Some(dir) => dir.to_path_buf(),
-        None => unpack()?,
-    };
+    let dir = model_dir(model)?;
     StableDiffusion::load(&dir, options).with_context(|| format!("loading model {}", dir.display()))
+}
+
+/// The folder of `model`, or of the built-in model (unpacked) when it is `None`.
+pub fn model_dir(model: Option<&Path>) -> Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => unpack(),
+    }
 }
 
 fn unpack() -> Result<PathBuf> {

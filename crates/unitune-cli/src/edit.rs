@@ -1,31 +1,26 @@
-//! `unitune edit`: edits of a tuned session's image. One call loads the model and the session
-//! once and runs every combination of prompts x seeds x guidance values x start values, so that
-//! UniTune's per-image parameter search needs no reloading; sweeps also get a labelled contact
-//! sheet.
+//! `unitune edit`: a batch of edits of a tuned session's image ([`unitune::jobs::EditJob`]): one
+//! call loads the model and the session once and runs every combination of prompts x seeds x
+//! guidance values x start values; sweeps also get a labelled contact sheet.
 //!
-//! Output names, from `--output OUT.png`: one image is `OUT.png`; with several, each name gets a
-//! suffix for every dimension that varies, in this order: `-p<N>` (the N-th prompt, from 1, when
-//! there are several), `-seed<S>` (with `--seeds` above 1), `-g<G>` (with `--sweep-guidance`),
-//! `-t<T0>` (with `--sweep-start`): `OUT-p2-seed43-g8-t0.9.png`. A sweep's contact sheet is
-//! `OUT[-p<N>][-seed<S>]-sheet.png`. The mask used is written next to its image as
-//! `<image>.mask.png` (the feathered weight of the edit per pixel; a given mask is written once,
-//! as `OUT.mask.png`). Every file is written atomically, and no output may be one of the inputs.
+//! Output names, from `--output OUT.png`: `OUT<suffix>.png` with the suffix the job gives each
+//! edit (none for a single edit; e.g. `OUT-p2-seed43-g8-t0.9.png`), and `OUT<suffix>.png` for a
+//! sweep's contact sheet (`OUT[-p<N>][-seed<S>]-sheet.png`). The mask used is written next to its
+//! image as `<image>.mask.png` (the feathered weight of the edit per pixel; a given mask is
+//! written once, as `OUT.mask.png`). Every file is written atomically, and no output may be one
+//! of the inputs.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use image::RgbImage;
 use unitune::image_io;
-use unitune::noise::Noise;
-use unitune::pipelines::{
-    contact_sheet, edit, prompt_with_token, AutoMask, EditBase, EditMask, EditRequest, Mask,
-};
+use unitune::jobs::{EditEvent, EditGroup, EditJob, Editor, TuneJob};
+use unitune::noise::random_seed;
+use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
 use unitune::schedulers::SchedulerKind;
-use unitune::train::session::Session;
+use unitune::session::{DeltaEncoding, Session};
 
-use crate::generate::{check_output, rand_seed};
-use crate::model::ModelArgs;
+use crate::common::{check_output, refuse_inputs, suffixed, ModelArgs};
 use crate::progress::BarProgress;
 
 #[derive(Args)]
@@ -53,7 +48,7 @@ pub struct EditArgs {
     negative_prompt: String,
     /// Classifier-free guidance scale g; 1 or less turns it off. UniTune wants strong guidance:
     /// weak guidance gives the base image back.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = defaults().guidance_scale)]
     guidance: f64,
     /// Turn on prompt guidance against this prompt: "" for the token alone, or a caption of the
     /// image (the token is put in front of it too).
@@ -61,18 +56,18 @@ pub struct EditArgs {
     baseline_prompt: Option<String>,
     /// Prompt guidance weight w. With guidance on: eps = eps_u + g (eps_b - eps_u) + w (eps_e - eps_b),
     /// so w = g is plain guidance on the edit and w > g pushes the edit harder.
-    #[arg(long, default_value_t = 15.0, requires = "baseline_prompt")]
+    #[arg(long, default_value_t = defaults().prompt_guidance, requires = "baseline_prompt")]
     prompt_guidance: f64,
     /// Late start: the fraction of the schedule run from the image's noised latents (1 = from
     /// pure noise). 0.8-0.98 keeps more of the image; keep 1 for large semantic changes.
-    #[arg(long, default_value_t = 1.0, value_name = "T0")]
+    #[arg(long, default_value_t = defaults().start, value_name = "T0")]
     start: f64,
     /// Blend the image into the result after sampling: 0 = the edit, 1 = the image.
-    #[arg(long, default_value_t = 0.0, value_name = "A")]
+    #[arg(long, default_value_t = defaults().interpolation, value_name = "A")]
     interpolate: f64,
     /// Pull the latents toward the image's (noised to the step) after every step, by this weight;
     /// it compounds over the steps, so 0.05-0.2 already keeps much. 1 = the image.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = defaults().latent_blend)]
     latent_blend: f64,
     /// Mask picture, white where the edit may change the image (resized to it, binarised at half grey).
     #[arg(long, conflicts_with = "auto_mask")]
@@ -90,13 +85,13 @@ pub struct EditArgs {
     #[arg(long, default_value_t = AutoMask::default().dilate, requires = "auto_mask")]
     mask_dilate: usize,
     /// Width in pixels of the mask's soft edge, outward; pixels farther from the mask are the image's.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = defaults().feather)]
     feather: usize,
     /// Denoising steps of the full schedule (a late start runs the last fraction of them).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = defaults().num_inference_steps)]
     steps: usize,
     /// ddim, ddpm, euler, euler-a or dpm++.
-    #[arg(long, default_value = "ddim")]
+    #[arg(long, default_value_t = defaults().scheduler)]
     scheduler: SchedulerKind,
     /// Seed of the noise; every image of one seed starts from the same noise, so a sweep
     /// compares the knobs alone [default: random, printed].
@@ -118,48 +113,16 @@ pub struct EditArgs {
     output: PathBuf,
 }
 
-/// One image to produce.
-#[derive(Debug, Clone, PartialEq)]
-struct Job {
-    prompt: usize,
-    seed: u64,
-    guidance: f64,
-    start: f64,
-    output: PathBuf,
-}
-
-/// The images of one prompt and seed: a sweep's contact sheet.
-#[derive(Debug, Clone, PartialEq)]
-struct Group {
-    prompt: usize,
-    seed: u64,
-    jobs: Vec<Job>,
-    /// `Some` when guidance or start is swept.
-    sheet: Option<PathBuf>,
+/// The library's edit defaults, which the flags show.
+fn defaults() -> EditRequest {
+    EditRequest::new("", "")
 }
 
 pub fn run(args: EditArgs) -> Result<()> {
-    let prompts = read_prompts(&args)?;
+    let mut job = edit_job(&args)?;
+    let groups = job.plan(job.seed.unwrap_or_else(random_seed))?;
+    let seed = groups[0].seed;
     check_output(&args.output, args.image.as_deref())?;
-    if args.seeds == 0 {
-        bail!("--seeds must be at least 1");
-    }
-    let seed = args.seed.unwrap_or_else(rand_seed);
-    let guidances = sweep_or(&args.sweep_guidance, args.guidance, "--sweep-guidance")?;
-    let starts = sweep_or(&args.sweep_start, args.start, "--sweep-start")?;
-    let sweeps = (
-        !args.sweep_guidance.is_empty(),
-        !args.sweep_start.is_empty(),
-    );
-    let groups = plan(
-        &args.output,
-        prompts.len(),
-        seed,
-        args.seeds,
-        &guidances,
-        &starts,
-        sweeps,
-    );
     refuse_overwriting_inputs(&args, &groups)?;
 
     let (sd, session) = match &args.session {
@@ -167,6 +130,8 @@ pub fn run(args: EditArgs) -> Result<()> {
             let mut sd = args.model.load(None)?;
             let session = Session::load(path)
                 .with_context(|| format!("loading session {}", path.display()))?;
+            let (width, height) = session.image.dimensions();
+            read_mask(&args, &mut job, width, height)?;
             sd.apply_session(&session)
                 .with_context(|| format!("applying session {}", path.display()))?;
             (sd, session)
@@ -177,8 +142,27 @@ pub fn run(args: EditArgs) -> Result<()> {
                 .as_deref()
                 .context("give --session, or --image to tune on first")?;
             let out = args.output.with_extension("session");
-            let seed = args.seed.unwrap_or_else(rand_seed);
-            crate::tune::tune_image(&args.model, image, seed, &out)?
+            refuse_inputs("the session", &out, &[("image", Some(image))])?;
+            let tune = TuneJob {
+                seed: Some(seed),
+                ..TuneJob::default()
+            };
+            let mut sd = args.model.load(Some(tune.trainable()))?;
+            let prepared = tune.prepare(&sd, image_io::load_image(image)?)?;
+            let (width, height) = prepared.image.dimensions();
+            read_mask(&args, &mut job, width, height)?;
+            // The edits are checked against the picture the tune will see before it runs, so
+            // that a bad knob fails before the session is written.
+            Editor::new(&sd, &prepared.settings.token, prepared.image.clone())?
+                .check(&job, &groups)?;
+            let session = crate::tune::tune_and_save(
+                &mut sd,
+                prepared,
+                &out,
+                DeltaEncoding::default(),
+                None,
+            )?;
+            (sd, session)
         }
     };
     let (width, height) = session.image.dimensions();
@@ -186,9 +170,9 @@ pub fn run(args: EditArgs) -> Result<()> {
         (Some(_), Some(path)) => image_io::resize(image_io::load_image(path)?, width, height),
         _ => session.image.clone(),
     };
-    let base = EditBase::new(&sd, image)?;
-    let mask = if let Some(path) = &args.mask {
-        let mask = Mask::load(path, width as usize, height as usize)?;
+    let editor = Editor::new(&sd, &session.token, image)?;
+    editor.check(&job, &groups)?;
+    if let EditMask::Given(mask) = &job.request.mask {
         let written = mask_path(&args.output);
         image_io::save_png(&mask.feathered(args.feather).to_image(), &written)?;
         eprintln!(
@@ -196,75 +180,88 @@ pub fn run(args: EditArgs) -> Result<()> {
             written.display(),
             args.feather
         );
-        EditMask::Given(mask)
-    } else if args.auto_mask {
-        EditMask::Auto(AutoMask {
-            threshold: args.mask_threshold,
-            blur: args.mask_blur,
-            dilate: args.mask_dilate,
-        })
-    } else {
-        EditMask::None
-    };
-
-    // Every request is checked before the first edit, so a bad sweep value fails at once.
-    let request = |job: &Job| {
-        let mut r = EditRequest::new(session.token.clone(), prompts[job.prompt].clone());
-        r.negative_prompt = args.negative_prompt.clone();
-        r.guidance_scale = job.guidance;
-        r.baseline_prompt = args.baseline_prompt.clone();
-        r.prompt_guidance = args.prompt_guidance;
-        r.start = job.start;
-        r.interpolation = args.interpolate;
-        r.latent_blend = args.latent_blend;
-        r.mask = mask.clone();
-        r.feather = args.feather;
-        r.num_inference_steps = args.steps;
-        r.scheduler = args.scheduler;
-        r
-    };
-    for job in groups.iter().flat_map(|g| &g.jobs) {
-        request(job).check(&base)?;
     }
 
-    let total: usize = groups.iter().map(|g| g.jobs.len()).sum();
+    let total: usize = groups.iter().map(|g| g.items.len()).sum();
     eprintln!(
         "token `{}`, {total} edit(s) of {width}x{height}, {} {} steps, seed {seed}",
         session.token, args.scheduler, args.steps
     );
-    let mut progress = BarProgress::new();
-    let mut done = 0;
-    for group in &groups {
-        let prompt = prompt_with_token(&session.token, &prompts[group.prompt]);
-        let mut cells = Vec::new();
-        for job in &group.jobs {
-            done += 1;
-            eprintln!(
-                "[{done}/{total}] \"{prompt}\" seed {} guidance {} start {}",
-                job.seed, job.guidance, job.start
-            );
-            let out = edit(
-                &sd,
-                &base,
-                &request(job),
-                &mut Noise::seeded(job.seed),
-                &mut progress,
-            )?;
-            let result = image_io::tensor_to_image(&out.image, 0)?;
-            image_io::save_png(&result, &job.output)?;
-            eprintln!("wrote {}", job.output.display());
-            if let (true, Some(used)) = (args.auto_mask, &out.mask) {
-                let written = mask_path(&job.output);
-                image_io::save_png(&used.to_image(), &written)?;
-                eprintln!("wrote {}", written.display());
+    let mut on_event = |event: EditEvent| -> unitune::Result<()> {
+        match event {
+            EditEvent::Started {
+                item,
+                prompt,
+                index,
+                total,
+            } => eprintln!(
+                "[{index}/{total}] \"{prompt}\" seed {} guidance {} start {}",
+                item.seed, item.guidance, item.start
+            ),
+            EditEvent::Finished {
+                item,
+                image,
+                auto_mask,
+            } => {
+                let path = suffixed(&args.output, &item.suffix, "png");
+                image_io::save_png(image, &path)?;
+                eprintln!("wrote {}", path.display());
+                if let Some(mask) = auto_mask {
+                    let written = mask_path(&path);
+                    image_io::save_png(&mask.to_image(), &written)?;
+                    eprintln!("wrote {}", written.display());
+                }
             }
-            cells.push(result);
+            EditEvent::Sheet { group, image } => {
+                let path = suffixed(
+                    &args.output,
+                    group.sheet.as_deref().unwrap_or("-sheet"),
+                    "png",
+                );
+                image_io::save_png(image, &path)?;
+                eprintln!("wrote {} (contact sheet)", path.display());
+            }
         }
-        if let Some(sheet) = &group.sheet {
-            let title = format!("{prompt} / seed {}", group.seed);
-            image_io::save_png(&labelled_sheet(&cells, &guidances, &starts, &title)?, sheet)?;
-            eprintln!("wrote {} (contact sheet)", sheet.display());
-        }
+        Ok(())
+    };
+    editor.run(&job, &groups, &mut BarProgress::new(), &mut on_event)?;
+    Ok(())
+}
+
+/// The edits the flags ask for (the mask file is read once the picture's size is known).
+fn edit_job(args: &EditArgs) -> Result<EditJob> {
+    let mut request = defaults();
+    request.negative_prompt = args.negative_prompt.clone();
+    request.guidance_scale = args.guidance;
+    request.baseline_prompt = args.baseline_prompt.clone();
+    request.prompt_guidance = args.prompt_guidance;
+    request.start = args.start;
+    request.interpolation = args.interpolate;
+    request.latent_blend = args.latent_blend;
+    if args.auto_mask {
+        request.mask = EditMask::Auto(AutoMask {
+            threshold: args.mask_threshold,
+            blur: args.mask_blur,
+            dilate: args.mask_dilate,
+        });
+    }
+    request.feather = args.feather;
+    request.num_inference_steps = args.steps;
+    request.scheduler = args.scheduler;
+    Ok(EditJob {
+        request,
+        prompts: read_prompts(args)?,
+        seed: args.seed,
+        seeds: args.seeds,
+        sweep_guidance: args.sweep_guidance.clone(),
+        sweep_start: args.sweep_start.clone(),
+    })
+}
+
+/// Reads `--mask`, if given, at the picture's size into the job.
+fn read_mask(args: &EditArgs, job: &mut EditJob, width: u32, height: u32) -> Result<()> {
+    if let Some(path) = &args.mask {
+        job.request.mask = EditMask::Given(Mask::load(path, width as usize, height as usize)?);
     }
     Ok(())
 }
@@ -288,218 +285,53 @@ fn read_prompts(args: &EditArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// The swept values, or the single `value` when there is no sweep; duplicates would collide in
-/// the output names.
-fn sweep_or(values: &[f64], value: f64, flag: &str) -> Result<Vec<f64>> {
-    if values.is_empty() {
-        return Ok(vec![value]);
-    }
-    for (i, v) in values.iter().enumerate() {
-        if values[..i].contains(v) {
-            bail!("{flag} lists {v} twice");
-        }
-    }
-    Ok(values.to_vec())
-}
-
-/// Every image and sheet to write, grouped by prompt and seed (see the module doc for the names).
-fn plan(
-    output: &Path,
-    prompts: usize,
-    seed: u64,
-    seeds: usize,
-    guidances: &[f64],
-    starts: &[f64],
-    (sweep_guidance, sweep_start): (bool, bool),
-) -> Vec<Group> {
-    let mut groups = Vec::new();
-    for prompt in 0..prompts {
-        for k in 0..seeds {
-            let seed = seed.wrapping_add(k as u64);
-            let mut group_suffix = String::new();
-            if prompts > 1 {
-                group_suffix += &format!("-p{}", prompt + 1);
-            }
-            if seeds > 1 {
-                group_suffix += &format!("-seed{seed}");
-            }
-            let mut jobs = Vec::new();
-            // Row-major in the contact sheet: rows are starts, columns guidance values.
-            for &start in starts {
-                for &guidance in guidances {
-                    let mut suffix = group_suffix.clone();
-                    if sweep_guidance {
-                        suffix += &format!("-g{guidance}");
-                    }
-                    if sweep_start {
-                        suffix += &format!("-t{start}");
-                    }
-                    jobs.push(Job {
-                        prompt,
-                        seed,
-                        guidance,
-                        start,
-                        output: suffixed(output, &suffix, "png"),
-                    });
-                }
-            }
-            let sheet = (sweep_guidance || sweep_start)
-                .then(|| suffixed(output, &format!("{group_suffix}-sheet"), "png"));
-            groups.push(Group {
-                prompt,
-                seed,
-                jobs,
-                sheet,
-            });
-        }
-    }
-    groups
-}
-
-/// `dir/stem<suffix>.<extension>` for `dir/stem.png`.
-fn suffixed(output: &Path, suffix: &str, extension: &str) -> PathBuf {
-    let stem = output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    output.with_file_name(format!("{stem}{suffix}.{extension}"))
-}
-
 /// `OUT.mask.png` for `OUT.png`.
 fn mask_path(image: &Path) -> PathBuf {
     suffixed(image, ".mask", "png")
 }
 
 /// Refuses to run when an output would replace the session, the image, the mask or the prompts file.
-fn refuse_overwriting_inputs(args: &EditArgs, groups: &[Group]) -> Result<()> {
-    let inputs: Vec<PathBuf> = [
-        args.session.as_ref(),
-        args.image.as_ref(),
-        args.mask.as_ref(),
-        args.prompts_file.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(|p| p.canonicalize().ok())
-    .collect();
+fn refuse_overwriting_inputs(args: &EditArgs, groups: &[EditGroup]) -> Result<()> {
+    let inputs = [
+        ("session", args.session.as_deref()),
+        ("image", args.image.as_deref()),
+        ("mask", args.mask.as_deref()),
+        ("prompts file", args.prompts_file.as_deref()),
+    ];
     let outputs = groups.iter().flat_map(|g| {
-        let images = g
-            .jobs
-            .iter()
-            .flat_map(|j| [j.output.clone(), mask_path(&j.output)]);
+        let images = g.items.iter().flat_map(|item| {
+            let image = suffixed(&args.output, &item.suffix, "png");
+            [mask_path(&image), image]
+        });
         images
-            .chain(g.sheet.clone())
+            .chain(g.sheet.iter().map(|s| suffixed(&args.output, s, "png")))
             .chain([mask_path(&args.output)])
     });
     for output in outputs {
-        if output.canonicalize().is_ok_and(|o| inputs.contains(&o)) {
-            bail!(
-                "output {} is one of the inputs; choose another --output so the input is kept",
-                output.display()
-            );
-        }
+        refuse_inputs("output", &output, &inputs)?;
     }
     Ok(())
-}
-
-/// The contact sheet of one prompt and seed: columns `g=<guidance>`, rows `t0=<start>`.
-fn labelled_sheet(
-    cells: &[RgbImage],
-    guidances: &[f64],
-    starts: &[f64],
-    title: &str,
-) -> Result<RgbImage> {
-    let columns: Vec<String> = guidances.iter().map(|g| format!("g={g}")).collect();
-    let rows: Vec<String> = starts.iter().map(|t| format!("t0={t}")).collect();
-    Ok(contact_sheet(cells, &rows, &columns, Some(title))?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn names(groups: &[Group]) -> Vec<String> {
-        groups
-            .iter()
-            .flat_map(|g| {
-                g.jobs
-                    .iter()
-                    .map(|j| j.output.clone())
-                    .chain(g.sheet.clone())
-            })
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect()
-    }
-
     #[test]
-    fn one_edit_keeps_the_output_name() {
-        let groups = plan(
-            Path::new("out/x.png"),
-            1,
-            7,
-            1,
-            &[10.0],
-            &[1.0],
-            (false, false),
-        );
-        assert_eq!(names(&groups), ["out/x.png"]);
-    }
-
-    #[test]
-    fn names_carry_only_what_varies() {
-        let groups = plan(Path::new("x.png"), 2, 42, 2, &[8.0], &[1.0], (false, false));
+    fn names_follow_the_job_suffixes() {
+        let job = EditJob {
+            sweep_guidance: vec![4.0, 8.0],
+            ..EditJob::new(vec!["a".into(), "b".into()])
+        };
+        let groups = job.plan(5).unwrap();
+        let item = &groups[1].items[0];
         assert_eq!(
-            names(&groups),
-            [
-                "x-p1-seed42.png",
-                "x-p1-seed43.png",
-                "x-p2-seed42.png",
-                "x-p2-seed43.png"
-            ]
+            suffixed(Path::new("out/x.png"), &item.suffix, "png"),
+            Path::new("out/x-p2-g4.png")
         );
-        assert_eq!(groups[3].seed, 43);
-
-        let groups = plan(
-            Path::new("x.png"),
-            1,
-            5,
-            1,
-            &[4.0, 7.5],
-            &[0.8, 0.9],
-            (true, true),
-        );
-        assert_eq!(
-            names(&groups),
-            [
-                "x-g4-t0.8.png",
-                "x-g7.5-t0.8.png",
-                "x-g4-t0.9.png",
-                "x-g7.5-t0.9.png",
-                "x-sheet.png"
-            ]
-        );
-        let groups = plan(
-            Path::new("x.png"),
-            1,
-            5,
-            1,
-            &[4.0, 8.0],
-            &[0.9],
-            (true, false),
-        );
-        assert_eq!(names(&groups), ["x-g4.png", "x-g8.png", "x-sheet.png"]);
         assert_eq!(
             mask_path(Path::new("a/x-g4.png")),
             Path::new("a/x-g4.mask.png")
         );
-    }
-
-    #[test]
-    fn repeated_sweep_values_are_refused() {
-        assert!(sweep_or(&[4.0, 8.0, 4.0], 1.0, "--sweep-guidance")
-            .unwrap_err()
-            .to_string()
-            .contains("4 twice"));
-        assert_eq!(sweep_or(&[], 3.0, "--sweep-start").unwrap(), [3.0]);
     }
 }

@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use unitune::image_io;
-use unitune::noise::Noise;
+use unitune::noise::{random_seed, Noise};
 use unitune::pipelines::{generate, GenerateRequest, StableDiffusion};
 use unitune::schedulers::SchedulerKind;
 
-use crate::model::ModelArgs;
+use crate::common::{check_output, ModelArgs};
 use crate::progress::BarProgress;
 
 #[derive(Args)]
@@ -70,8 +70,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(image_io::load_image)
         .transpose()?;
-    let (width, height) = default_size(
-        &sd,
+    let (width, height) = sd.default_size(
         args.width,
         args.height,
         image.as_ref().map(|i| i.dimensions()),
@@ -91,7 +90,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         request.latents = Some(read_init_noise(path, &sd.device)?);
     }
 
-    let seed = args.seed.unwrap_or_else(rand_seed);
+    let seed = args.seed.unwrap_or_else(random_seed);
     eprintln!(
         "seed {seed}, {scheduler:?}, {} steps, {}x{}",
         request.num_inference_steps, request.width, request.height
@@ -100,70 +99,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let images = generate(&sd, &request, &mut Noise::seeded(seed), &mut progress)?;
     image_io::save_png(&image_io::tensor_to_image(&images, 0)?, &args.output)?;
     eprintln!("wrote {}", args.output.display());
-    Ok(())
-}
-
-/// The size to work at: the flags if given, else the image's size rounded down to a multiple of 8
-/// (as diffusers), else the model's native size (`unet.sample_size * 8`).
-pub fn default_size(
-    sd: &StableDiffusion,
-    width: Option<usize>,
-    height: Option<usize>,
-    image: Option<(u32, u32)>,
-) -> Result<(usize, usize)> {
-    let f = sd.vae_scale_factor();
-    let native = sd.unet_config.sample_size.map(|s| s * f);
-    let pick =
-        |flag: Option<usize>, from_image: Option<u32>, name: &str| match (flag, from_image, native)
-        {
-            (Some(v), _, _) => Ok(v),
-            (None, Some(v), _) => Ok(v as usize / f * f),
-            (None, None, Some(v)) => Ok(v),
-            (None, None, None) => {
-                bail!("the model's unet/config.json has no sample_size: pass --{name}")
-            }
-        };
-    Ok((
-        pick(width, image.map(|d| d.0), "width")?,
-        pick(height, image.map(|d| d.1), "height")?,
-    ))
-}
-
-/// Fails early, before any long work, when `output`'s folder does not exist.
-pub fn check_output_dir(output: &Path) -> Result<()> {
-    match output.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-            bail!(
-                "{}: the output folder {} does not exist",
-                output.display(),
-                dir.display()
-            )
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Refuses to write anything but a PNG, and never over the input image.
-pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
-    check_output_dir(output)?;
-    let is_png = output
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if !is_png {
-        bail!(
-            "--output {}: only PNG output is supported (use a .png name)",
-            output.display()
-        );
-    }
-    if let (Some(input), Ok(out)) = (input, output.canonicalize()) {
-        if input.canonicalize().is_ok_and(|inp| inp == out) {
-            bail!(
-                "--output {} is the input image; choose another name so the input is kept",
-                output.display()
-            );
-        }
-    }
     Ok(())
 }
 
@@ -199,13 +134,4 @@ fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_c
         .get("latents")
         .with_context(|| format!("--init-noise {}: no tensor named `latents`", path.display()))?;
     Ok(latents.to_dtype(candle_core::DType::F32)?)
-}
-
-pub fn rand_seed() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
 }

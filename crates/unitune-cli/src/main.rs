@@ -1,11 +1,12 @@
-//! The `unitune` command: argument parsing and reporting only; the work is in the `unitune` library.
+//! The `unitune` command: argument parsing and reporting only; the work is in the `unitune`
+//! library (its job layer, `unitune::jobs`) and, for the lab commands, in `unitune-lab`.
 
 mod bench;
 mod bench_edits;
 mod builtin;
+mod common;
 mod edit;
 mod generate;
-mod model;
 mod pretrain;
 mod progress;
 mod tune;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use unitune::train::pretrain::{
+use unitune_lab::pretrain::{
     pretrain, DataSource, Preset, PretrainSettings, TrainingState, WeightsDtype,
 };
 
@@ -115,7 +115,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.offset_noise = args.offset_noise.unwrap_or(settings.offset_noise);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
-    let device = crate::model::parse_device(&args.device)?;
+    let device = crate::common::parse_device(&args.device)?;
     let source = DataSource::parse(args.data.as_deref().unwrap_or(&data));
     eprintln!(
         "pretraining {:?} at {}x{} on {}: autoencoder {} steps (batch {}), unet+text {} steps (batch {}), seed {}",

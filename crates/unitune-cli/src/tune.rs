@@ -1,20 +1,18 @@
 //! `unitune tune`: fine-tune the UNet on one image bound to a rare token; writes a session.
 
-use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser};
+use clap::Args;
 use unitune::image_io;
-use unitune::noise::Noise;
+use unitune::jobs::{PreparedTune, TuneJob};
 use unitune::pipelines::StableDiffusion;
-use unitune::train::session::{DeltaEncoding, Session};
-use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
+use unitune::session::{DeltaEncoding, Session};
+use unitune::train::tune::TrainableLayers;
 use unitune::train::OptimizerKind;
 
-use crate::generate::{check_output_dir, default_size, rand_seed};
-use crate::model::ModelArgs;
+use crate::common::{check_output_dir, refuse_inputs, ModelArgs};
 use crate::progress::BarProgress;
 
 #[derive(Args)]
@@ -27,15 +25,15 @@ pub struct TuneArgs {
     /// The rare token the image is bound to [default: a made-up word the tokenizer splits, e.g. beikkpic].
     #[arg(long)]
     token: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = TuneJob::default().steps)]
     steps: usize,
     /// Images per step (copies of the one image, each with its own noise and timestep).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = TuneJob::default().batch_size)]
     batch: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = TuneJob::default().learning_rate)]
     lr: f64,
     /// adafactor (the paper's) or adamw.
-    #[arg(long, default_value = "adafactor")]
+    #[arg(long, default_value_t = TuneJob::default().optimizer)]
     optimizer: OptimizerKind,
     /// UNet tensors to tune: most (all but norms and the timestep MLP), all, attention, cross-attention.
     #[arg(long, default_value = "most")]
@@ -63,82 +61,63 @@ pub struct TuneArgs {
 }
 
 pub fn run(args: TuneArgs) -> Result<()> {
-    tune_and_save(args).map(|_| ())
-}
-
-/// Tunes as `unitune tune` does with these arguments, on `image` with every default, writing the
-/// session to `output`; `edit` uses it when it is given an image but no session.
-pub fn tune_image(
-    model: &ModelArgs,
-    image: &Path,
-    seed: u64,
-    output: &Path,
-) -> Result<(StableDiffusion, Session)> {
-    #[derive(clap::Parser)]
-    struct Defaults {
-        #[command(flatten)]
-        args: TuneArgs,
-    }
-    let mut argv: Vec<OsString> = vec![
-        "tune".into(),
-        "--image".into(),
-        image.into(),
-        "--output".into(),
-        output.into(),
-    ];
-    argv.extend(["--seed".into(), seed.to_string().into()]);
-    argv.extend(model.to_argv().into_iter().map(OsString::from));
-    tune_and_save(Defaults::try_parse_from(argv)?.args)
-}
-
-/// Runs the tune; returns the model (its UNet now holds the tuned weights) and the session written.
-fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
-    check_output_dir(&args.output)?;
     for (flag, path) in [
         ("--output", Some(&args.output)),
         ("--log-json", args.log_json.as_ref()),
     ] {
         if let Some(path) = path {
-            if path
-                .canonicalize()
-                .ok()
-                .is_some_and(|p| args.image.canonicalize().ok() == Some(p))
-            {
-                anyhow::bail!(
-                    "{flag} {} is the input image; choose another name",
-                    path.display()
-                );
-            }
+            check_output_dir(path)?;
+            refuse_inputs(flag, path, &[("image", Some(&args.image))])?;
         }
     }
-    let image = image_io::load_image(&args.image)?;
-    let mut sd = args.model.load(Some(args.layers.filter()))?;
-    sd.unet
-        .set_gradient_checkpointing(args.gradient_checkpointing);
-    let (width, height) = default_size(&sd, args.width, args.height, None)?;
-    let image = image_io::resize_and_center_crop(image, width as u32, height as u32);
-
-    let seed = args.seed.unwrap_or_else(rand_seed);
-    let token = args.token.unwrap_or_else(|| default_token(&sd.tokenizer));
-    let settings = TuneSettings {
-        token: token.clone(),
+    let job = TuneJob {
+        token: args.token,
         steps: args.steps,
         batch_size: args.batch,
         learning_rate: args.lr,
         optimizer: args.optimizer,
         layers: args.layers,
-        seed,
+        width: args.width,
+        height: args.height,
+        seed: args.seed,
+        gradient_checkpointing: args.gradient_checkpointing,
     };
+    let image = image_io::load_image(&args.image)?;
+    let mut sd = args.model.load(Some(job.trainable()))?;
+    let prepared = job.prepare(&sd, image)?;
+    tune_and_save(
+        &mut sd,
+        prepared,
+        &args.output,
+        args.delta_encoding,
+        args.log_json.as_ref(),
+    )?;
+    Ok(())
+}
+
+/// Runs a prepared tune on `sd` (loaded with its trainable tensors), reporting as it goes, and
+/// writes the session to `output`; `edit` uses it when it is given an image but no session.
+pub fn tune_and_save(
+    sd: &mut StableDiffusion,
+    prepared: PreparedTune,
+    output: &PathBuf,
+    encoding: DeltaEncoding,
+    log_json: Option<&PathBuf>,
+) -> Result<Session> {
     let trainable = sd.unet_store.trainable_vars();
     let n_trainable: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let (width, height) = prepared.image.dimensions();
+    let s = &prepared.settings;
     eprintln!(
-        "tuning {} tensors ({:.1} M weights, layers {:?}) on {width}x{height}, token `{token}`, seed {seed}",
+        "tuning {} tensors ({:.1} M weights, layers {:?}) on {width}x{height}, token `{}`, seed {}",
         trainable.len(),
         n_trainable as f64 / 1e6,
-        args.layers
+        s.layers,
+        s.token,
+        s.seed
     );
 
-    let mut log = match &args.log_json {
+    let mut log = match log_json {
         Some(path) => Some(std::io::BufWriter::new(
             std::fs::File::create(path)
                 .with_context(|| format!("--log-json {}", path.display()))?,
@@ -146,29 +125,23 @@ fn tune_and_save(args: TuneArgs) -> Result<(StableDiffusion, Session)> {
         None => None,
     };
     let mut on_step = |step: usize, loss: f32| -> unitune::Result<()> {
-        if let Some(log) = log.as_mut() {
-            writeln!(log, "{{\"step\": {step}, \"loss\": {loss}}}")
+        if let (Some(log), Some(path)) = (log.as_mut(), log_json) {
+            let line = serde_json::json!({"step": step, "loss": loss});
+            writeln!(log, "{line}")
                 .and_then(|()| log.flush())
-                .map_err(|e| unitune::Error::io(args.log_json.as_ref().expect("log path"), e))?;
+                .map_err(|e| unitune::Error::io(path, e))?;
         }
         Ok(())
     };
-    let session = tune(
-        &sd,
-        &image,
-        settings,
-        &mut Noise::seeded(seed),
-        &mut BarProgress::new(),
-        &mut on_step,
-    )?;
-    session.save(&args.output, args.delta_encoding)?;
+    let session = prepared.run(sd, &mut BarProgress::new(), &mut on_step)?;
+    session.save(output, encoding)?;
     let n = session.losses.len().clamp(1, 8) as f32;
     let first = session.losses.iter().take(8).sum::<f32>() / n;
     let last = session.losses.iter().rev().take(8).sum::<f32>() / n;
     eprintln!(
         "wrote {} ({} tensors changed; loss {first:.4} -> {last:.4}, means of first/last 8 steps)",
-        args.output.display(),
+        output.display(),
         session.deltas.len()
     );
-    Ok((sd, session))
+    Ok(session)
 }

@@ -162,8 +162,8 @@ fn bad_input_is_named_and_nothing_is_written() {
 /// pattern). The model is unpacked into a fresh cache folder, as on a new machine.
 #[test]
 fn builtin_model_draws_the_captions_background() {
-    use unitune::world::score::nearest_colour;
-    use unitune::world::Colour;
+    use unitune_lab::world::score::nearest_colour;
+    use unitune_lab::world::Colour;
     let dir = tempdir("builtin");
     let cases = [
         ("a red circle on a blue background", Colour::Blue),

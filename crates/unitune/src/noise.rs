@@ -10,6 +10,17 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::Result;
 
+/// A seed for when the user gives none, from the clock and the process id; front ends print it
+/// (and the session records it) so the result can be made again.
+pub fn random_seed() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (nanos as u64) ^ (std::process::id() as u64).rotate_left(32)
+}
+
 pub enum Noise {
     /// Standard normal draws from ChaCha8 seeded with the user's seed (boxed: the generator's
     /// state is larger than a queue).

@@ -13,7 +13,7 @@ use unitune::pipelines::{
     NoProgress, StableDiffusion,
 };
 use unitune::schedulers::{self, SchedulerKind};
-use unitune::train::session::Session;
+use unitune::session::Session;
 use unitune::train::tune::{tune, TrainableLayers, TuneSettings};
 
 const TOKEN: &str = "beikkpic";
@@ -340,7 +340,7 @@ fn edits_a_saved_tuned_session_and_refuses_bad_requests() {
     };
     let path = std::env::temp_dir().join(format!("unitune-edit-{}.session", std::process::id()));
     session
-        .save(&path, unitune::train::session::DeltaEncoding::F32)
+        .save(&path, unitune::session::DeltaEncoding::F32)
         .unwrap();
     let loaded = Session::load(&path).unwrap();
     std::fs::remove_file(&path).unwrap();

@@ -11,8 +11,8 @@ use candle_nn::Optimizer;
 use unitune::image_io;
 use unitune::noise::Noise;
 use unitune::pipelines::{LoadOptions, NoProgress, StableDiffusion};
+use unitune::session::{DeltaEncoding, Session};
 use unitune::train::adafactor::{Adafactor, AdafactorConfig, Factoring};
-use unitune::train::session::{DeltaEncoding, Session};
 use unitune::train::tune::{
     default_token, token_warning, tune, StepInputs, TrainableLayers, TuneSettings, Tuner,
 };
@@ -384,7 +384,7 @@ fn session_reproduces_the_tuned_unet() {
     .unwrap();
     assert_eq!(session.losses.len(), 4);
     assert_eq!(session.image, source);
-    assert_eq!(session.settings["learning_rate"], 1e-3);
+    assert_eq!(session.settings.learning_rate, 1e-3);
 
     let changed: BTreeSet<String> = deltas(&sd)
         .into_iter()

@@ -13,8 +13,10 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
+use super::activations::Activation;
 use super::linear::{self, Linear};
-use super::ops::{attention, merge_heads, split_heads, Activation, LayerNorm};
+use super::norm::LayerNorm;
+use super::ops::{attention, merge_heads, split_heads};
 use crate::error::{read_json, Error, Result};
 use crate::weights::WeightStore;
 

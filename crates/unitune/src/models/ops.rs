@@ -1,14 +1,15 @@
 //! Differentiable building blocks shared by the networks.
 //!
-//! candle's `softmax_last_dim` and the fused path of `candle_nn::LayerNorm` are registered without a
-//! backward: gradients through them silently come out missing. Everything here is composed of ops
-//! that have one, and the tests below check the gradients against finite differences.
+//! candle's `softmax_last_dim` is registered without a backward: gradients through it silently
+//! come out missing. Everything here is composed of ops that have one, or is a kernel of
+//! `unitune_kernels` with its own backward, and the tests below check the gradients against finite
+//! differences. The layers with weights of their own live beside: [`super::norm`] (GroupNorm,
+//! LayerNorm), [`super::linear`], [`super::conv`]; the activations in [`super::activations`].
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Result, Tensor, D};
 
 /// Half-precision inputs are normalised in f32, as torch does inside its fused kernels.
-fn compute_dtype(dtype: DType) -> DType {
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
     match dtype {
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
@@ -24,90 +25,6 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let num = xs.broadcast_sub(&max)?.exp()?;
     let den = num.sum_keepdim(D::Minus1)?;
     num.broadcast_div(&den)?.to_dtype(dtype)
-}
-
-/// Layer normalisation over the last dimension, as `torch.nn.LayerNorm`.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    /// Loads `weight` and `bias`; when built from scratch (a `VarMap`), they start at 1 and 0.
-    pub fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
-        let bias = vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?;
-        Ok(Self { weight, bias, eps })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // f32 on the CPU: the fused kernel, which keeps only each row's statistics for its
-        // analytic backward and sums the weight and bias gradients in parallel (candle's
-        // composite below sums them on one thread). Everything else (CUDA, f16/bf16, f64, empty
-        // tensors) takes the composite ops, which run on every device.
-        if xs.elem_count() > 0 && kernel_ready(&[xs, &self.weight, &self.bias]) {
-            return unitune_kernels::layer_norm::layer_norm(xs, &self.weight, &self.bias, self.eps);
-        }
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(compute_dtype(dtype))?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-/// `torch.nn.GroupNorm`, loading `weight` and `bias` ([channels]); when built from scratch (a
-/// `VarMap`), they start at 1 and 0.
-pub fn group_norm(
-    groups: usize,
-    channels: usize,
-    eps: f64,
-    vb: VarBuilder,
-) -> Result<super::norm::GroupNorm> {
-    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
-    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
-    super::norm::GroupNorm::new(weight, bias, groups, eps)
-}
-
-/// Activation functions named as in diffusers' `act_fn` and transformers' `hidden_act`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// Exact GELU (erf), torch's default.
-    Gelu,
-    /// CLIP's x * sigmoid(1.702 x).
-    QuickGelu,
-}
-
-impl Activation {
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "silu" | "swish" => Some(Self::Silu),
-            "gelu" => Some(Self::Gelu),
-            "quick_gelu" => Some(Self::QuickGelu),
-            _ => None,
-        }
-    }
-}
-
-impl Module for Activation {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Silu => xs.silu(),
-            Self::Gelu => xs.gelu_erf(),
-            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-        }
-    }
 }
 
 /// Nearest-neighbour upsampling of `[b, c, h, w]` to `[b, c, out_h, out_w]`, as
@@ -247,90 +164,6 @@ pub(crate) mod tests {
             .unwrap();
         assert!(diff < 1e-6, "{diff}");
         check_grad(softmax_last_dim, &[3, 6]);
-    }
-
-    #[test]
-    fn layer_norm_from_scratch_is_the_identity_norm() {
-        let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let ln = LayerNorm::new(4, 1e-5, vb).unwrap();
-        let w: Vec<f32> = ln.weight.to_vec1().unwrap();
-        let b: Vec<f32> = ln.bias.to_vec1().unwrap();
-        assert_eq!((w, b), (vec![1.0; 4], vec![0.0; 4]));
-    }
-
-    #[test]
-    fn group_norm_from_scratch_is_the_identity_norm() {
-        let varmap = candle_nn::VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let gn = group_norm(2, 4, 1e-5, vb.pp("norm1")).unwrap();
-        let x = Tensor::new(
-            &[[[1f32, 3.0], [5.0, 7.0], [2.0, 2.0], [0.0, 4.0]]],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let y: Vec<Vec<Vec<f32>>> = gn.forward(&x).unwrap().to_vec3().unwrap();
-        // Group 1 is [1, 3, 5, 7] (mean 4, variance 5), group 2 is [2, 2, 0, 4] (mean 2, variance 2).
-        let (s1, s2) = ((5f32 + 1e-5).sqrt(), (2f32 + 1e-5).sqrt());
-        let expect = [
-            [-3.0 / s1, -1.0 / s1],
-            [1.0 / s1, 3.0 / s1],
-            [0.0, 0.0],
-            [-2.0 / s2, 2.0 / s2],
-        ];
-        for (row, want) in y[0].iter().zip(expect) {
-            for (a, b) in row.iter().zip(want) {
-                assert!((a - b).abs() < 1e-5, "{y:?}");
-            }
-        }
-        let mut names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
-        names.sort();
-        assert_eq!(names, ["norm1.bias", "norm1.weight"]);
-        assert!(group_norm(3, 4, 1e-5, vb.pp("bad")).is_err());
-    }
-
-    #[test]
-    fn layer_norm_matches_candle_and_has_gradient() {
-        let dev = Device::Cpu;
-        let weight = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 6, &dev).unwrap();
-        let ln = LayerNorm {
-            weight: weight.clone(),
-            bias: bias.clone(),
-            eps: 1e-5,
-        };
-        let x = Tensor::randn(0f32, 2.0, (3, 6), &dev).unwrap();
-        let fused = candle_nn::LayerNorm::new(weight, bias, 1e-5)
-            .forward(&x)
-            .unwrap();
-        let diff = (ln.forward(&x).unwrap() - fused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-        let ln = LayerNorm {
-            weight: to64(&ln.weight),
-            bias: to64(&ln.bias),
-            eps: 1e-5,
-        };
-        check_grad(|x| ln.forward(x), &[2, 6]);
-    }
-
-    #[test]
-    fn activations_have_gradients() {
-        for act in [Activation::Silu, Activation::Gelu, Activation::QuickGelu] {
-            check_grad(|x| act.forward(x), &[10]);
-        }
-        let x = Tensor::new(&[1.0f64], &Device::Cpu).unwrap();
-        let q: Vec<f64> = Activation::QuickGelu
-            .forward(&x)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert!((q[0] - 1.0 / (1.0 + (-1.702f64).exp())).abs() < 1e-12);
     }
 
     #[test]

@@ -26,14 +26,15 @@
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 
-use super::generate::{
-    check_sampling, denoise, encode_prompt_checked, start_steps, start_timesteps,
+use super::denoising::{
+    check_sampling, denoise, encode_prompt_checked, prepare_latents, start_steps, Guidance,
+    GuidanceMode, Prepared, Start,
 };
 use super::mask::{AutoMask, Mask};
-use super::{Guidance, GuidanceMode, Progress, StableDiffusion};
+use super::{Progress, StableDiffusion};
 use crate::image_io::{image_to_tensor, tensor_to_image};
 use crate::noise::Noise;
-use crate::schedulers::{self, Scheduler, SchedulerKind};
+use crate::schedulers::{Scheduler, SchedulerKind};
 use crate::{Error, Result};
 
 /// The picture an edit starts from and falls back to, encoded once for any number of edits.
@@ -353,20 +354,26 @@ impl Run<'_> {
         label: &str,
     ) -> Result<(Tensor, Tensor)> {
         let (sd, r, base) = (self.sd, self.request, self.base);
-        let mut scheduler = schedulers::build(r.scheduler, &sd.scheduler_config)?;
-        scheduler.set_timesteps(r.num_inference_steps)?;
-        let (timesteps, latents) = if r.start >= 1.0 {
-            let timesteps = scheduler.timesteps().to_vec();
-            (
-                timesteps,
-                (self.initial_noise * scheduler.init_noise_sigma())?,
-            )
+        let start = if r.start < 1.0 {
+            Start::Latents {
+                latents: &base.latents,
+                fraction: r.start,
+                name: "start",
+            }
         } else {
-            let timesteps =
-                start_timesteps(scheduler.as_mut(), r.num_inference_steps, r.start, "start")?;
-            let latents = scheduler.add_noise(&base.latents, self.initial_noise, timesteps[0])?;
-            (timesteps, latents)
+            Start::Noise
         };
+        let Prepared {
+            mut scheduler,
+            timesteps,
+            latents,
+        } = prepare_latents(
+            sd,
+            r.scheduler,
+            r.num_inference_steps,
+            start,
+            self.initial_noise,
+        )?;
 
         let keep = self.keep_weights(mask)?;
         let mut pull_to_base =

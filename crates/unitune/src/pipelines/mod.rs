@@ -1,31 +1,33 @@
-//! Pipelines: a loaded Stable Diffusion folder ([`StableDiffusion`]) and the stages built on it,
-//! named as in diffusers (`encode_prompt`, `prepare_latents`, the denoising loop, `decode_latents`).
+//! Pipelines: a loaded Stable Diffusion folder ([`StableDiffusion`]) and the pipelines built on
+//! it: [`generate`] (txt2img, img2img) and [`edit`] (UniTune's editing stage), both made of the
+//! stages in [`denoising`], named as in diffusers (`encode_prompt`, `prepare_latents`, the
+//! denoising loop, `decode_latents`).
 
-mod contact_sheet;
+pub mod denoising;
 mod edit;
 mod generate;
 mod mask;
 mod progress;
 
-pub use contact_sheet::contact_sheet;
+pub use denoising::{Guidance, GuidanceMode};
 pub use edit::{edit, prompt_with_token, EditBase, EditMask, EditOutput, EditRequest};
-pub use generate::{generate, GenerateRequest, Guidance, GuidanceMode};
+pub use generate::{generate, GenerateRequest};
 pub use mask::{AutoMask, Mask};
 pub use progress::{NoProgress, Progress};
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
 use crate::models::clip::ClipTextModel;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::noise::Noise;
 use crate::schedulers::SchedulerConfig;
+use crate::session::Session;
 use crate::tokenizer::ClipTokenizer;
-use crate::train::session::Session;
+use crate::weights::folder::check_model_index;
 use crate::weights::{TrainableFilter, WeightStore};
 
 /// How to load a model folder.
@@ -51,21 +53,6 @@ impl Default for LoadOptions {
         }
     }
 }
-
-/// Pipeline classes whose folders hold exactly the SD 1.x/2.x components we load.
-const PIPELINE_CLASSES: [&str; 3] = [
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-];
-/// The class each component must have, as `model_index.json` names it.
-const COMPONENTS: [(&str, &str); 5] = [
-    ("unet", "UNet2DConditionModel"),
-    ("vae", "AutoencoderKL"),
-    ("text_encoder", "CLIPTextModel"),
-    ("tokenizer", "CLIPTokenizer"),
-    ("scheduler", ""),
-];
 
 /// A Stable Diffusion 1.x / 2.x model loaded from a diffusers-layout folder.
 pub struct StableDiffusion {
@@ -122,6 +109,34 @@ impl StableDiffusion {
         self.vae_config.scale_factor()
     }
 
+    /// The size to work at: `width` and `height` if given, else the image's size (`image`, when
+    /// there is one) rounded down to a multiple of the VAE factor, as diffusers does, else the
+    /// model's native size (`unet.sample_size * 8`).
+    pub fn default_size(
+        &self,
+        width: Option<usize>,
+        height: Option<usize>,
+        image: Option<(u32, u32)>,
+    ) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        let native = self.unet_config.sample_size.map(|s| s * f);
+        let pick = |given: Option<usize>, from_image: Option<u32>, name: &str| match (
+            given, from_image, native,
+        ) {
+            (Some(v), _, _) => Ok(v),
+            (None, Some(v), _) => Ok(v as usize / f * f),
+            (None, None, Some(v)) => Ok(v),
+            (None, None, None) => Err(Error::argument(
+                name,
+                "the model's unet/config.json has no sample_size: give the size",
+            )),
+        };
+        Ok((
+            pick(width, image.map(|d| d.0), "width")?,
+            pick(height, image.map(|d| d.1), "height")?,
+        ))
+    }
+
     /// Text embeddings `[1, 77, d]` for `prompt`, and the part of the prompt that did not fit.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Option<String>)> {
         let encoding = self.tokenizer.encode(prompt);
@@ -155,56 +170,6 @@ impl StableDiffusion {
             UNet2DConditionModel::from_store(&store, &self.unet_config, self.dtype, &self.device)?;
         Ok(())
     }
-}
-
-#[derive(serde::Deserialize)]
-struct ModelIndex {
-    #[serde(rename = "_class_name")]
-    class_name: Option<String>,
-    #[serde(flatten)]
-    components: HashMap<String, serde_json::Value>,
-}
-
-fn check_model_index(dir: &Path) -> Result<()> {
-    let path = dir.join("model_index.json");
-    if !path.is_file() {
-        return Err(Error::weights(
-            dir,
-            "not a diffusers model folder (no model_index.json); expected unet/, vae/, text_encoder/, tokenizer/, scheduler/",
-        ));
-    }
-    let index: ModelIndex = read_json(&path)?;
-    let class = index.class_name.unwrap_or_default();
-    if !PIPELINE_CLASSES.contains(&class.as_str()) {
-        return Err(Error::config(
-            &path,
-            "_class_name",
-            format!(
-                "`{class}` is not supported; unitune loads Stable Diffusion 1.x/2.x folders ({})",
-                PIPELINE_CLASSES.join(", ")
-            ),
-        ));
-    }
-    for (name, expected) in COMPONENTS {
-        // Each entry is ["library", "ClassName"].
-        let found = index
-            .components
-            .get(name)
-            .and_then(|v| v.get(1))
-            .and_then(|c| c.as_str());
-        match found {
-            None => return Err(Error::config(&path, name, "component missing")),
-            Some(found) if !expected.is_empty() && found != expected => {
-                return Err(Error::config(
-                    &path,
-                    name,
-                    format!("class `{found}` is not supported (expected `{expected}`)"),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

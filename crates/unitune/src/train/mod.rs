@@ -5,8 +5,6 @@
 
 pub mod adafactor;
 pub mod master;
-pub mod pretrain;
-pub mod session;
 pub mod tune;
 
 use std::fmt;
@@ -18,7 +16,8 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use crate::{Error, Result};
 use adafactor::{Adafactor, AdafactorConfig};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// [`Adafactor`] with [`AdafactorConfig::default`] apart from the lr.
     Adafactor,

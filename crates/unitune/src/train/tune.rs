@@ -21,12 +21,12 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng};
 
 use super::master::MasterWeights;
-use super::session::{fingerprint, Session};
 use super::{OptimizerKind, TrainOptimizer};
 use crate::models::unet::CheckpointGrads;
 use crate::noise::Noise;
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::schedulers::{NoiseSchedule, PredictionType};
+use crate::session::{fingerprint, Session};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::TrainableFilter;
 use crate::{Error, Result};
@@ -35,7 +35,7 @@ use crate::{Error, Result};
 const TOKEN_CANDIDATES: [&str; 3] = ["beikkpic", "qlomvtex", "zwerpikd"];
 
 /// Which UNet tensors the tune changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TrainableLayers {
     /// Every UNet tensor except normalisation scales/shifts and the timestep embedding MLP
@@ -84,21 +84,16 @@ impl TrainableLayers {
     }
 }
 
-/// Everything that decides a tune, recorded in the session.
-#[derive(Debug, Clone, serde::Serialize)]
+/// Everything that decides a tune, recorded in the session (as JSON, these field names).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TuneSettings {
     pub token: String,
     pub steps: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
-    #[serde(serialize_with = "display")]
     pub optimizer: OptimizerKind,
     pub layers: TrainableLayers,
     pub seed: u64,
-}
-
-fn display<S: serde::Serializer>(v: &OptimizerKind, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_str(&v.to_string())
 }
 
 impl TuneSettings {
@@ -304,7 +299,7 @@ impl<'a> Tuner<'a> {
             token: self.settings.token.clone(),
             base_fingerprint: fingerprint(base)?,
             image,
-            settings: serde_json::to_value(&self.settings).expect("settings serialize"),
+            settings: self.settings.clone(),
             losses,
             deltas,
         })

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{read_json, Error, Result};
-use crate::models::ops::Activation;
+use crate::models::activations::Activation;
 
 /// A down block, by its diffusers class name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::models::activations::Activation;
 use crate::models::linear::{self, Linear};
-use crate::models::ops::Activation;
 
 /// The period of the slowest sinusoid, as in DDPM.
 const MAX_PERIOD: f64 = 10_000.0;

@@ -26,9 +26,9 @@ pub use config::{DownBlockType, UNet2DConditionConfig, UpBlockType};
 
 use self::blocks::{DownBlock, MidBlock, UpBlock};
 use self::embeddings::{timestep_embedding, TimestepEmbedding};
+use crate::models::activations::Activation;
 use crate::models::conv::{self, Conv2d};
-use crate::models::norm::GroupNorm;
-use crate::models::ops::{self, Activation};
+use crate::models::norm::{self, GroupNorm};
 use crate::weights::WeightStore;
 
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ impl UNet2DConditionModel {
             up_blocks: (0..n)
                 .map(|i| UpBlock::new(cfg, i, vb.pp(format!("up_blocks.{i}"))))
                 .collect::<Result<_>>()?,
-            conv_norm_out: ops::group_norm(
+            conv_norm_out: norm::group_norm(
                 cfg.norm_num_groups,
                 c0,
                 cfg.norm_eps,

@@ -5,10 +5,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
+use crate::models::activations::Activation;
 use crate::models::conv::{self, Conv2d};
 use crate::models::linear::{self, Linear};
-use crate::models::norm::GroupNorm;
-use crate::models::ops::{self, Activation};
+use crate::models::norm::{self, GroupNorm};
+use crate::models::ops;
 
 /// A 3x3 convolution keeping the spatial size.
 fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Conv2d> {
@@ -62,10 +63,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: ops::group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
+            norm1: norm::group_norm(s.groups, in_channels, s.eps, vb.pp("norm1"))?,
             conv1: conv3x3(in_channels, out_channels, vb.pp("conv1"))?,
             time_emb_proj: linear::linear(s.temb_channels, out_channels, vb.pp("time_emb_proj"))?,
-            norm2: ops::group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
+            norm2: norm::group_norm(s.groups, out_channels, s.eps, vb.pp("norm2"))?,
             conv2: conv3x3(out_channels, out_channels, vb.pp("conv2"))?,
             conv_shortcut,
             act: s.act,

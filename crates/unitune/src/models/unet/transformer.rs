@@ -7,8 +7,8 @@ use candle_nn::VarBuilder;
 
 use crate::models::conv::{self, Conv2d};
 use crate::models::linear::{self, Linear};
-use crate::models::norm::GroupNorm;
-use crate::models::ops::{self, LayerNorm};
+use crate::models::norm::{self, GroupNorm, LayerNorm};
+use crate::models::ops;
 
 /// diffusers' `Attention` as the UNet uses it: no bias on q/k/v, bias on the output projection,
 /// scores scaled by `1/sqrt(head_dim)`, softmax in f32.
@@ -187,7 +187,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: ops::group_norm(s.norm_num_groups, channels, GROUP_NORM_EPS, vb.pp("norm"))?,
+            norm: norm::group_norm(s.norm_num_groups, channels, GROUP_NORM_EPS, vb.pp("norm"))?,
             proj_in: projection(channels, inner, vb.pp("proj_in"))?,
             transformer_blocks,
             proj_out: projection(inner, channels, vb.pp("proj_out"))?,

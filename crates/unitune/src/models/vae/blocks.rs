@@ -7,7 +7,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::{self, Conv2d};
 use crate::models::linear::{self, Linear};
-use crate::models::norm::GroupNorm;
+use crate::models::norm::{self, GroupNorm};
 use crate::models::ops;
 
 /// diffusers builds every norm of the VAE with this epsilon.
@@ -47,9 +47,9 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: ops::group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
+            norm1: norm::group_norm(groups, c_in, EPS, vb.pp("norm1"))?,
             conv1: conv2d(c_in, c_out, 3, vb.pp("conv1"))?,
-            norm2: ops::group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
+            norm2: norm::group_norm(groups, c_out, EPS, vb.pp("norm2"))?,
             conv2: conv2d(c_out, c_out, 3, vb.pp("conv2"))?,
             conv_shortcut,
         })
@@ -142,7 +142,7 @@ impl Attention {
         };
         let linear = |name: &str| linear::linear(channels, channels, vb.pp(name));
         Ok(Self {
-            group_norm: ops::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
+            group_norm: norm::group_norm(groups, channels, EPS, vb.pp("group_norm"))?,
             to_q: linear(q)?,
             to_k: linear(k)?,
             to_v: linear(v)?,

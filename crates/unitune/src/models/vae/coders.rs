@@ -6,8 +6,7 @@ use candle_nn::VarBuilder;
 use super::blocks::{conv2d, Downsample2D, MidBlock, ResnetBlock2D, Upsample2D, EPS};
 use super::VaeConfig;
 use crate::models::conv::Conv2d;
-use crate::models::norm::GroupNorm;
-use crate::models::ops;
+use crate::models::norm::{self, GroupNorm};
 
 /// `DownEncoderBlock2D` (resampler `Downsample2D`) or `UpDecoderBlock2D` (`Upsample2D`): resnets,
 /// then the resampler on every block but the last.
@@ -60,7 +59,7 @@ struct Head {
 impl Head {
     fn new(c_in: usize, c_out: usize, groups: usize, vb: &VarBuilder) -> Result<Self> {
         Ok(Self {
-            conv_norm_out: ops::group_norm(groups, c_in, EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: norm::group_norm(groups, c_in, EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(c_in, c_out, 3, vb.pp("conv_out"))?,
         })
     }

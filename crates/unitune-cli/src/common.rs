@@ -1,0 +1,123 @@
+//! What the commands share: the options that say which model to load and where to run it, and
+//! the checks on output paths that run before any work.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use unitune::pipelines::{LoadOptions, StableDiffusion};
+use unitune::weights::TrainableFilter;
+
+/// The device named by `--device`: cpu, cuda or cuda:N.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        },
+    };
+    Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {name}: {e}"))
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout [default: the built-in model].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights and compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
+    /// Tuning in f16 or bf16 updates f32 master copies of the weights.
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    /// Loads the model (the built-in one without `--model`), with `trainable` UNet tensors.
+    pub fn load(&self, trainable: Option<TrainableFilter>) -> Result<StableDiffusion> {
+        let device = parse_device(&self.device)?;
+        let options = LoadOptions {
+            dtype: self.dtype(&device)?,
+            device,
+            variant: self.variant.clone(),
+            trainable,
+        };
+        crate::builtin::load(self.model.as_deref(), &options)
+    }
+
+    fn dtype(&self, device: &Device) -> Result<DType> {
+        match (self.dtype.as_deref(), device.is_cpu()) {
+            (None, true) | (Some("f32"), _) => Ok(DType::F32),
+            (None, false) | (Some("f16"), _) => Ok(DType::F16),
+            // candle has no bf16 matrix multiply on the CPU.
+            (Some("bf16"), true) => {
+                bail!("--dtype bf16 needs --device cuda; use f32 or f16 on the CPU")
+            }
+            (Some("bf16"), false) => Ok(DType::BF16),
+            (Some(other), _) => bail!("--dtype {other}: expected f32, f16 or bf16"),
+        }
+    }
+}
+
+/// Fails early, before any long work, when `output`'s folder does not exist.
+pub fn check_output_dir(output: &Path) -> Result<()> {
+    match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            bail!(
+                "{}: the output folder {} does not exist",
+                output.display(),
+                dir.display()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Refuses to write anything but a PNG, and never over the input image.
+pub fn check_output(output: &Path, input: Option<&Path>) -> Result<()> {
+    check_output_dir(output)?;
+    let is_png = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        bail!(
+            "--output {}: only PNG output is supported (use a .png name)",
+            output.display()
+        );
+    }
+    refuse_inputs("--output", output, &[("image", input)])
+}
+
+/// Refuses `output` (given with `flag`) when it is one of `inputs` (what each is, and its path if
+/// given), so that no input is lost.
+pub fn refuse_inputs(flag: &str, output: &Path, inputs: &[(&str, Option<&Path>)]) -> Result<()> {
+    let Ok(out) = output.canonicalize() else {
+        return Ok(());
+    };
+    for (what, input) in inputs {
+        if input.is_some_and(|i| i.canonicalize().is_ok_and(|i| i == out)) {
+            bail!(
+                "{flag} {} is the input {what}; choose another name so the input is kept",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `dir/stem<suffix>.<extension>` for `dir/stem.png`.
+pub fn suffixed(output: &Path, suffix: &str, extension: &str) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!("{stem}{suffix}.{extension}"))
+}

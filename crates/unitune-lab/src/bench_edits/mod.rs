@@ -1,0 +1,447 @@
+//! Edit quality (`unitune bench-edits`) on held-out world scenes, scored against ground truth.
+//!
+//! Each scene of the procedural world comes with a random edit and its true result
+//! ([`World::edit_sample`]). Every method edits the scene's picture with the edit prompt (the
+//! edited scene's caption) and is scored by [`crate::world::score`]: PSNR inside the edit's
+//! region and outside it (fidelity to the unchanged scene), and whether the asked change happened.
+//! The methods:
+//! - UniTune: tune on the picture (the paper's settings, at each `tune_lr`), then edit at each
+//!   guidance x start (x auto-mask with `auto_mask`);
+//! - SDEdit: img2img from the picture at each of `strengths`, no tuning;
+//! - plain: txt2img from the edit prompt alone;
+//! - and three references: the unchanged picture (identity), the ground truth itself (which
+//!   checks the checks: its success rate must be 100%), and the picture's autoencoder round trip
+//!   (vae: how much of the scene any method working in latents can keep).
+//!
+//! Scenes are indices from [`HELD_OUT_START`] on, so they are never among a pretraining run's
+//! scenes `0..world_scenes` whatever the seed. Every method of a scene samples from the same
+//! seeded noise.
+
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use image::{GrayImage, Luma, RgbImage};
+use unitune::image_io::{image_to_tensor, tensor_to_image};
+use unitune::noise::Noise;
+use unitune::pipelines::{
+    edit, generate, AutoMask, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions,
+    NoProgress, StableDiffusion,
+};
+use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
+use unitune::{Error, Result};
+
+pub use self::report::{to_json, to_tables, write_grid};
+use crate::pretrain::TrainingState;
+use crate::world::score::{edit_happened, edit_kind, psnr, Part};
+use crate::world::{EditSample, SceneConfig, World};
+
+/// PSNR outside the edit region (dB) from which a successful edit counts as having kept the scene.
+pub const KEPT_DB: f64 = 20.0;
+
+/// First held-out scene index: above any pretraining set (`0..world_scenes`).
+pub const HELD_OUT_START: u64 = 1 << 32;
+
+/// What to measure. [`Default`] is `unitune bench-edits` without flags.
+#[derive(Debug, Clone)]
+pub struct BenchEditsConfig {
+    /// The model folder.
+    pub model: PathBuf,
+    /// Held-out scenes to edit.
+    pub scenes: usize,
+    /// World seed of the held-out scenes, and seed of every noise draw.
+    pub seed: u64,
+    /// UniTune tuning steps (batch 4, Adafactor, most layers).
+    pub tune_steps: usize,
+    /// UniTune learning rates; each is a separate tune per scene.
+    pub tune_lr: Vec<f64>,
+    /// Sampling steps (DDIM) of every method.
+    pub steps: usize,
+    /// UniTune guidance scales.
+    pub guidance: Vec<f64>,
+    /// UniTune start fractions (1 = from noise).
+    pub start: Vec<f64>,
+    /// Also run every UniTune setting with an automatic mask.
+    pub auto_mask: bool,
+    /// SDEdit strengths.
+    pub strengths: Vec<f64>,
+    /// Classifier-free guidance of SDEdit and plain generation.
+    pub baseline_guidance: f64,
+    /// Most objects per scene; `None`: the model's pretraining setting, else 2.
+    pub max_objects: Option<usize>,
+}
+
+impl Default for BenchEditsConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            scenes: 8,
+            seed: 0,
+            tune_steps: 128,
+            tune_lr: vec![1e-4],
+            steps: 30,
+            guidance: vec![3.0, 6.0],
+            start: vec![1.0, 0.8],
+            auto_mask: false,
+            strengths: vec![0.5, 0.7, 0.9],
+            baseline_guidance: 8.0,
+            max_objects: None,
+        }
+    }
+}
+
+/// One method at one setting, with its per-scene scores.
+pub struct Row {
+    pub method: &'static str,
+    pub setting: String,
+    pub psnr_in: Vec<Option<f64>>,
+    pub psnr_out: Vec<Option<f64>>,
+    pub success: Vec<bool>,
+    /// Seconds per edit (sampling only).
+    pub seconds: Vec<f64>,
+    pub images: Vec<RgbImage>,
+}
+
+impl Row {
+    pub fn success_rate(&self) -> f64 {
+        self.success.iter().filter(|&&s| s).count() as f64 / self.success.len().max(1) as f64
+    }
+
+    /// Edits that succeeded and kept the rest of the scene: PSNR out at least [`KEPT_DB`] (or
+    /// nothing outside, for background changes).
+    pub fn kept(&self) -> usize {
+        self.success
+            .iter()
+            .zip(&self.psnr_out)
+            .filter(|(&ok, out)| ok && out.is_none_or(|db| db >= KEPT_DB))
+            .count()
+    }
+}
+
+/// One tune per scene and learning rate.
+pub struct TuneRecord {
+    pub lr: f64,
+    pub seconds: Vec<f64>,
+    /// Mean loss of the last quarter of the steps.
+    pub final_loss: Vec<f64>,
+    /// PSNR of the token-only sample (guidance off, from noise) against the tuned picture.
+    pub reconstruction: Vec<f64>,
+}
+
+fn mean(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let xs: Vec<f64> = xs.into_iter().collect();
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+struct Bench<'a> {
+    args: &'a BenchEditsConfig,
+    config: SceneConfig,
+    rows: Vec<Row>,
+}
+
+impl Bench<'_> {
+    /// Scores `image` for scene `sample` under (method, setting), adding the row if new.
+    fn record(
+        &mut self,
+        method: &'static str,
+        setting: String,
+        sample: &EditSample,
+        image: RgbImage,
+        seconds: f64,
+    ) -> Result<()> {
+        let position = self
+            .rows
+            .iter()
+            .position(|r| r.method == method && r.setting == setting);
+        let row = match position {
+            Some(i) => &mut self.rows[i],
+            None => {
+                self.rows.push(Row {
+                    method,
+                    setting,
+                    psnr_in: vec![],
+                    psnr_out: vec![],
+                    success: vec![],
+                    seconds: vec![],
+                    images: vec![],
+                });
+                self.rows.last_mut().expect("just pushed")
+            }
+        };
+        row.psnr_in
+            .push(psnr(&image, &sample.after, &sample.region, Part::Inside)?);
+        row.psnr_out
+            .push(psnr(&image, &sample.after, &sample.region, Part::Outside)?);
+        row.success
+            .push(edit_happened(sample, &image, &self.config)?);
+        row.seconds.push(seconds);
+        row.images.push(image);
+        Ok(())
+    }
+
+    /// Tunes a fresh copy of the model on scene `i` at `record.lr`, then runs every UniTune
+    /// setting.
+    fn unitune(
+        &mut self,
+        i: usize,
+        sample: &EditSample,
+        base: &EditBase,
+        token: &str,
+        record: &mut TuneRecord,
+    ) -> Result<()> {
+        let args = self.args;
+        let options = LoadOptions {
+            trainable: Some(TrainableLayers::Most.filter()),
+            ..LoadOptions::default()
+        };
+        let tuned = StableDiffusion::load(&args.model, &options)?;
+        let settings = TuneSettings {
+            steps: args.tune_steps,
+            learning_rate: record.lr,
+            ..TuneSettings::new(token, args.seed)
+        };
+        let t0 = Instant::now();
+        let session = tune(
+            &tuned,
+            &sample.before,
+            settings,
+            &mut self.noise(i),
+            &mut NoProgress,
+            &mut |_, _| Ok(()),
+        )?;
+        record.seconds.push(t0.elapsed().as_secs_f64());
+        let tail = &session.losses[session.losses.len() * 3 / 4..];
+        record
+            .final_loss
+            .push(mean(tail.iter().map(|&l| l as f64)).unwrap_or(f64::NAN));
+
+        // Reconstruction: the token alone, no guidance, from noise.
+        let mut request = EditRequest::new(token, "");
+        request.guidance_scale = 1.0;
+        request.num_inference_steps = args.steps;
+        let out = edit(&tuned, base, &request, &mut self.noise(i), &mut NoProgress)?;
+        let recon = tensor_to_image(&out.image, 0)?;
+        let full = GrayImage::from_pixel(recon.width(), recon.height(), Luma([255]));
+        record
+            .reconstruction
+            .push(psnr(&recon, &sample.before, &full, Part::All)?.unwrap_or(f64::NAN));
+
+        let masks: &[bool] = if args.auto_mask {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &g in &args.guidance {
+            for &start in &args.start {
+                for &masked in masks {
+                    let mut request = EditRequest::new(token, sample.prompt.clone());
+                    request.guidance_scale = g;
+                    request.start = start;
+                    request.num_inference_steps = args.steps;
+                    if masked {
+                        request.mask = EditMask::Auto(AutoMask::default());
+                    }
+                    let t0 = Instant::now();
+                    let out = edit(&tuned, base, &request, &mut self.noise(i), &mut NoProgress)?;
+                    let seconds = t0.elapsed().as_secs_f64();
+                    let mut setting = format!("{} g={g} start={start}", lr_label(record.lr));
+                    if masked {
+                        setting.push_str(" auto-mask");
+                    }
+                    self.record(
+                        "unitune",
+                        setting,
+                        sample,
+                        tensor_to_image(&out.image, 0)?,
+                        seconds,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SDEdit at every strength and plain generation, on the untuned model.
+    fn baselines(&mut self, i: usize, sample: &EditSample, sd: &StableDiffusion) -> Result<()> {
+        let args = self.args;
+        let plain = GenerateRequest {
+            width: self.config.width as usize,
+            height: self.config.height as usize,
+            num_inference_steps: args.steps,
+            guidance_scale: args.baseline_guidance,
+            ..GenerateRequest::new(sample.prompt.clone())
+        };
+        let pixels = image_to_tensor(&sample.before, &sd.device)?;
+        let mut runs: Vec<(&'static str, String, GenerateRequest)> = args
+            .strengths
+            .iter()
+            .map(|&strength| {
+                let request = GenerateRequest {
+                    image: Some(pixels.clone()),
+                    strength,
+                    ..plain.clone()
+                };
+                let setting = format!("strength={strength} g={}", args.baseline_guidance);
+                ("sdedit", setting, request)
+            })
+            .collect();
+        runs.push(("plain", format!("g={}", args.baseline_guidance), plain));
+        for (method, setting, request) in runs {
+            let t0 = Instant::now();
+            let out = generate(sd, &request, &mut self.noise(i), &mut NoProgress)?;
+            let seconds = t0.elapsed().as_secs_f64();
+            self.record(method, setting, sample, tensor_to_image(&out, 0)?, seconds)?;
+        }
+        Ok(())
+    }
+
+    /// Seeded noise of scene `scene`, the same for every method.
+    fn noise(&self, scene: usize) -> Noise {
+        Noise::seeded(
+            self.args
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(scene as u64),
+        )
+    }
+}
+
+/// The world's scene settings: the model's pretraining size and object count when its folder
+/// has a training state, else the defaults of `unitune pretrain`.
+fn scene_config(sd: &StableDiffusion, max_objects: Option<usize>) -> SceneConfig {
+    let state = TrainingState::read(&sd.dir).ok();
+    let size = state.as_ref().map_or(64, |s| s.settings.size as u32);
+    SceneConfig {
+        width: size,
+        height: size,
+        max_objects: max_objects
+            .or(state.map(|s| s.settings.world_max_objects))
+            .unwrap_or(2),
+        ..SceneConfig::default()
+    }
+}
+
+fn lr_label(lr: f64) -> String {
+    format!("lr={lr:e}")
+}
+
+/// Everything a run measured.
+pub struct Measurement {
+    pub model: String,
+    pub config: SceneConfig,
+    pub samples: Vec<EditSample>,
+    pub rows: Vec<Row>,
+    pub tunes: Vec<TuneRecord>,
+}
+
+/// Runs every method on every scene.
+pub fn measure(args: &BenchEditsConfig) -> Result<Measurement> {
+    if args.scenes == 0 {
+        return Err(Error::argument("scenes", "must be at least 1"));
+    }
+    let sd = StableDiffusion::load(&args.model, &LoadOptions::default())?;
+    let config = scene_config(&sd, args.max_objects);
+    let world = World::new(config.clone(), args.seed)?;
+    let token = default_token(&sd.tokenizer);
+    let mut bench = Bench {
+        args,
+        config,
+        rows: vec![],
+    };
+    let mut tunes: Vec<TuneRecord> = args
+        .tune_lr
+        .iter()
+        .map(|&lr| TuneRecord {
+            lr,
+            seconds: vec![],
+            final_loss: vec![],
+            reconstruction: vec![],
+        })
+        .collect();
+    let mut samples = vec![];
+
+    for i in 0..args.scenes {
+        let sample = world.edit_sample(HELD_OUT_START + i as u64);
+        eprintln!(
+            "scene {}/{} ({}): {}",
+            i + 1,
+            args.scenes,
+            edit_kind(&sample.edit),
+            sample.instruction
+        );
+        bench.record(
+            "identity",
+            "base".into(),
+            &sample,
+            sample.before.clone(),
+            0.0,
+        )?;
+        bench.record("truth", "-".into(), &sample, sample.after.clone(), 0.0)?;
+        let base = EditBase::new(&sd, sample.before.clone())?;
+        // The autoencoder's round trip: the best any latent method can keep of the scene.
+        let t0 = Instant::now();
+        let round_trip = tensor_to_image(&sd.decode_latents(base.latents())?, 0)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        bench.record("vae", "round trip".into(), &sample, round_trip, seconds)?;
+
+        for record in tunes.iter_mut() {
+            bench.unitune(i, &sample, &base, &token, record)?;
+        }
+        bench.baselines(i, &sample, &sd)?;
+        samples.push(sample);
+    }
+
+    Ok(Measurement {
+        model: sd.dir.display().to_string(),
+        config: bench.config,
+        samples,
+        rows: bench.rows,
+        tunes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::score::PSNR_MAX;
+
+    #[test]
+    fn a_tiny_run_scores_every_method_and_the_references_check_out() {
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd1");
+        let args = BenchEditsConfig {
+            model: fixture.into(),
+            scenes: 2,
+            tune_steps: 1,
+            steps: 2,
+            guidance: vec![4.0],
+            start: vec![0.9],
+            strengths: vec![0.5],
+            ..BenchEditsConfig::default()
+        };
+        let m = measure(&args).unwrap();
+        let methods: Vec<&str> = m.rows.iter().map(|r| r.method).collect();
+        assert_eq!(
+            methods,
+            ["identity", "truth", "vae", "unitune", "sdedit", "plain"]
+        );
+        assert!(m
+            .rows
+            .iter()
+            .all(|r| r.success.len() == 2 && r.images.len() == 2));
+        let (identity, truth) = (&m.rows[0], &m.rows[1]);
+        assert_eq!(truth.success, [true, true]);
+        assert_eq!(identity.success, [false, false]);
+        assert!(truth.psnr_in.iter().all(|&p| p == Some(PSNR_MAX)));
+        // The base keeps everything outside the region, and differs inside it.
+        assert!(identity.psnr_out.iter().flatten().all(|&p| p == PSNR_MAX));
+        assert!(identity.psnr_in.iter().all(|p| p.is_some_and(|p| p < 30.0)));
+        assert_eq!(m.tunes[0].reconstruction.len(), 2);
+
+        let json = to_json(&args, &m);
+        assert_eq!(json["rows"].as_array().unwrap().len(), 6);
+        assert_eq!(json["scenes"][1]["index"], HELD_OUT_START + 1);
+        assert_eq!(truth.kept(), 2);
+        assert!(to_tables(&args, &m).contains("| truth | - | 60.0 | "));
+    }
+}

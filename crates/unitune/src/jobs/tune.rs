@@ -1,0 +1,137 @@
+//! A tune as front ends ask for it: the photo, and settings whose defaults are the paper's.
+
+use image::RgbImage;
+
+use crate::image_io::resize_and_center_crop;
+use crate::noise::{random_seed, Noise};
+use crate::pipelines::{Progress, StableDiffusion};
+use crate::session::Session;
+use crate::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
+use crate::train::OptimizerKind;
+use crate::weights::TrainableFilter;
+use crate::{Error, Result};
+
+/// Everything a front end may set for a tune. [`Default`] is the paper's recipe
+/// ([`TuneSettings::new`]): batch 4, 128 steps, Adafactor at lr 1e-4, most UNet layers.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct TuneJob {
+    /// The rare token; `None`: the first made-up word the model's tokenizer splits
+    /// ([`default_token`]).
+    pub token: Option<String>,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub optimizer: OptimizerKind,
+    /// Which UNet tensors change; the model must be loaded with [`TuneJob::trainable`].
+    pub layers: TrainableLayers,
+    /// Training size; the photo is scaled to cover it and centre-cropped. `None`: the model's.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// `None`: a random seed, recorded in the session.
+    pub seed: Option<u64>,
+    /// Recompute each UNet block in the backward pass instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for TuneJob {
+    fn default() -> Self {
+        let paper = TuneSettings::new("", 0);
+        Self {
+            token: None,
+            steps: paper.steps,
+            batch_size: paper.batch_size,
+            learning_rate: paper.learning_rate,
+            optimizer: paper.optimizer,
+            layers: paper.layers,
+            width: None,
+            height: None,
+            seed: None,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+impl TuneJob {
+    /// The UNet tensors to load as trainable (`LoadOptions::trainable`).
+    pub fn trainable(&self) -> TrainableFilter {
+        self.layers.filter()
+    }
+
+    /// Checks the settings, resolves every default against `sd` and crops `image` to the
+    /// training size; nothing is tuned yet, so a front end can report the plan or refuse it.
+    pub fn prepare(&self, sd: &StableDiffusion, image: RgbImage) -> Result<PreparedTune> {
+        for (name, value) in [("steps", self.steps), ("batch", self.batch_size)] {
+            if value == 0 {
+                return Err(Error::argument(name, "must be at least 1"));
+            }
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(Error::argument(
+                "lr",
+                format!("{} must be a finite number > 0", self.learning_rate),
+            ));
+        }
+        let (width, height) = sd.default_size(self.width, self.height, None)?;
+        let f = sd.vae_scale_factor();
+        for (name, value) in [("width", width), ("height", height)] {
+            if value == 0 || value % f != 0 {
+                return Err(Error::argument(
+                    name,
+                    format!("{value} is not a positive multiple of {f}"),
+                ));
+            }
+        }
+        let token = self
+            .token
+            .clone()
+            .unwrap_or_else(|| default_token(&sd.tokenizer));
+        let settings = TuneSettings {
+            token,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            optimizer: self.optimizer,
+            layers: self.layers,
+            seed: self.seed.unwrap_or_else(random_seed),
+        };
+        Ok(PreparedTune {
+            image: resize_and_center_crop(image, width as u32, height as u32),
+            settings,
+            gradient_checkpointing: self.gradient_checkpointing,
+        })
+    }
+}
+
+/// A tune with every default resolved: the picture as the tune sees it and the settings the
+/// session will record.
+#[derive(Debug, Clone)]
+pub struct PreparedTune {
+    pub image: RgbImage,
+    pub settings: TuneSettings,
+    gradient_checkpointing: bool,
+}
+
+impl PreparedTune {
+    /// Tunes `sd`, which must have been loaded with the job's trainable tensors; afterwards its
+    /// UNet holds the tuned weights, ready for edits. `on_step(step, loss)` follows every step
+    /// (e.g. a JSON log or a loss curve).
+    pub fn run(
+        self,
+        sd: &mut StableDiffusion,
+        progress: &mut dyn Progress,
+        on_step: &mut dyn FnMut(usize, f32) -> Result<()>,
+    ) -> Result<Session> {
+        sd.unet
+            .set_gradient_checkpointing(self.gradient_checkpointing);
+        let mut noise = Noise::seeded(self.settings.seed);
+        tune(
+            sd,
+            &self.image,
+            self.settings,
+            &mut noise,
+            progress,
+            on_step,
+        )
+    }
+}
