@@ -220,3 +220,47 @@ fn a_cancelled_job_hands_out_only_finished_edits() {
         .collect();
     assert_eq!(finished, ["-seed1"]);
 }
+
+/// Collects the previews a run shows.
+struct Previews {
+    every: usize,
+    seen: Vec<(usize, (u32, u32))>,
+}
+
+impl Progress for Previews {
+    fn start(&mut self, _: &str, _: usize) {}
+    fn step(&mut self, _: Option<&str>) {}
+    fn finish(&mut self) {}
+    fn warn(&mut self, _: &str) {}
+    fn preview_every(&self) -> Option<usize> {
+        Some(self.every)
+    }
+    fn preview(&mut self, step: usize, image: &RgbImage) {
+        self.seen.push((step, image.dimensions()));
+    }
+}
+
+#[test]
+fn previews_come_every_few_steps_at_the_pictures_size() {
+    let (sd, session) = tuned();
+    let mut job = EditJob::new(vec!["a red circle".into()]);
+    job.request.num_inference_steps = 5;
+    let groups = job.plan(2).unwrap();
+    let editor = Editor::new(&sd, &session.token, session.image.clone()).unwrap();
+    let mut previews = Previews {
+        every: 2,
+        seen: vec![],
+    };
+    let mut recorder = Recorder::default();
+    editor
+        .run(&job, &groups, &mut previews, &mut |e| recorder.on(e))
+        .unwrap();
+    // Steps 1 and 3 of 0..5; none at the last step, whose result follows.
+    assert_eq!(previews.seen, [(1, (32, 32)), (3, (32, 32))]);
+    // Asking for previews changes nothing in the result.
+    let mut plain = Recorder::default();
+    editor
+        .run(&job, &groups, &mut NoProgress, &mut |e| plain.on(e))
+        .unwrap();
+    assert_eq!(plain.images, recorder.images);
+}

@@ -6,10 +6,12 @@
 //! edit pipeline pulls the latents toward its base picture.
 
 use candle_core::Tensor;
+use image::RgbImage;
 
 use super::{Progress, StableDiffusion};
+use crate::image_io::tensor_to_image;
 use crate::noise::Noise;
-use crate::schedulers::{self, Scheduler, SchedulerKind};
+use crate::schedulers::{self, NoiseSchedule, Scheduler, SchedulerKind};
 use crate::{Error, Result};
 
 /// The checks every sampling pipeline makes on its step count and guidance scale.
@@ -248,11 +250,16 @@ pub fn denoise(
     mut after_step: Option<AfterStep>,
 ) -> Result<Tensor> {
     progress.start(label, timesteps.len());
+    let mut previews = Previews::new(sd, progress.preview_every())?;
     for (i, &t) in timesteps.iter().enumerate() {
         if progress.cancelled() {
             return Err(Error::Interrupted);
         }
         let noise_pred = guidance.noise_pred(sd, scheduler, &latents, t)?;
+        if let Some(previews) = previews.as_mut().filter(|p| p.due(i, timesteps.len())) {
+            let image = previews.decode(sd, scheduler, &latents, &noise_pred, t)?;
+            progress.preview(i, &image);
+        }
         latents = scheduler.step(&noise_pred, t, &latents, noise)?;
         if let Some(after_step) = after_step.as_mut() {
             latents = after_step(scheduler, i, latents)?;
@@ -261,4 +268,44 @@ pub fn denoise(
     }
     progress.finish();
     Ok(latents)
+}
+
+/// The predicted clean pictures a [`Progress`] asked to see, every `every` steps but the last
+/// (whose result follows at once).
+struct Previews {
+    every: usize,
+    schedule: NoiseSchedule,
+}
+
+impl Previews {
+    fn new(sd: &StableDiffusion, every: Option<usize>) -> Result<Option<Self>> {
+        match every.filter(|&k| k > 0) {
+            None => Ok(None),
+            Some(every) => Ok(Some(Self {
+                every,
+                schedule: NoiseSchedule::new(&sd.scheduler_config)?,
+            })),
+        }
+    }
+
+    fn due(&self, step: usize, steps: usize) -> bool {
+        (step + 1) % self.every == 0 && step + 1 < steps
+    }
+
+    /// Decodes the clean latents that the guided `noise_pred` predicts from `latents` at `t`.
+    fn decode(
+        &self,
+        sd: &StableDiffusion,
+        scheduler: &dyn Scheduler,
+        latents: &Tensor,
+        noise_pred: &Tensor,
+        t: f64,
+    ) -> Result<RgbImage> {
+        let sample = scheduler.scale_model_input(latents, t)?;
+        let prediction = sd.scheduler_config.prediction_type;
+        let x0 = self
+            .schedule
+            .pred_original_sample(noise_pred, t, &sample, prediction)?;
+        tensor_to_image(&sd.decode_latents(&x0)?, 0)
+    }
 }

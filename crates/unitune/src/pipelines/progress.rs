@@ -1,5 +1,8 @@
 //! How long-running work reports progress and learns that the user wants it to stop. The CLI
-//! implements it with a progress bar and a Ctrl-C flag; tests use [`NoProgress`].
+//! implements it with a progress bar and a Ctrl-C flag, the server with job events and a cancel
+//! button; tests use [`NoProgress`].
+
+use image::RgbImage;
 
 pub trait Progress {
     /// A new phase of `total` steps begins (e.g. "denoising").
@@ -14,6 +17,13 @@ pub trait Progress {
     fn cancelled(&self) -> bool {
         false
     }
+    /// Every how many denoising steps the caller wants to see the picture the model predicts
+    /// so far ([`Progress::preview`]); `None` (the default) costs nothing.
+    fn preview_every(&self) -> Option<usize> {
+        None
+    }
+    /// The clean picture the model predicts after denoising step `step` (from 0), decoded.
+    fn preview(&mut self, _step: usize, _image: &RgbImage) {}
 }
 
 /// Reports nothing and never cancels.

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::config::{BetaSchedule, SchedulerConfig};
+use super::config::{BetaSchedule, PredictionType, SchedulerConfig};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -112,6 +112,32 @@ impl NoiseSchedule {
             .map(|t| self.alpha_prod(t))
             .map(|a| ((1.0 - a) / a).sqrt())
             .collect()
+    }
+
+    /// The clean sample that `model_output` predicts from `sample` at `timestep` (diffusers'
+    /// `pred_original_sample`). `sample` is in the forward process's space, which is what every
+    /// scheduler's `scale_model_input` gives the UNet (a sigma-based sample divided by
+    /// sqrt(sigma^2 + 1) is one); a fractional timestep takes the nearest training timestep's
+    /// alphas_cumprod, close enough for a preview.
+    pub fn pred_original_sample(
+        &self,
+        model_output: &Tensor,
+        timestep: f64,
+        sample: &Tensor,
+        prediction_type: PredictionType,
+    ) -> Result<Tensor> {
+        let t = (timestep.round().max(0.0) as usize).min(self.num_train_timesteps() - 1);
+        let alpha_prod = self.alpha_prod(t) as f64;
+        let (sqrt_alpha, sqrt_beta) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
+        Ok(match prediction_type {
+            PredictionType::Epsilon => {
+                ((sample - model_output.affine(sqrt_beta, 0.0)?)? / sqrt_alpha)?
+            }
+            PredictionType::VPrediction => {
+                (sample.affine(sqrt_alpha, 0.0)? - model_output.affine(sqrt_beta, 0.0)?)?
+            }
+            PredictionType::Sample => model_output.clone(),
+        })
     }
 
     /// The forward process: `sqrt(acp[t]) * x0 + sqrt(1 - acp[t]) * noise`, each sample of the
