@@ -52,7 +52,8 @@ impl ModelArgs {
         crate::builtin::load(self.model.as_deref(), &options)
     }
 
-    fn dtype(&self, device: &Device) -> Result<DType> {
+    /// The dtype `--dtype` names, or the device's default.
+    pub fn dtype(&self, device: &Device) -> Result<DType> {
         match (self.dtype.as_deref(), device.is_cpu()) {
             (None, true) | (Some("f32"), _) => Ok(DType::F32),
             (None, false) | (Some("f16"), _) => Ok(DType::F16),

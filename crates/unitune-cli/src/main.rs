@@ -9,6 +9,7 @@ mod edit;
 mod generate;
 mod pretrain;
 mod progress;
+mod serve;
 mod tune;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Command {
     Tune(tune::TuneArgs),
     /// Edit the tuned image with a prompt, from a session written by `tune`.
     Edit(edit::EditArgs),
+    /// Serve the web page and HTTP API: tune once, edit live in a browser.
+    Serve(serve::ServeArgs),
     /// Train a small text-to-image model from scratch (the built-in model).
     Pretrain(pretrain::PretrainArgs),
     /// Time the model's building blocks (benchmarks; see BENCHMARKS.md).
@@ -49,6 +52,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Tune(args) => tune::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(command) => bench::run(command),
         Command::BenchEdits(args) => bench_edits::run(args),

@@ -153,6 +153,15 @@ impl EditJob {
         Ok(groups)
     }
 
+    /// Checks every edit of `groups` (from [`EditJob::plan`]) for a base picture of `width` x
+    /// `height` without encoding anything, e.g. before queueing the job.
+    pub fn check(&self, groups: &[EditGroup], width: usize, height: usize) -> Result<()> {
+        for item in groups.iter().flat_map(|g| &g.items) {
+            self.request(item, "").check_size(width, height)?;
+        }
+        Ok(())
+    }
+
     /// The request of one edit, for a session whose token is `token`.
     pub fn request(&self, item: &EditItem, token: &str) -> EditRequest {
         EditRequest {
@@ -200,10 +209,8 @@ impl<'a> Editor<'a> {
 
     /// Checks every edit of `groups` before any runs, so that a bad sweep value fails at once.
     pub fn check(&self, job: &EditJob, groups: &[EditGroup]) -> Result<()> {
-        for item in groups.iter().flat_map(|g| &g.items) {
-            job.request(item, &self.token).check(&self.base)?;
-        }
-        Ok(())
+        let (w, h) = self.base.image().dimensions();
+        job.check(groups, w as usize, h as usize)
     }
 
     /// Runs every edit of `groups` (from [`EditJob::plan`]), handing each result to `on_event` as

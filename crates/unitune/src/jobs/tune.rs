@@ -58,9 +58,8 @@ impl TuneJob {
         self.layers.filter()
     }
 
-    /// Checks the settings, resolves every default against `sd` and crops `image` to the
-    /// training size; nothing is tuned yet, so a front end can report the plan or refuse it.
-    pub fn prepare(&self, sd: &StableDiffusion, image: RgbImage) -> Result<PreparedTune> {
+    /// Checks what can be checked without the model (counts, the learning rate).
+    pub fn check(&self) -> Result<()> {
         for (name, value) in [("steps", self.steps), ("batch", self.batch_size)] {
             if value == 0 {
                 return Err(Error::argument(name, "must be at least 1"));
@@ -72,6 +71,13 @@ impl TuneJob {
                 format!("{} must be a finite number > 0", self.learning_rate),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks the settings, resolves every default against `sd` and crops `image` to the
+    /// training size; nothing is tuned yet, so a front end can report the plan or refuse it.
+    pub fn prepare(&self, sd: &StableDiffusion, image: RgbImage) -> Result<PreparedTune> {
+        self.check()?;
         let (width, height) = sd.default_size(self.width, self.height, None)?;
         let f = sd.vae_scale_factor();
         for (name, value) in [("width", width), ("height", height)] {

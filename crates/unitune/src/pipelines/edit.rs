@@ -148,7 +148,13 @@ impl EditRequest {
 
     /// Checks every knob against `base` without running anything; [`edit`] does it first.
     pub fn check(&self, base: &EditBase) -> Result<()> {
-        check_request(base, self)
+        let (w, h) = base.image.dimensions();
+        self.check_size(w as usize, h as usize)
+    }
+
+    /// Checks every knob for a base picture of `width` x `height`, before it is even encoded.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        check_request(width, height, self)
     }
 
     /// How the predictions combine, from `guidance_scale` and `baseline_prompt`.
@@ -284,7 +290,7 @@ pub fn edit(
     })
 }
 
-fn check_request(base: &EditBase, r: &EditRequest) -> Result<()> {
+fn check_request(w: usize, h: usize, r: &EditRequest) -> Result<()> {
     check_sampling(r.num_inference_steps, r.guidance_scale)?;
     if !r.prompt_guidance.is_finite() || r.prompt_guidance < 0.0 {
         return Err(Error::argument(
@@ -311,7 +317,6 @@ fn check_request(base: &EditBase, r: &EditRequest) -> Result<()> {
         EditMask::None => {}
         EditMask::Auto(params) => params.check()?,
         EditMask::Given(mask) => {
-            let (w, h) = (base.image.width() as usize, base.image.height() as usize);
             if (mask.width(), mask.height()) != (w, h) {
                 return Err(Error::argument(
                     "mask",

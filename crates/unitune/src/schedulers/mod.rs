@@ -39,13 +39,18 @@ pub use schedule::NoiseSchedule;
 use crate::noise::Noise;
 use crate::{Error, Result};
 
-/// The sampling algorithms we implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The sampling algorithms we implement; in JSON by their command-line names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SchedulerKind {
+    #[serde(rename = "ddim")]
     Ddim,
+    #[serde(rename = "ddpm")]
     Ddpm,
+    #[serde(rename = "euler")]
     Euler,
+    #[serde(rename = "euler-a")]
     EulerAncestral,
+    #[serde(rename = "dpm++")]
     DpmSolverMultistep,
 }
 

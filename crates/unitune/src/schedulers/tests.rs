@@ -401,6 +401,12 @@ fn kinds_parse_cli_and_class_names() {
     ] {
         assert_eq!(SchedulerKind::from_str(name).unwrap(), kind);
         assert_eq!(kind.to_string(), name);
+        // JSON (the server's API) spells them as the command line does.
+        assert_eq!(serde_json::to_value(kind).unwrap(), name);
+        assert_eq!(
+            serde_json::from_value::<SchedulerKind>(name.into()).unwrap(),
+            kind
+        );
         assert_eq!(
             SchedulerKind::from_class_name(kind.class_name()),
             Some(kind)

@@ -1,0 +1,240 @@
+//! The JSON the API takes for a tune and for edits: the CLI's flag names (`--lr` is `lr`,
+//! `--sweep-guidance` is `sweep_guidance`), the library's defaults for whatever is left out, and
+//! unknown fields refused so that a typo is an error rather than a silent default.
+
+use base64::Engine;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use unitune::jobs::{EditJob, TuneJob};
+use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
+use unitune::schedulers::SchedulerKind;
+use unitune::train::tune::TrainableLayers;
+use unitune::train::OptimizerKind;
+
+use crate::config::Limits;
+
+/// A tune's settings (`POST /api/sessions`, the multipart field `settings`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TuneParams {
+    pub token: Option<String>,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerKind,
+    pub layers: TrainableLayers,
+    /// A seed, or `null` / -1 for a random one.
+    pub seed: Option<i64>,
+}
+
+impl Default for TuneParams {
+    fn default() -> Self {
+        let job = TuneJob::default();
+        Self {
+            token: None,
+            steps: job.steps,
+            batch: job.batch_size,
+            lr: job.learning_rate,
+            optimizer: job.optimizer,
+            layers: job.layers,
+            seed: None,
+        }
+    }
+}
+
+impl TuneParams {
+    pub fn job(&self, limits: &Limits) -> Result<TuneJob, String> {
+        if self.steps > limits.max_steps {
+            return Err(format!(
+                "steps: {} is above the limit {}",
+                self.steps, limits.max_steps
+            ));
+        }
+        if self.batch > 64 {
+            return Err(format!("batch: {} is above the limit 64", self.batch));
+        }
+        if let Some(token) = &self.token {
+            if token.trim().is_empty() || token.chars().count() > 64 {
+                return Err("token: give a made-up word of 1 to 64 characters".into());
+            }
+        }
+        let job = TuneJob {
+            token: self.token.clone(),
+            steps: self.steps,
+            batch_size: self.batch,
+            learning_rate: self.lr,
+            optimizer: self.optimizer,
+            layers: self.layers,
+            seed: seed(self.seed),
+            ..TuneJob::default()
+        };
+        job.check().map_err(|e| e.to_string())?;
+        Ok(job)
+    }
+}
+
+/// One edit job's settings (`POST /api/sessions/{id}/edits`). Where AUTOMATIC1111's
+/// `/sdapi/v1/img2img` has a field of the same meaning: `start` is its `denoising_strength`
+/// (the fraction of the schedule run from the noised photo), `feather` its `mask_blur` (the
+/// mask's soft edge in pixels), `seed` its `seed` (-1: random), `guidance` its `cfg_scale`,
+/// `steps` its `steps`, `negative_prompt` the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EditParams {
+    /// The edit; the session's token is put in front.
+    pub prompt: String,
+    /// More edit prompts, after `prompt` (each gets its own images).
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub guidance: f64,
+    /// Prompt guidance against this prompt (e.g. a caption of the photo).
+    pub baseline_prompt: Option<String>,
+    pub prompt_guidance: f64,
+    pub start: f64,
+    pub interpolate: f64,
+    pub latent_blend: f64,
+    /// A painted mask as a PNG data URL (`data:image/png;base64,...`), white where the edit may
+    /// change the photo; resized to the photo. Not kept in the record (it may be large).
+    #[serde(skip_serializing)]
+    pub mask: Option<String>,
+    pub auto_mask: bool,
+    pub mask_threshold: f64,
+    pub mask_blur: usize,
+    pub mask_dilate: usize,
+    pub feather: usize,
+    pub steps: usize,
+    pub scheduler: SchedulerKind,
+    /// A seed, or `null` / -1 for a random one.
+    pub seed: Option<i64>,
+    pub seeds: usize,
+    pub sweep_guidance: Vec<f64>,
+    pub sweep_start: Vec<f64>,
+}
+
+impl Default for EditParams {
+    fn default() -> Self {
+        let r = EditRequest::new("", "");
+        let auto = AutoMask::default();
+        Self {
+            prompt: String::new(),
+            prompts: vec![],
+            negative_prompt: r.negative_prompt,
+            guidance: r.guidance_scale,
+            baseline_prompt: r.baseline_prompt,
+            prompt_guidance: r.prompt_guidance,
+            start: r.start,
+            interpolate: r.interpolation,
+            latent_blend: r.latent_blend,
+            mask: None,
+            auto_mask: false,
+            mask_threshold: auto.threshold,
+            mask_blur: auto.blur,
+            mask_dilate: auto.dilate,
+            feather: r.feather,
+            steps: r.num_inference_steps,
+            scheduler: r.scheduler,
+            seed: None,
+            seeds: 1,
+            sweep_guidance: vec![],
+            sweep_start: vec![],
+        }
+    }
+}
+
+impl EditParams {
+    /// The job, checked against `limits` and a session picture of `width` x `height`; the seed
+    /// is drawn here when none is given, so that the record holds the one used.
+    pub fn job(&mut self, limits: &Limits, width: u32, height: u32) -> Result<EditJob, String> {
+        let mut prompts = vec![self.prompt.clone()];
+        prompts.extend(self.prompts.iter().cloned());
+        prompts.retain(|p| !p.trim().is_empty());
+        if prompts.is_empty() {
+            return Err("prompt: give the edit, e.g. \"a dog in a restaurant\"".into());
+        }
+        let texts = prompts
+            .iter()
+            .chain([&self.negative_prompt])
+            .chain(self.baseline_prompt.as_ref());
+        for text in texts {
+            if text.chars().count() > limits.max_prompt_chars {
+                return Err(format!(
+                    "prompt: {} characters is above the limit {}",
+                    text.chars().count(),
+                    limits.max_prompt_chars
+                ));
+            }
+        }
+        if self.steps > limits.max_steps {
+            return Err(format!(
+                "steps: {} is above the limit {}",
+                self.steps, limits.max_steps
+            ));
+        }
+        let edits = prompts.len()
+            * self.seeds
+            * self.sweep_guidance.len().max(1)
+            * self.sweep_start.len().max(1);
+        if edits > limits.max_edits_per_job {
+            return Err(format!(
+                "{edits} edits (prompts x seeds x sweeps) is above the limit {}",
+                limits.max_edits_per_job
+            ));
+        }
+        let mask = match (&self.mask, self.auto_mask) {
+            (Some(_), true) => return Err("mask: give a mask or auto_mask, not both".into()),
+            (Some(url), false) => EditMask::Given(Mask::from_image(
+                &decode_data_url(url)?,
+                width as usize,
+                height as usize,
+            )),
+            (None, true) => EditMask::Auto(AutoMask {
+                threshold: self.mask_threshold,
+                blur: self.mask_blur,
+                dilate: self.mask_dilate,
+            }),
+            (None, false) => EditMask::None,
+        };
+        let seed = seed(self.seed).unwrap_or_else(unitune::noise::random_seed) & (i64::MAX as u64);
+        self.seed = Some(seed as i64);
+        let request = EditRequest {
+            negative_prompt: self.negative_prompt.clone(),
+            guidance_scale: self.guidance,
+            baseline_prompt: self.baseline_prompt.clone(),
+            prompt_guidance: self.prompt_guidance,
+            start: self.start,
+            interpolation: self.interpolate,
+            latent_blend: self.latent_blend,
+            mask,
+            feather: self.feather,
+            num_inference_steps: self.steps,
+            scheduler: self.scheduler,
+            ..EditRequest::new("", "")
+        };
+        let job = EditJob {
+            request,
+            prompts,
+            seed: Some(seed),
+            seeds: self.seeds,
+            sweep_guidance: self.sweep_guidance.clone(),
+            sweep_start: self.sweep_start.clone(),
+        };
+        let groups = job.plan(seed).map_err(|e| e.to_string())?;
+        job.check(&groups, width as usize, height as usize)
+            .map_err(|e| e.to_string())?;
+        Ok(job)
+    }
+}
+
+/// `None` and -1 mean "random", as in AUTOMATIC1111.
+fn seed(seed: Option<i64>) -> Option<u64> {
+    seed.filter(|&s| s >= 0).map(|s| s as u64)
+}
+
+/// A `data:image/png;base64,...` URL (or bare base64) decoded to a picture.
+fn decode_data_url(url: &str) -> Result<RgbImage, String> {
+    let data = url.split_once(',').map_or(url, |(_, data)| data);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| format!("mask: not base64 image data ({e})"))?;
+    crate::upload::decode_image(&bytes, 16_000_000).map_err(|e| format!("mask: {e}"))
+}

@@ -1,0 +1,375 @@
+//! The job queue: one worker per device takes jobs in order; the queue is bounded, so a full one
+//! answers "try again later" (HTTP 429 with Retry-After) instead of growing without end.
+//!
+//! Each job keeps its events in order (queued, started, progress, preview, image, done / error /
+//! cancelled), numbered from 0, so that a client that connects late, or reconnects with
+//! `Last-Event-ID`, reads every event it missed; a client that goes away leaves the job running
+//! and holds nothing. A job is cancelled in the queue at once, or while running at the next step.
+//! Finished jobs are remembered (the last [`KEPT_FINISHED`]) so their events can still be read.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use image::RgbImage;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use unitune::jobs::{EditJob, TuneJob};
+
+use crate::params::EditParams;
+
+/// Finished jobs whose events stay readable.
+const KEPT_FINISHED: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Done | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// What a job does.
+pub enum Work {
+    Tune {
+        image: RgbImage,
+        name: String,
+        job: TuneJob,
+    },
+    Edit {
+        job: EditJob,
+        params: EditParams,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub seq: usize,
+    pub kind: &'static str,
+    pub data: Value,
+}
+
+impl Event {
+    /// The kinds after which a job sends nothing more.
+    pub fn is_last(&self) -> bool {
+        matches!(self.kind, "done" | "error" | "cancelled")
+    }
+}
+
+pub struct Job {
+    pub id: String,
+    /// `tune` or `edit`.
+    pub kind: &'static str,
+    pub session: String,
+    /// The edit record an edit job writes.
+    pub edit: Option<String>,
+    work: Mutex<Option<Work>>,
+    state: Mutex<JobState>,
+    events: Mutex<Vec<Event>>,
+    changed: watch::Sender<usize>,
+    cancel: AtomicBool,
+}
+
+impl Job {
+    pub fn new(kind: &'static str, session: &str, edit: Option<String>, work: Work) -> Self {
+        Self {
+            id: crate::store::new_id(),
+            kind,
+            session: session.to_string(),
+            edit,
+            work: Mutex::new(Some(work)),
+            state: Mutex::new(JobState::Queued),
+            events: Mutex::new(vec![]),
+            changed: watch::Sender::new(0),
+            cancel: AtomicBool::new(false),
+        }
+    }
+
+    /// Appends an event and wakes the clients that follow the job.
+    pub fn emit(&self, kind: &'static str, data: Value) {
+        let mut events = lock(&self.events);
+        let seq = events.last().map_or(0, |e| e.seq + 1);
+        events.push(Event { seq, kind, data });
+        self.changed.send_replace(seq + 1);
+    }
+
+    /// The events numbered `from` on.
+    pub fn events_from(&self, from: usize) -> Vec<Event> {
+        lock(&self.events)
+            .iter()
+            .filter(|e| e.seq >= from)
+            .cloned()
+            .collect()
+    }
+
+    /// Changes whenever an event is added.
+    pub fn subscribe(&self) -> watch::Receiver<usize> {
+        self.changed.subscribe()
+    }
+
+    pub fn state(&self) -> JobState {
+        *lock(&self.state)
+    }
+
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    pub fn take_work(&self) -> Option<Work> {
+        lock(&self.work).take()
+    }
+
+    /// The job as the API lists it.
+    pub fn summary(&self, position: Option<usize>) -> Value {
+        json!({
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state(),
+            "position": position,
+            "session": self.session,
+            "edit": self.edit,
+            "events": format!("/api/jobs/{}/events", self.id),
+        })
+    }
+
+    fn set_state(&self, state: JobState) {
+        *lock(&self.state) = state;
+    }
+
+    /// Previews are for watching a job run; once it is over they are dropped to free memory.
+    fn drop_previews(&self) {
+        lock(&self.events).retain(|e| e.kind != "preview");
+    }
+}
+
+/// The queue was full.
+pub struct Full {
+    /// Seconds after which a retry is likely to be taken.
+    pub retry_after: u64,
+}
+
+pub struct Queue {
+    inner: Mutex<Inner>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+struct Inner {
+    pending: VecDeque<Arc<Job>>,
+    running: Option<Arc<Job>>,
+    all: HashMap<String, Arc<Job>>,
+    finished: VecDeque<String>,
+    /// Mean seconds of the jobs run so far, for Retry-After.
+    mean_seconds: f64,
+    runs: u32,
+    closed: bool,
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                pending: VecDeque::new(),
+                running: None,
+                all: HashMap::new(),
+                finished: VecDeque::new(),
+                mean_seconds: 5.0,
+                runs: 0,
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            capacity,
+        }
+    }
+
+    /// Queues `job`, or refuses it when `capacity` jobs already wait.
+    pub fn submit(&self, job: Job) -> Result<Arc<Job>, Full> {
+        let mut inner = lock(&self.inner);
+        if inner.pending.len() >= self.capacity {
+            let waiting = inner.pending.len() as f64 + 1.0;
+            return Err(Full {
+                retry_after: (inner.mean_seconds * waiting).ceil().clamp(1.0, 3600.0) as u64,
+            });
+        }
+        let job = Arc::new(job);
+        inner.pending.push_back(job.clone());
+        inner.all.insert(job.id.clone(), job.clone());
+        job.emit("queued", json!({ "position": inner.pending.len() }));
+        self.ready.notify_one();
+        Ok(job)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        lock(&self.inner).all.get(id).cloned()
+    }
+
+    /// The running job and the queued ones, in order, with their places in the queue.
+    pub fn active(&self) -> Vec<Value> {
+        let inner = lock(&self.inner);
+        let running = inner.running.iter().map(|j| j.summary(None));
+        let queued = inner
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, j)| j.summary(Some(i + 1)));
+        running.chain(queued).collect()
+    }
+
+    /// Whether a job for `session` waits or runs (it must not be deleted under it).
+    pub fn busy_with(&self, session: &str) -> bool {
+        let inner = lock(&self.inner);
+        let mut active = inner.pending.iter().chain(inner.running.iter());
+        active.any(|j| j.session == session)
+    }
+
+    /// Cancels a queued job at once, a running one at its next step; returns the state after.
+    pub fn cancel(&self, id: &str) -> Option<JobState> {
+        let mut inner = lock(&self.inner);
+        let job = inner.all.get(id)?.clone();
+        match job.state() {
+            JobState::Queued => {
+                inner.pending.retain(|j| j.id != job.id);
+                job.take_work();
+                Self::close_job(&mut inner, &job, JobState::Cancelled);
+                job.emit("cancelled", json!({}));
+                Self::announce_positions(&inner);
+            }
+            JobState::Running => job.cancel.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        Some(job.state())
+    }
+
+    /// The next job to run, waiting for one; `None` once the queue is closed.
+    pub fn next(&self) -> Option<Arc<Job>> {
+        let mut inner = lock(&self.inner);
+        loop {
+            if inner.closed {
+                return None;
+            }
+            if let Some(job) = inner.pending.pop_front() {
+                job.set_state(JobState::Running);
+                inner.running = Some(job.clone());
+                Self::announce_positions(&inner);
+                return Some(job);
+            }
+            inner = self
+                .ready
+                .wait(inner)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Records the end of the running job.
+    pub fn finish(&self, job: &Arc<Job>, state: JobState, started: Instant) {
+        let mut inner = lock(&self.inner);
+        inner.running = None;
+        let seconds = started.elapsed().as_secs_f64();
+        inner.runs += 1;
+        inner.mean_seconds += (seconds - inner.mean_seconds) / inner.runs.min(20) as f64;
+        Self::close_job(&mut inner, job, state);
+    }
+
+    /// Stops the worker after its current job.
+    pub fn close(&self) {
+        lock(&self.inner).closed = true;
+        self.ready.notify_all();
+    }
+
+    fn close_job(inner: &mut Inner, job: &Arc<Job>, state: JobState) {
+        job.set_state(state);
+        job.drop_previews();
+        inner.finished.push_back(job.id.clone());
+        while inner.finished.len() > KEPT_FINISHED {
+            if let Some(old) = inner.finished.pop_front() {
+                inner.all.remove(&old);
+            }
+        }
+    }
+
+    /// Tells every waiting job its new place.
+    fn announce_positions(inner: &Inner) {
+        for (i, job) in inner.pending.iter().enumerate() {
+            job.emit("queued", json!({ "position": i + 1 }));
+        }
+    }
+}
+
+/// Locks, carrying on past a panic elsewhere: the data behind these locks stays consistent.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit_job() -> Job {
+        let work = Work::Edit {
+            job: EditJob::new(vec!["x".into()]),
+            params: EditParams::default(),
+        };
+        Job::new("edit", "0000000000000000", None, work)
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_cancelling_frees_a_place() {
+        let queue = Queue::new(2);
+        let a = queue.submit(edit_job()).ok().unwrap();
+        let b = queue.submit(edit_job()).ok().unwrap();
+        let full = queue.submit(edit_job()).err().unwrap();
+        assert!(full.retry_after >= 1);
+        assert_eq!(queue.cancel(&a.id), Some(JobState::Cancelled));
+        assert!(a.take_work().is_none());
+        // b moved up to the first place and was told so.
+        let kinds: Vec<(&str, Value)> = b
+            .events_from(0)
+            .into_iter()
+            .map(|e| (e.kind, e.data))
+            .collect();
+        assert_eq!(kinds.last().unwrap(), &("queued", json!({"position": 1})));
+        assert!(queue.submit(edit_job()).is_ok());
+        let next = queue.next().unwrap();
+        assert_eq!(next.id, b.id);
+        assert_eq!(next.state(), JobState::Running);
+        // A running job is only flagged; the worker stops it at its next step.
+        assert_eq!(queue.cancel(&b.id), Some(JobState::Running));
+        assert!(b.cancel_requested());
+        queue.finish(&b, JobState::Cancelled, Instant::now());
+        assert_eq!(b.state(), JobState::Cancelled);
+        assert_eq!(queue.active().len(), 1);
+    }
+
+    #[test]
+    fn events_are_numbered_in_order_and_previews_go_when_the_job_ends() {
+        let queue = Queue::new(4);
+        let job = queue.submit(edit_job()).ok().unwrap();
+        let job = queue
+            .next()
+            .map(|j| {
+                assert_eq!(j.id, job.id);
+                j
+            })
+            .unwrap();
+        job.emit("preview", json!({}));
+        job.emit("done", json!({}));
+        let seqs: Vec<usize> = job.events_from(0).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        assert_eq!(job.events_from(2).len(), 1);
+        queue.finish(&job, JobState::Done, Instant::now());
+        let kinds: Vec<&str> = job.events_from(0).iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["queued", "done"]);
+    }
+}

@@ -1,0 +1,87 @@
+//! Decoding pictures that come over the network. The size is read from the header and checked
+//! before any pixel is decoded, and the decoder itself is held to the same bound, so a small file
+//! claiming a huge picture (a decompression bomb) is refused without the allocation.
+
+use std::io::Cursor;
+
+use image::{ImageDecoder, ImageReader, Limits, RgbImage};
+
+/// Decodes a PNG, JPEG or WebP upright (EXIF orientation) to RGB, refusing pictures of more than
+/// `max_pixels` pixels.
+pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
+    let reader = || {
+        ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read the picture: {e}"))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| format!("not a PNG, JPEG or WebP picture ({e})"))?;
+    if w == 0 || h == 0 {
+        return Err(format!("the picture is {w}x{h}: nothing to edit"));
+    }
+    if w as u64 * h as u64 > max_pixels {
+        return Err(format!(
+            "the picture is {w}x{h}, above the limit of {max_pixels} pixels; scale it down first"
+        ));
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // The decoded RGBA picture at 16 bits per channel, and room for the decoder's own buffers.
+    limits.max_alloc = Some(max_pixels * 8 + (64 << 20));
+    let mut reader = reader()?;
+    reader.limits(limits);
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| format!("cannot decode the picture: {e}"))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| format!("bad EXIF orientation: {e}"))?;
+    let mut image = image::DynamicImage::from_decoder(decoder)
+        .map_err(|e| format!("cannot decode the picture: {e}"))?;
+    image.apply_orientation(orientation);
+    Ok(image.to_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut bytes = vec![];
+        RgbImage::new(width, height)
+            .write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn decodes_within_the_limit_and_refuses_beyond_it() {
+        assert_eq!(decode_image(&png(6, 4), 24).unwrap().dimensions(), (6, 4));
+        let err = decode_image(&png(6, 4), 23).unwrap_err();
+        assert!(err.contains("6x4") && err.contains("limit"), "{err}");
+        assert!(decode_image(b"hello", 100)
+            .unwrap_err()
+            .contains("not a PNG"));
+    }
+
+    /// `png` with its IHDR claiming `side` x `side` pixels, CRC and all.
+    fn claiming(mut png: Vec<u8>, side: u32) -> Vec<u8> {
+        png[16..20].copy_from_slice(&side.to_be_bytes());
+        png[20..24].copy_from_slice(&side.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_picture_is_refused_before_decoding() {
+        // A 1x1 PNG whose IHDR says 100000 x 100000: 30 GB decoded, refused from the header.
+        let err = decode_image(&claiming(png(1, 1), 100_000), 50_000_000).unwrap_err();
+        assert!(
+            err.contains("100000x100000") && err.contains("limit"),
+            "{err}"
+        );
+    }
+}

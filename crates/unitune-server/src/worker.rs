@@ -1,0 +1,329 @@
+//! The worker: one thread per device that takes jobs from the queue and runs them through the
+//! library's job layer, turning progress into job events. It keeps the base model loaded, and
+//! the UNets of the last few sessions used (an LRU), so that an edit of a session just tuned or
+//! just edited starts at once.
+
+use std::cell::Cell;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use image::RgbImage;
+use serde_json::json;
+use unitune::jobs::{EditEvent, EditJob, Editor, TuneJob};
+use unitune::models::unet::UNet2DConditionModel;
+use unitune::pipelines::{LoadOptions, Progress, StableDiffusion};
+use unitune::session::Session;
+use unitune::{Error, Result};
+
+use crate::config::ServeConfig;
+use crate::params::EditParams;
+use crate::queue::{Job, JobState, Queue, Work};
+use crate::store::{now, EditImage, EditMeta, SessionMeta, Store};
+
+/// Longest side of a preview image sent to the page.
+const PREVIEW_SIDE: u32 = 256;
+
+pub struct Worker {
+    config: Arc<ServeConfig>,
+    store: Arc<Store>,
+    /// The base model; its UNet is swapped for the session's before each edit.
+    sd: StableDiffusion,
+    /// Tuned UNets by session id, least recently used first.
+    loaded: Vec<(String, UNet2DConditionModel)>,
+}
+
+impl Worker {
+    /// Loads the base model (so that a bad `--model` fails before the server starts).
+    pub fn new(config: Arc<ServeConfig>, store: Arc<Store>) -> Result<Self> {
+        let sd = StableDiffusion::load(&config.model, &load_options(&config, None))?;
+        Ok(Self {
+            config,
+            store,
+            sd,
+            loaded: vec![],
+        })
+    }
+
+    /// The size sessions are tuned at: the model's own.
+    pub fn native_size(&self) -> Result<(usize, usize)> {
+        self.sd.default_size(None, None, None)
+    }
+
+    /// Runs jobs until the queue is closed.
+    pub fn run(mut self, queue: Arc<Queue>) {
+        while let Some(job) = queue.next() {
+            let started = Instant::now();
+            job.emit("started", json!({ "kind": job.kind }));
+            let result = match job.take_work() {
+                Some(Work::Tune {
+                    image,
+                    name,
+                    job: tune,
+                }) => self.tune(&job, image, &name, &tune),
+                Some(Work::Edit { job: edits, params }) => self.edit(&job, &edits, params),
+                None => Err(Error::Interrupted),
+            };
+            let state = match result {
+                Ok(()) => {
+                    job.emit("done", json!({}));
+                    JobState::Done
+                }
+                Err(Error::Interrupted) => {
+                    job.emit("cancelled", json!({}));
+                    JobState::Cancelled
+                }
+                Err(e) => {
+                    job.emit("error", json!({ "message": e.to_string() }));
+                    JobState::Failed
+                }
+            };
+            queue.finish(&job, state, started);
+        }
+    }
+
+    fn tune(&mut self, job: &Job, image: RgbImage, name: &str, tune: &TuneJob) -> Result<()> {
+        let options = load_options(&self.config, Some(tune));
+        let mut sd = StableDiffusion::load(&self.config.model, &options)?;
+        let prepared = tune.prepare(&sd, image)?;
+        let loss = Cell::new(None);
+        let mut progress = JobProgress::new(job, &loss, None);
+        let session = prepared.run(&mut sd, &mut progress, &mut |_, l| {
+            loss.set(Some(l));
+            Ok(())
+        })?;
+        let (width, height) = session.image.dimensions();
+        let meta = SessionMeta {
+            id: job.session.clone(),
+            created: now(),
+            name: name.to_string(),
+            token: session.token.clone(),
+            width,
+            height,
+            settings: session.settings.clone(),
+            losses: session.losses.clone(),
+        };
+        self.store.save_session(&meta, &session)?;
+        self.remember(&meta.id, sd.unet);
+        job.emit("session", json!(meta));
+        Ok(())
+    }
+
+    fn edit(&mut self, job: &Job, edits: &EditJob, params: EditParams) -> Result<()> {
+        let session = self
+            .store
+            .session(&job.session)
+            .ok_or_else(|| Error::argument("session", "was deleted"))?;
+        let mut record = EditMeta {
+            id: job.edit.clone().expect("edit jobs have a record"),
+            session: session.id.clone(),
+            created: now(),
+            status: "running".into(),
+            params,
+            images: vec![],
+            sheets: vec![],
+            error: None,
+        };
+        self.store.write_edit(&record)?;
+        let result = self.run_edits(job, edits, &session, &mut record);
+        record.status = match &result {
+            Ok(()) => "done",
+            Err(Error::Interrupted) => "cancelled",
+            Err(_) => "failed",
+        }
+        .into();
+        record.error = result.as_ref().err().map(|e| e.to_string());
+        self.store.write_edit(&record)?;
+        result
+    }
+
+    fn run_edits(
+        &mut self,
+        job: &Job,
+        edits: &EditJob,
+        session: &SessionMeta,
+        record: &mut EditMeta,
+    ) -> Result<()> {
+        let cached = self.load_session(&session.id)?;
+        job.emit("loaded", json!({ "cached": cached }));
+        let picture = unitune::image_io::load_image(&self.store.source_png(&session.id))?;
+        let groups = edits.plan(edits.seed.unwrap_or(0))?;
+        let editor = Editor::new(&self.sd, &session.token, picture)?;
+        let loss = Cell::new(None);
+        let mut progress = JobProgress::new(job, &loss, Some(self.config.limits.preview_every));
+        let base = format!("/api/sessions/{}/edits/{}", record.session, record.id);
+        let store = &self.store;
+        editor.run(edits, &groups, &mut progress, &mut |event| {
+            match event {
+                EditEvent::Started {
+                    index,
+                    total,
+                    prompt,
+                    ..
+                } => job.emit(
+                    "edit",
+                    json!({ "index": index, "total": total, "prompt": prompt }),
+                ),
+                EditEvent::Finished { item, image, .. } => {
+                    let n = record.images.len();
+                    let file = format!("{n}.png");
+                    store.save_edit_image(record, &file, image)?;
+                    record.images.push(EditImage {
+                        suffix: item.suffix.clone(),
+                        prompt: edits.prompts[item.prompt].clone(),
+                        seed: item.seed,
+                        guidance: item.guidance,
+                        start: item.start,
+                        file,
+                    });
+                    store.write_edit(record)?;
+                    let url = format!("{base}/images/{n}");
+                    job.emit(
+                        "image",
+                        json!({ "index": n, "url": url, "image": record.images[n] }),
+                    );
+                }
+                EditEvent::Sheet { image, .. } => {
+                    let n = record.sheets.len();
+                    let file = format!("sheet-{n}.png");
+                    store.save_edit_image(record, &file, image)?;
+                    record.sheets.push(file);
+                    store.write_edit(record)?;
+                    job.emit(
+                        "sheet",
+                        json!({ "index": n, "url": format!("{base}/sheets/{n}") }),
+                    );
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Puts the session's tuned UNet into the model; true when it was still loaded.
+    fn load_session(&mut self, id: &str) -> Result<bool> {
+        if let Some(i) = self.loaded.iter().position(|(s, _)| s == id) {
+            let entry = self.loaded.remove(i);
+            self.sd.unet = entry.1.clone();
+            self.loaded.push(entry);
+            return Ok(true);
+        }
+        let session = Session::load(&self.store.session_file(id))?;
+        self.sd.apply_session(&session)?;
+        self.remember(id, self.sd.unet.clone());
+        Ok(false)
+    }
+
+    fn remember(&mut self, id: &str, unet: UNet2DConditionModel) {
+        self.loaded.retain(|(s, _)| s != id);
+        self.loaded.push((id.to_string(), unet));
+        let keep = self.config.limits.loaded_sessions.max(1);
+        if self.loaded.len() > keep {
+            self.loaded.drain(..self.loaded.len() - keep);
+        }
+    }
+}
+
+fn load_options(config: &ServeConfig, tune: Option<&TuneJob>) -> LoadOptions {
+    LoadOptions {
+        device: config.device.clone(),
+        dtype: config.dtype,
+        variant: None,
+        trainable: tune.map(TuneJob::trainable),
+    }
+}
+
+/// A job's progress as events: `progress` (phase, step, total, loss, ETA), `preview`, `warning`;
+/// cancelled when the job is.
+struct JobProgress<'a> {
+    job: &'a Job,
+    loss: &'a Cell<Option<f32>>,
+    preview_every: Option<usize>,
+    phase: String,
+    step: usize,
+    total: usize,
+    started: Instant,
+}
+
+impl<'a> JobProgress<'a> {
+    fn new(job: &'a Job, loss: &'a Cell<Option<f32>>, preview_every: Option<usize>) -> Self {
+        Self {
+            job,
+            loss,
+            preview_every,
+            phase: String::new(),
+            step: 0,
+            total: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn report(&self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta =
+            (self.step > 0).then(|| elapsed / self.step as f64 * (self.total - self.step) as f64);
+        self.job.emit(
+            "progress",
+            json!({
+                "phase": self.phase,
+                "step": self.step,
+                "total": self.total,
+                "loss": self.loss.get(),
+                "eta_s": eta,
+            }),
+        );
+    }
+}
+
+impl Progress for JobProgress<'_> {
+    fn start(&mut self, label: &str, total: usize) {
+        (self.phase, self.total, self.step) = (label.to_string(), total, 0);
+        self.started = Instant::now();
+        self.report();
+    }
+
+    fn step(&mut self, _: Option<&str>) {
+        self.step += 1;
+        self.report();
+    }
+
+    fn finish(&mut self) {}
+
+    fn warn(&mut self, text: &str) {
+        self.job.emit("warning", json!({ "message": text }));
+    }
+
+    fn cancelled(&self) -> bool {
+        self.job.cancel_requested()
+    }
+
+    fn preview_every(&self) -> Option<usize> {
+        self.preview_every
+    }
+
+    fn preview(&mut self, step: usize, image: &RgbImage) {
+        self.job.emit(
+            "preview",
+            json!({ "phase": self.phase, "step": step, "image": data_url(image) }),
+        );
+    }
+}
+
+/// A small PNG of `image` as a data URL.
+fn data_url(image: &RgbImage) -> String {
+    let (w, h) = image.dimensions();
+    let scale = (PREVIEW_SIDE as f64 / w.max(h) as f64).min(1.0);
+    let small = image::imageops::thumbnail(
+        image,
+        ((w as f64 * scale) as u32).max(1),
+        ((h as f64 * scale) as u32).max(1),
+    );
+    let mut png = vec![];
+    small
+        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("PNG encoding into memory");
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}

@@ -1,0 +1,132 @@
+//! What the server tests share: a real server on an ephemeral loopback port over the tiny SD1
+//! fixture, and a client that reads a job's server-sent events to the end.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use reqwest::multipart::{Form, Part};
+use serde_json::Value;
+use unitune_server::{Limits, ServeConfig, Server};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fresh data folder for `name`.
+pub fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("unitune-serve-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+pub fn config(data: &Path, token: Option<&str>, limits: Limits) -> ServeConfig {
+    ServeConfig {
+        model: repo().join("tests/fixtures/tiny-sd1"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: data.to_path_buf(),
+        token: token.map(String::from),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        limits,
+    }
+}
+
+pub fn start(data: &Path) -> Server {
+    start_with(data, Limits::default())
+}
+
+pub fn start_with(data: &Path, limits: Limits) -> Server {
+    Server::start(config(data, None, limits)).unwrap()
+}
+
+pub fn url(server: &Server, path: &str) -> String {
+    format!("http://{}{path}", server.addr)
+}
+
+pub fn scene() -> Vec<u8> {
+    std::fs::read(repo().join("examples/scene.png")).unwrap()
+}
+
+/// The example scene with its PNG header claiming `side` x `side` pixels (CRC and all).
+pub fn claiming(side: u32) -> Vec<u8> {
+    let mut png = scene();
+    png[16..20].copy_from_slice(&side.to_be_bytes());
+    png[20..24].copy_from_slice(&side.to_be_bytes());
+    let crc = crc32fast::hash(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+/// The multipart body of a tune of `image` with `settings`.
+pub fn tune_form(image: Vec<u8>, settings: &str) -> Form {
+    Form::new()
+        .part("image", Part::bytes(image).file_name("scene.png"))
+        .text("settings", settings.to_string())
+}
+
+/// A short tune: 2 steps of batch 1.
+pub const QUICK: &str = r#"{"steps": 2, "batch": 1, "seed": 1}"#;
+
+/// Queues a tune of the example scene; returns (job id, session id).
+pub async fn queue_tune(
+    client: &reqwest::Client,
+    server: &Server,
+    settings: &str,
+) -> (String, String) {
+    let response = client
+        .post(url(server, "/api/sessions"))
+        .multipart(tune_form(scene(), settings))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    (
+        body["job"]["id"].as_str().unwrap().to_string(),
+        body["session"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Every event of a job, read from its event stream until it ends: (name, data).
+pub async fn job_events(
+    client: &reqwest::Client,
+    server: &Server,
+    job: &str,
+) -> Vec<(String, Value)> {
+    let text = client
+        .get(url(server, &format!("/api/jobs/{job}/events")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    parse_events(&text)
+}
+
+pub fn parse_events(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut kind = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(k) = line.strip_prefix("event:") {
+                    kind = Some(k.trim().to_string());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data = Some(serde_json::from_str(d.trim()).unwrap());
+                }
+            }
+            Some((kind?, data?))
+        })
+        .collect()
+}
+
+/// Tunes the example scene quickly; returns the session id.
+pub async fn tuned(client: &reqwest::Client, server: &Server) -> String {
+    let (job, session) = queue_tune(client, server, QUICK).await;
+    let events = job_events(client, server, &job).await;
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+    session
+}
