@@ -35,6 +35,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let device = crate::common::parse_device(&args.model.device)?;
     let config = ServeConfig {
         model: crate::builtin::model_dir(args.model.model.as_deref())?,
+        model_name: match &args.model.model {
+            Some(dir) => dir.display().to_string(),
+            None => "the built-in shapes-64".into(),
+        },
         listen: args.listen,
         data: args.data.unwrap_or_else(default_data_dir),
         token: args.token,

@@ -11,6 +11,8 @@ use candle_core::{DType, Device};
 pub struct ServeConfig {
     /// The model folder (diffusers layout) every session is tuned on.
     pub model: PathBuf,
+    /// The model's name on the page.
+    pub model_name: String,
     pub listen: SocketAddr,
     /// Where sessions, edits and their settings are kept.
     pub data: PathBuf,

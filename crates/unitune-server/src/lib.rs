@@ -45,7 +45,7 @@ impl Server {
         let (width, height) = worker.native_size().map_err(|e| e.to_string())?;
         let queue = Arc::new(queue::Queue::new(config.limits.queue_capacity));
         let info = json!({
-            "model": config.model.file_name().map(|n| n.to_string_lossy()),
+            "model": config.model_name,
             "size": [width, height],
             "tune": TuneParams::default(),
             "edit": EditParams::default(),

@@ -330,7 +330,7 @@ async function loadGallery() {
     const columns = Math.max(1, p.sweep_guidance.length);
     const images = document.createElement('div');
     images.className = 'images';
-    images.style.gridTemplateColumns = `repeat(${Math.min(columns, 6)}, minmax(0, 1fr))`;
+    images.style.gridTemplateColumns = `repeat(${Math.min(columns, 6)}, 140px)`;
     edit.images.forEach((image, i) => {
       const img = document.createElement('img');
       img.className = 'result';
