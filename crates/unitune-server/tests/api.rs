@@ -613,3 +613,44 @@ async fn the_openapi_document_lists_every_route() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_leaves_its_job_running_and_readable() {
+    let data = data_dir("away");
+    let server = start(&data);
+    let client = reqwest::Client::new();
+    let (job, session) = queue_tune(&client, &server, r#"{"steps": 30, "batch": 1}"#).await;
+    {
+        // Read the first event, then hang up.
+        let mut stream = client
+            .get(url(&server, &format!("/api/jobs/{job}/events")))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&stream.chunk().await.unwrap().unwrap()).contains("queued")
+        );
+    }
+    // Another client reads the whole story, and can resume after any event it saw.
+    let events = job_events(&client, &server, &job).await;
+    assert_eq!(events.last().unwrap().0, "done");
+    let resumed = client
+        .get(url(&server, &format!("/api/jobs/{job}/events")))
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(parse_events(&resumed).len(), events.len() - 3);
+    let sessions: Value = client
+        .get(url(&server, "/api/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sessions[0]["id"], session.as_str());
+}
