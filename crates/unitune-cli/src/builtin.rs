@@ -7,16 +7,9 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use unitune::pipelines::{LoadOptions, StableDiffusion};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/builtin_model.rs"));
-}
-
-/// Loads `model`, or the built-in model when it is `None`.
-pub fn load(model: Option<&Path>, options: &LoadOptions) -> Result<StableDiffusion> {
-    let dir = model_dir(model)?;
-    StableDiffusion::load(&dir, options).with_context(|| format!("loading model {}", dir.display()))
 }
 
 /// The folder of `model`, or of the built-in model (unpacked) when it is `None`.

@@ -3,10 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use unitune::pipelines::{LoadOptions, StableDiffusion};
+use unitune::weights::hub::resolve_model;
 use unitune::weights::TrainableFilter;
 
 /// The device named by `--device`: cpu, cuda or cuda:N.
@@ -24,9 +25,13 @@ pub fn parse_device(name: &str) -> Result<Device> {
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout [default: the built-in model].
+    /// Stable Diffusion 1.x/2.x folder in the diffusers layout, or a Hugging Face repo id
+    /// (`owner/name`) already in the local cache [default: the built-in model].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// With a repo id: the branch, tag or commit of the cached snapshot [default: main].
+    #[arg(long)]
+    pub revision: Option<String>,
     /// Weights variant to load, e.g. `fp16` for `*.fp16.safetensors`.
     #[arg(long)]
     pub variant: Option<String>,
@@ -49,7 +54,21 @@ impl ModelArgs {
             variant: self.variant.clone(),
             trainable,
         };
-        crate::builtin::load(self.model.as_deref(), &options)
+        let dir = self.dir()?;
+        StableDiffusion::load(&dir, &options)
+            .with_context(|| format!("loading model {}", dir.display()))
+    }
+
+    /// The model's folder: `--model` (a repo id resolved in the Hugging Face cache), or the
+    /// built-in model, unpacked.
+    pub fn dir(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(model) => Ok(resolve_model(
+                &model.to_string_lossy(),
+                self.revision.as_deref(),
+            )?),
+            None => crate::builtin::model_dir(None),
+        }
     }
 
     /// The dtype `--dtype` names, or the device's default.

@@ -34,7 +34,7 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     let device = crate::common::parse_device(&args.model.device)?;
     let config = ServeConfig {
-        model: crate::builtin::model_dir(args.model.model.as_deref())?,
+        model: args.model.dir()?,
         model_name: match &args.model.model {
             Some(dir) => dir.display().to_string(),
             None => "the built-in shapes-64".into(),

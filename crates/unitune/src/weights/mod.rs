@@ -1,6 +1,7 @@
 //! Weights and model folders. This file reads the weights of one pipeline component (`unet/`,
 //! `vae/`, `text_encoder/`) from safetensors files; [`folder`] checks a folder's
-//! `model_index.json` and [`export`] writes a whole pipeline folder (diffusers' `save_pretrained`).
+//! `model_index.json`, [`hub`] finds a repo id in the Hugging Face cache (offline), and [`export`]
+//! writes a whole pipeline folder (diffusers' `save_pretrained`).
 //!
 //! A [`WeightStore`] is handed to a network's constructor through candle's `VarBuilder`. It checks
 //! every request against the file (a missing tensor or a wrong shape is an error naming the file and
@@ -16,6 +17,7 @@ use candle_nn::VarBuilder;
 
 pub mod export;
 pub mod folder;
+pub mod hub;
 
 use crate::error::{read_json, Error, Result};
 
