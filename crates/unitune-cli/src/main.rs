@@ -6,6 +6,7 @@ mod bench_edits;
 mod builtin;
 mod common;
 mod edit;
+mod export;
 mod generate;
 mod pretrain;
 mod progress;
@@ -33,6 +34,8 @@ enum Command {
     Tune(tune::TuneArgs),
     /// Edit the tuned image with a prompt, from a session written by `tune`.
     Edit(edit::EditArgs),
+    /// Write a session's tuned model as a diffusers folder.
+    Export(export::ExportArgs),
     /// Serve the web page and HTTP API: tune once, edit live in a browser.
     Serve(serve::ServeArgs),
     /// Train a small text-to-image model from scratch (the built-in model).
@@ -52,6 +55,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Tune(args) => tune::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(command) => bench::run(command),

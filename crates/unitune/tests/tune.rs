@@ -442,6 +442,23 @@ fn session_reproduces_the_tuned_unet() {
         );
         assert!(err <= tolerance, "{encoding:?}: {err}");
     }
+
+    // Exported as a diffusers folder, the tuned model loads like any model and is the session
+    // applied in memory, exactly; every other file is the base folder's.
+    let exported = dir.join("tuned-model");
+    fresh.export_tuned(&session, &exported).unwrap();
+    let reloaded = StableDiffusion::load(&exported, &LoadOptions::default()).unwrap();
+    let out = reloaded.unet.forward(&sample, &t, &text).unwrap();
+    let expected = fresh.unet.forward(&sample, &t, &text).unwrap();
+    assert_eq!(max_diff(&out, &expected), 0.0);
+    for file in [
+        "vae/diffusion_pytorch_model.safetensors",
+        "tokenizer/merges.txt",
+        "unet/config.json",
+    ] {
+        let base = std::fs::read(fixtures().join("tiny-sd1").join(file)).unwrap();
+        assert_eq!(std::fs::read(exported.join(file)).unwrap(), base, "{file}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -162,6 +162,14 @@ impl StableDiffusion {
         self.vae.decode(&self.vae_config.unscale_latents(latents)?)
     }
 
+    /// Writes the model with `session` applied as a diffusers folder at `out` (see
+    /// [`crate::weights::export::write_with_unet`]): the tuned model, for the tools people already
+    /// use.
+    pub fn export_tuned(&self, session: &Session, out: &Path) -> Result<()> {
+        let tuned = session.apply(self.unet_store.tensors(), self.unet_store.origin())?;
+        crate::weights::export::write_with_unet(&self.dir, &tuned, out)
+    }
+
     /// Replaces the UNet with `base + deltas` of a tuned session (tune once, edit many).
     pub fn apply_session(&mut self, session: &Session) -> Result<()> {
         let tuned = session.apply(self.unet_store.tensors(), self.unet_store.origin())?;

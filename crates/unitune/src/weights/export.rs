@@ -437,6 +437,48 @@ pub fn write_safetensors(path: &Path, tensors: &Tensors, dtype: DType) -> Result
         .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
 }
 
+/// Writes a copy of the model folder `model` into `out` with the UNet's weights replaced by
+/// `unet` (one safetensors file, in the dtype of the weights given), so that diffusers'
+/// `from_pretrained` loads the tuned model. Every other file is copied as it is; the UNet's old
+/// weight files (full precision, variants, shards) are left out, so no loader can pick up the
+/// untuned weights. `out` appears whole or not at all.
+pub fn write_with_unet(model: &Path, unet: &Tensors, out: &Path) -> Result<()> {
+    let dtype = unet.values().next().map_or(DType::F32, |t| t.dtype());
+    crate::atomic::replace_dir(out, |tmp| {
+        copy_tree(model, tmp, &|rel: &Path| {
+            let in_unet = rel.starts_with("unet");
+            let name = rel.to_string_lossy();
+            let weights =
+                name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json");
+            !(in_unet && weights)
+        })?;
+        write_safetensors(
+            &tmp.join("unet/diffusion_pytorch_model.safetensors"),
+            unet,
+            dtype,
+        )
+    })
+}
+
+/// Copies the files of `from` under `to` whose path relative to `from` passes `keep`.
+fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
+    fn walk(root: &Path, dir: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            let rel = path.strip_prefix(root).expect("walked from the root");
+            if path.is_dir() {
+                walk(root, &path, to, keep)?;
+            } else if keep(rel) {
+                let target = to.join(rel);
+                create_dir(target.parent().expect("a file in a folder"))?;
+                std::fs::copy(&path, &target).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+    walk(from, from, to, keep)
+}
+
 fn create_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
 }
