@@ -1,7 +1,7 @@
 //! `unitune tune`: fine-tune the UNet on one image bound to a rare token; writes a session.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -90,7 +90,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         prepared,
         &args.output,
         args.delta_encoding,
-        args.log_json.as_ref(),
+        args.log_json.as_deref(),
     )?;
     Ok(())
 }
@@ -100,9 +100,9 @@ pub fn run(args: TuneArgs) -> Result<()> {
 pub fn tune_and_save(
     sd: &mut StableDiffusion,
     prepared: PreparedTune,
-    output: &PathBuf,
+    output: &Path,
     encoding: DeltaEncoding,
-    log_json: Option<&PathBuf>,
+    log_json: Option<&Path>,
 ) -> Result<Session> {
     let trainable = sd.unet_store.trainable_vars();
     let n_trainable: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();

@@ -380,7 +380,10 @@ async fn create_edits(
         .job(&app.config.limits, session.width, session.height)
         .map_err(ApiError::bad)?;
     let edit = new_id();
-    let work = Work::Edit { job, params };
+    let work = Work::Edit {
+        job: Box::new(job),
+        params: Box::new(params),
+    };
     let job = submit(&app, Job::new("edit", &id, Some(edit.clone()), work))?;
     Ok((
         StatusCode::ACCEPTED,

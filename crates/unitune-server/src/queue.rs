@@ -47,8 +47,8 @@ pub enum Work {
         job: TuneJob,
     },
     Edit {
-        job: EditJob,
-        params: EditParams,
+        job: Box<EditJob>,
+        params: Box<EditParams>,
     },
 }
 
@@ -318,8 +318,8 @@ mod tests {
 
     fn edit_job() -> Job {
         let work = Work::Edit {
-            job: EditJob::new(vec!["x".into()]),
-            params: EditParams::default(),
+            job: Box::new(EditJob::new(vec!["x".into()])),
+            params: Box::default(),
         };
         Job::new("edit", "0000000000000000", None, work)
     }
@@ -355,14 +355,12 @@ mod tests {
     #[test]
     fn events_are_numbered_in_order_and_previews_go_when_the_job_ends() {
         let queue = Queue::new(4);
-        let job = queue.submit(edit_job()).ok().unwrap();
-        let job = queue
-            .next()
-            .map(|j| {
-                assert_eq!(j.id, job.id);
-                j
-            })
-            .unwrap();
+        let submitted = queue.submit(edit_job()).ok().unwrap();
+        let job = queue.next().unwrap();
+        assert_eq!(
+            (job.id.as_str(), job.state()),
+            (submitted.id.as_str(), JobState::Running)
+        );
         job.emit("preview", json!({}));
         job.emit("done", json!({}));
         let seqs: Vec<usize> = job.events_from(0).iter().map(|e| e.seq).collect();

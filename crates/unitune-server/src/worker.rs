@@ -62,7 +62,7 @@ impl Worker {
                     name,
                     job: tune,
                 }) => self.tune(&job, image, &name, &tune),
-                Some(Work::Edit { job: edits, params }) => self.edit(&job, &edits, params),
+                Some(Work::Edit { job: edits, params }) => self.edit(&job, &edits, *params),
                 None => Err(Error::Interrupted),
             };
             let state = match result {

@@ -289,7 +289,7 @@ impl Previews {
     }
 
     fn due(&self, step: usize, steps: usize) -> bool {
-        (step + 1) % self.every == 0 && step + 1 < steps
+        (step + 1).is_multiple_of(self.every) && step + 1 < steps
     }
 
     /// Decodes the clean latents that the guided `noise_pred` predicts from `latents` at `t`.
