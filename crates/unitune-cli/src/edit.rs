@@ -153,8 +153,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             read_mask(&args, &mut job, width, height)?;
             // The edits are checked against the picture the tune will see before it runs, so
             // that a bad knob fails before the session is written.
-            Editor::new(&sd, &prepared.settings.token, prepared.image.clone())?
-                .check(&job, &groups)?;
+            job.check(&groups, width as usize, height as usize)?;
             let session = crate::tune::tune_and_save(
                 &mut sd,
                 prepared,
