@@ -20,8 +20,9 @@
 //! projections and merge them back (nor the copies of their backward).
 //!
 //! Tasks are spread over rayon's pool: (head, query block) pairs forward, heads backward (a head's
-//! dK and dV add up over its query blocks). Inputs are f32 CPU tensors; callers fall back to
-//! composite ops on other devices and dtypes.
+//! dK and dV add up over its query blocks). Inputs are f32 CPU tensors, or with the `cuda`
+//! feature f32/f16/bf16 CUDA tensors (`attention/cuda.rs`: the same algorithm as CUDA kernels,
+//! for [`cuda_supports`]' sizes); callers fall back to composite ops elsewhere.
 
 use std::cell::RefCell;
 use std::f32::consts::LOG2_E;
@@ -32,15 +33,20 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::{contiguous, cpu_f32, uninit_vec};
+#[cfg(feature = "cuda")]
+mod cuda;
 use crate::matmul::{gemm_into, pieces, Mat, Shared};
+#[cfg(feature = "cuda")]
+pub use cuda::MAX_HEAD_DIM as CUDA_MAX_HEAD_DIM;
 
 /// The name in the errors.
 const OP: &str = "fused attention";
 
 /// `softmax(q·kᵀ·scale)·v` over the last two dimensions of `q: [b, heads, n_q, d]`,
 /// `k: [b, heads, n_k, d]` and `v: [b, heads, n_k, d_v]`, giving `[b, heads, n_q, d_v]`.
-/// Differentiable with respect to `q`, `k` and `v` (first order). f32 CPU tensors only; any
-/// layout (non-contiguous inputs are copied first); every dimension must be non-zero.
+/// Differentiable with respect to `q`, `k` and `v` (first order). f32 CPU tensors, or CUDA
+/// tensors that [`cuda_supports`]; any layout (non-contiguous inputs are copied first); every
+/// dimension must be non-zero.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     apply(Dims::split(q, k, v)?, q, k, v, scale)
 }
@@ -57,6 +63,31 @@ pub fn attention_heads(
     scale: f64,
 ) -> Result<Tensor> {
     apply(Dims::packed(q, k, v, heads)?, q, k, v, scale)
+}
+
+/// Whether the CUDA kernels take `q`, `k` and `v` (for [`attention_heads`] with `Some(heads)`,
+/// for [`attention`] with `None`): all f32, f16 or bf16 on one CUDA device, equal q and v head
+/// widths of at most [`CUDA_MAX_HEAD_DIM`]. Always false without the `cuda` feature.
+pub fn cuda_supports(q: &Tensor, k: &Tensor, v: &Tensor, heads: Option<usize>) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        let on_gpu = [q, k, v].iter().all(|t| {
+            t.device().is_cuda() && t.device().same_device(q.device()) && t.dtype() == q.dtype()
+        });
+        let dims = match heads {
+            Some(heads) => Dims::packed(q, k, v, heads),
+            None => Dims::split(q, k, v),
+        };
+        on_gpu
+            && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && dims.is_ok_and(|dims| cuda::supports(&dims))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, heads);
+        false
+    }
 }
 
 fn apply(dims: Dims, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -223,7 +254,14 @@ impl Dims {
 struct FusedAttention {
     dims: Dims,
     scale: f32,
-    lse: Mutex<Option<Vec<f32>>>, // [bh, nq], base 2
+    lse: Mutex<Option<Lse>>,
+}
+
+/// The per-row log-sum-exp of the scores, `[bh, nq]`, base 2, where the forward ran.
+enum Lse {
+    Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda::cudarc::driver::CudaSlice<f32>),
 }
 
 impl CustomOp3 for FusedAttention {
@@ -252,8 +290,23 @@ impl CustomOp3 for FusedAttention {
         };
         // SAFETY: `forward` writes all of `out`.
         let out = unsafe { uninit_vec(self.dims.bh() * nq * dv, fill) };
-        *self.lse.lock().map_err(|_| poisoned())? = Some(lse);
+        *self.lse.lock().map_err(|_| poisoned())? = Some(Lse::Cpu(lse));
         Ok((CpuStorage::F32(out), self.dims.shape(nq, dv)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, lse) = cuda::forward(&self.dims, self.scale, [(q, q_l), (k, k_l), (v, v_l)])?;
+        *self.lse.lock().map_err(|_| poisoned())? = Some(Lse::Cuda(lse));
+        Ok((out, self.dims.shape(self.dims.nq, self.dims.dv)))
     }
 
     fn bwd(
@@ -265,10 +318,17 @@ impl CustomOp3 for FusedAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self.lse.lock().map_err(|_| poisoned())?;
-        let Some(lse) = lse.as_ref() else {
-            bail!("fused attention: backward without a CPU forward")
-        };
         let grad_out = grad_out.contiguous()?;
+        let lse = match lse.as_ref() {
+            Some(Lse::Cpu(lse)) => lse,
+            #[cfg(feature = "cuda")]
+            Some(Lse::Cuda(lse)) => {
+                let [dq, dk, dv] =
+                    cuda::backward(&self.dims, self.scale, lse, [q, k, v, out, &grad_out])?;
+                return Ok((Some(dq), Some(dk), Some(dv)));
+            }
+            None => bail!("fused attention: backward without a forward"),
+        };
         let tensors = [q, k, v, out, &grad_out].map(|t| t.storage_and_layout());
         let mut slices = Vec::with_capacity(tensors.len());
         for ((storage, layout), name) in tensors.iter().zip(["q", "k", "v", "out", "grad"]) {

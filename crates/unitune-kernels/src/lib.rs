@@ -3,8 +3,9 @@
 //! a training step in scalar loops, single-threaded reductions, page faults and intermediate
 //! tensors, each of which also costs a gradient in the backward (see `BENCHMARKS.md`). Each op
 //! takes f32 CPU tensors; the callers in `unitune::models` fall back to candle's composite ops
-//! elsewhere (CUDA, other dtypes). Kept in a crate of its own so that it is optimised even in test
-//! builds.
+//! elsewhere (CUDA, other dtypes), except attention, which with the `cuda` feature has CUDA kernels
+//! too (`cuda/attention.cu`): on a GPU the composite would store every head's `[n, n]` scores.
+//! Kept in a crate of its own so that it is optimised even in test builds.
 
 pub mod adafactor;
 pub mod attention;

@@ -79,12 +79,14 @@ pub fn kernel_ready(tensors: &[&Tensor]) -> bool {
 /// (e.g. `-inf` above the diagonal for CLIP's causal mask).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    // Unmasked f32 on the CPU (the VAE's attention; the UNet's takes `attention_heads`): the
-    // fused kernel, which keeps no [b, heads, n_q, n_k] tensor for the backward. Everything else
-    // (CLIP's causal mask, CUDA, f16/f64, empty tensors) takes the composite ops below, which run
-    // on every device.
+    // Unmasked f32 on the CPU, or on CUDA (the VAE's attention; the UNet's takes
+    // `attention_heads`): the fused kernel, which keeps no [b, heads, n_q, n_k] tensor for the
+    // backward. Everything else (CLIP's causal mask, f64, f16 on the CPU, heads wider than the
+    // CUDA kernel's, empty tensors) takes the composite ops below, which run on every device.
     let empty = [q, k, v].iter().any(|t| t.elem_count() == 0);
-    if mask.is_none() && !empty && kernel_ready(&[q, k, v]) {
+    let fused =
+        kernel_ready(&[q, k, v]) || unitune_kernels::attention::cuda_supports(q, k, v, None);
+    if mask.is_none() && !empty && fused {
         return unitune_kernels::attention::attention(q, k, v, scale);
     }
     let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, n_q, n_k]
@@ -99,12 +101,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 /// `[b, n, heads * d]`, giving `[b, n_q, heads * d]`: [`attention`] between [`split_heads`] and
 /// [`merge_heads`].
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    // f32 on the CPU: the fused kernel reads and writes this layout in place, so that neither the
-    // copies into [b, heads, n, d] and back nor their backward are needed. Everything else (CUDA,
-    // f16/bf16, f64, empty tensors) splits the heads and takes the composite ops, which run on
-    // every device.
+    // f32 on the CPU, f32/f16/bf16 on CUDA: the fused kernel reads and writes this layout in
+    // place, so that neither the copies into [b, heads, n, d] and back nor their backward are
+    // needed, and on the GPU no [b, heads, n_q, n_k] scores exist (4096² per head at 512 px).
+    // Everything else (f64, f16 on the CPU, heads wider than the CUDA kernel's, empty tensors)
+    // splits the heads and takes the composite ops, which run on every device.
     let empty = [q, k, v].iter().any(|t| t.elem_count() == 0);
-    if !empty && kernel_ready(&[q, k, v]) {
+    let fused =
+        kernel_ready(&[q, k, v]) || unitune_kernels::attention::cuda_supports(q, k, v, Some(heads));
+    if !empty && fused {
         let scale = 1.0 / ((q.dim(D::Minus1)? / heads) as f64).sqrt();
         return unitune_kernels::attention::attention_heads(q, k, v, heads, scale);
     }
