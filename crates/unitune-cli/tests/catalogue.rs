@@ -352,6 +352,11 @@ fn unnamed_noise(d: &Path) {
 
 // ---- sessions ----
 
+/// The session an `edit -o photo-edit.png` without `--session` would write (and must not touch
+/// when it fails).
+fn older_session_of_edit(d: &Path) {
+    std::fs::copy(d.join("photo.session"), d.join("photo-edit.session")).unwrap();
+}
 fn mask_named_like_output(d: &Path) {
     std::fs::copy(d.join("mask.png"), d.join("out.mask.png")).unwrap();
 }
@@ -466,7 +471,7 @@ const CATALOGUE: &[Case] = &[
     case("edit --latent-blend -0.5", none, &["edit", "--model", "{d}/model", "--session", "{d}/photo.session", "--prompt", "a", "--latent-blend=-0.5", "-o", "{d}/out.png"], &["latent", "-0.5"]),
     case("edit --seeds 0", none, &["edit", "--model", "{d}/model", "--session", "{d}/photo.session", "--prompt", "a", "--seeds", "0", "-o", "{d}/out.png"], &["seeds"]),
     case("edit --sweep-start with NaN", none, &["edit", "--model", "{d}/model", "--session", "{d}/photo.session", "--prompt", "a", "--sweep-start", "0.5,NaN", "-o", "{d}/out.png"], &["start", "NaN"]),
-    case("edit with a mask and a bad --start, before tuning", none, &["edit", "--model", "{d}/model", "--image", "{d}/photo.png", "--prompt", "a", "--mask", "{d}/mask.png", "--start", "0", "-o", "{d}/photo-edit.png"], &["start"]),
+    case("edit with a mask and a bad --start, before tuning over an older session", older_session_of_edit, &["edit", "--model", "{d}/model", "--image", "{d}/photo.png", "--prompt", "a", "--mask", "{d}/mask.png", "--start", "0", "-o", "{d}/photo-edit.png"], &["start"]),
     case("tune --dtype bf16 on the CPU", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--dtype", "bf16", "-o", "{d}/new.session"], &["--dtype bf16", "cuda"]),
     case("--device of no kind", none, &["generate", "--model", "{d}/model", "--prompt", "a", "--device", "tpu", "-o", "{d}/out.png"], &["--device tpu", "cpu, cuda or cuda:N"]),
     case("pretrain --lr NaN", none, &["pretrain", "--output", "{d}/trained", "--preset", "tiny", "--lr", "NaN"], &["lr"]),
