@@ -50,11 +50,14 @@ pub fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// A folder of this process and thread for `target`'s files (tests run targets in parallel).
+/// A folder for `target`'s files. Named after the parent process (AFL's fork server, or the test
+/// runner), which lives as long as the fuzzing session, so that the short-lived processes AFL
+/// forks share one folder instead of each leaving its own; and after the thread, since tests run
+/// targets in parallel.
 fn scratch(target: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "unitune-fuzz-{}-{:?}/{target}",
-        std::process::id(),
+        std::os::unix::process::parent_id(),
         std::thread::current().id()
     ));
     std::fs::create_dir_all(&dir).expect("scratch folder");
@@ -102,7 +105,10 @@ pub fn shard_index(data: &[u8]) {
             candle_core::safetensors::save(&HashMap::from([(key, t)]), &path).expect("shard");
         }
     }
-    write(&dir.join("diffusion_pytorch_model.safetensors.index.json"), data);
+    write(
+        &dir.join("diffusion_pytorch_model.safetensors.index.json"),
+        data,
+    );
     let _ = WeightStore::open(&dir, None, &Device::Cpu);
 }
 

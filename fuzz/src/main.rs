@@ -7,7 +7,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(target) = args.first().and_then(|name| unitune_fuzz::target(name)) else {
         let names: Vec<&str> = unitune_fuzz::TARGETS.iter().map(|(n, _)| *n).collect();
-        eprintln!("usage: unitune-fuzz TARGET [FILE...] (TARGET: {})", names.join(", "));
+        eprintln!(
+            "usage: unitune-fuzz TARGET [FILE...] (TARGET: {})",
+            names.join(", ")
+        );
         std::process::exit(2);
     };
     if args.len() > 1 {

@@ -43,7 +43,16 @@ fn fixtures() -> PathBuf {
 fn none(_: &Path) {}
 
 const GENERATE: &[&str] = &[
-    "generate", "--model", "{d}/model", "--prompt", "a cat", "--steps", "2", "--seed", "1", "-o",
+    "generate",
+    "--model",
+    "{d}/model",
+    "--prompt",
+    "a cat",
+    "--steps",
+    "2",
+    "--seed",
+    "1",
+    "-o",
     "{d}/out.png",
 ];
 const UNET: &str = "model/unet/diffusion_pytorch_model.safetensors";
@@ -59,7 +68,11 @@ fn empty_unet(d: &Path) {
     std::fs::write(d.join(UNET), b"").unwrap();
 }
 fn garbage_unet(d: &Path) {
-    std::fs::write(d.join(UNET), b"\x89PNG\r\n\x1a\nthis is not a weights file at all").unwrap();
+    std::fs::write(
+        d.join(UNET),
+        b"\x89PNG\r\n\x1a\nthis is not a weights file at all",
+    )
+    .unwrap();
 }
 fn huge_header_unet(d: &Path) {
     let path = d.join(UNET);
@@ -105,7 +118,9 @@ fn nan_unet(d: &Path) {
     std::fs::write(&path, bytes).unwrap();
 }
 fn offsets_past_end_unet(d: &Path) {
-    edit_unet_header(d, |h| h[CONV_IN]["data_offsets"] = serde_json::json!([0, 1u64 << 40]));
+    edit_unet_header(d, |h| {
+        h[CONV_IN]["data_offsets"] = serde_json::json!([0, 1u64 << 40])
+    });
 }
 fn overflowing_shape_unet(d: &Path) {
     edit_unet_header(d, |h| {
@@ -124,7 +139,10 @@ fn edit_unet_tensors(d: &Path, edit: impl FnOnce(&mut Vec<(String, serde_json::V
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
         .map(|(k, v)| {
-            let (a, b) = (v["data_offsets"][0].as_u64().unwrap(), v["data_offsets"][1].as_u64().unwrap());
+            let (a, b) = (
+                v["data_offsets"][0].as_u64().unwrap(),
+                v["data_offsets"][1].as_u64().unwrap(),
+            );
             (k, v, data[a as usize..b as usize].to_vec())
         })
         .collect();
@@ -163,7 +181,11 @@ fn misshaped_tensor_unet(d: &Path) {
     });
 }
 fn pickle_unet(d: &Path) {
-    std::fs::rename(d.join(UNET), d.join("model/unet/diffusion_pytorch_model.bin")).unwrap();
+    std::fs::rename(
+        d.join(UNET),
+        d.join("model/unet/diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
 }
 fn no_unet_weights(d: &Path) {
     std::fs::remove_file(d.join(UNET)).unwrap();
@@ -210,10 +232,20 @@ fn broken_unet_config(d: &Path) {
     std::fs::write(d.join("model/unet/config.json"), "{\"in_channels\": 4,").unwrap();
 }
 fn sdxl_unet_config(d: &Path) {
-    set_json(d, "model/unet/config.json", "addition_embed_type", "\"text_time\"");
+    set_json(
+        d,
+        "model/unet/config.json",
+        "addition_embed_type",
+        "\"text_time\"",
+    );
 }
 fn wrong_channels_unet_config(d: &Path) {
-    set_json(d, "model/unet/config.json", "block_out_channels", "[16, 64]");
+    set_json(
+        d,
+        "model/unet/config.json",
+        "block_out_channels",
+        "[16, 64]",
+    );
 }
 fn inpainting_unet_config(d: &Path) {
     set_json(d, "model/unet/config.json", "in_channels", "9");
@@ -225,19 +257,44 @@ fn mistyped_vae_config(d: &Path) {
     set_json(d, "model/vae/config.json", "latent_channels", "\"four\"");
 }
 fn unknown_activation_text_config(d: &Path) {
-    set_json(d, "model/text_encoder/config.json", "hidden_act", "\"swish\"");
+    set_json(
+        d,
+        "model/text_encoder/config.json",
+        "hidden_act",
+        "\"swish\"",
+    );
 }
 fn betas_above_one(d: &Path) {
-    set_json(d, "model/scheduler/scheduler_config.json", "beta_end", "1.5");
+    set_json(
+        d,
+        "model/scheduler/scheduler_config.json",
+        "beta_end",
+        "1.5",
+    );
 }
 fn absurd_train_timesteps(d: &Path) {
-    set_json(d, "model/scheduler/scheduler_config.json", "num_train_timesteps", "1000000000000");
+    set_json(
+        d,
+        "model/scheduler/scheduler_config.json",
+        "num_train_timesteps",
+        "1000000000000",
+    );
 }
 fn unknown_prediction_type(d: &Path) {
-    set_json(d, "model/scheduler/scheduler_config.json", "prediction_type", "\"flow\"");
+    set_json(
+        d,
+        "model/scheduler/scheduler_config.json",
+        "prediction_type",
+        "\"flow\"",
+    );
 }
 fn sdxl_model_index(d: &Path) {
-    set_json(d, "model/model_index.json", "_class_name", "\"StableDiffusionXLPipeline\"");
+    set_json(
+        d,
+        "model/model_index.json",
+        "_class_name",
+        "\"StableDiffusionXLPipeline\"",
+    );
 }
 fn no_model_index(d: &Path) {
     std::fs::remove_file(d.join("model/model_index.json")).unwrap();
@@ -263,7 +320,12 @@ fn absurd_vocab(d: &Path) {
     file.set_len(65 << 20).unwrap();
 }
 fn absurd_max_length(d: &Path) {
-    set_json(d, "model/tokenizer/tokenizer_config.json", "model_max_length", "1000000000000");
+    set_json(
+        d,
+        "model/tokenizer/tokenizer_config.json",
+        "model_max_length",
+        "1000000000000",
+    );
 }
 
 // ---- images, masks, prompts, init noise ----
@@ -305,7 +367,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -333,7 +399,8 @@ fn absurd_prompts(d: &Path) {
 }
 /// A safetensors file holding one tensor `name` of `dtype` and `shape`, zero-filled.
 fn safetensors_file(path: &Path, name: &str, dtype: &str, shape: &[usize], size: usize) {
-    let header = serde_json::json!({ name: {"dtype": dtype, "shape": shape, "data_offsets": [0, size]} });
+    let header =
+        serde_json::json!({ name: {"dtype": dtype, "shape": shape, "data_offsets": [0, size]} });
     let text = serde_json::to_vec(&header).unwrap();
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&text);
@@ -341,13 +408,31 @@ fn safetensors_file(path: &Path, name: &str, dtype: &str, shape: &[usize], size:
     std::fs::write(path, out).unwrap();
 }
 fn misshaped_noise(d: &Path) {
-    safetensors_file(&d.join("noise.safetensors"), "latents", "F32", &[1, 4, 3, 3], 144);
+    safetensors_file(
+        &d.join("noise.safetensors"),
+        "latents",
+        "F32",
+        &[1, 4, 3, 3],
+        144,
+    );
 }
 fn integer_noise(d: &Path) {
-    safetensors_file(&d.join("noise.safetensors"), "latents", "I64", &[1, 4, 8, 8], 2048);
+    safetensors_file(
+        &d.join("noise.safetensors"),
+        "latents",
+        "I64",
+        &[1, 4, 8, 8],
+        2048,
+    );
 }
 fn unnamed_noise(d: &Path) {
-    safetensors_file(&d.join("noise.safetensors"), "noise", "F32", &[1, 4, 8, 8], 1024);
+    safetensors_file(
+        &d.join("noise.safetensors"),
+        "noise",
+        "F32",
+        &[1, 4, 8, 8],
+        1024,
+    );
 }
 
 // ---- sessions ----
@@ -387,6 +472,7 @@ fn tampered_session_image(d: &Path) {
 
 // ---- the catalogue ----
 
+#[rustfmt::skip]
 const CATALOGUE: &[Case] = &[
     // Weights: truncated, corrupt, mis-typed, mis-shaped, missing and extra tensors, pickles.
     case("truncated UNet weights", truncate_unet, GENERATE, &[UNET, "corrupt or truncated"]),
@@ -508,7 +594,9 @@ fn session() -> &'static Path {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("photo.session");
         let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
-            .args(["tune", "--steps", "1", "--batch", "1", "--seed", "1", "--model"])
+            .args([
+                "tune", "--steps", "1", "--batch", "1", "--seed", "1", "--model",
+            ])
             .arg(fixtures().join("tiny-sd1"))
             .arg("--image")
             .arg(fixtures().join("ref/tune-input.png"))
@@ -516,7 +604,11 @@ fn session() -> &'static Path {
             .arg(&path)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         path
     })
 }

@@ -40,7 +40,11 @@ fn unitune(args: &[String]) -> Command {
 fn run_whole(args: &[String]) -> Duration {
     let start = Instant::now();
     let out = unitune(args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     start.elapsed()
 }
 
@@ -137,8 +141,15 @@ fn stop_many_times(
                 "{what}: {stop:?} after {delay:?} left a partial {output}"
             );
             let stray = stray_files(dir, &expected, stop);
-            assert!(stray.is_empty(), "{what}: {stop:?} after {delay:?} left {stray:?}");
-            let kept = if now == b"older output" { "older output kept" } else { "new output whole" };
+            assert!(
+                stray.is_empty(),
+                "{what}: {stop:?} after {delay:?} left {stray:?}"
+            );
+            let kept = if now == b"older output" {
+                "older output kept"
+            } else {
+                "new output whole"
+            };
             eprintln!("{what}: {stop:?} after {delay:?} of {span:?}: {status}, {kept}");
             runs += 1;
         }
@@ -147,7 +158,10 @@ fn stop_many_times(
     run_whole(args);
     assert!(valid(&path));
     let stray = stray_files(dir, &expected, Stop::Int);
-    assert!(stray.is_empty(), "{what}: temporary files left after a whole run: {stray:?}");
+    assert!(
+        stray.is_empty(),
+        "{what}: temporary files left after a whole run: {stray:?}"
+    );
     runs
 }
 
@@ -180,11 +194,29 @@ fn stopped_tune_keeps_the_older_session_or_writes_a_whole_one() {
     let (model, photo) = inputs(&dir);
     let out = dir.join("photo.session");
     let args = s(&[
-        "tune", "--model", &model, "--image", &photo, "--steps", "12", "--batch", "1", "--seed",
-        "3", "-o", out.to_str().unwrap(),
+        "tune",
+        "--model",
+        &model,
+        "--image",
+        &photo,
+        "--steps",
+        "12",
+        "--batch",
+        "1",
+        "--seed",
+        "3",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     let photo_before = std::fs::read(&photo).unwrap();
-    let runs = stop_many_times("tune", &dir, &args, "photo.session", &["photo.png"], is_session);
+    let runs = stop_many_times(
+        "tune",
+        &dir,
+        &args,
+        "photo.session",
+        &["photo.png"],
+        is_session,
+    );
     assert_eq!(runs, 2 * STOPS_PER_SIGNAL);
     assert_eq!(std::fs::read(&photo).unwrap(), photo_before);
 }
@@ -195,19 +227,54 @@ fn stopped_edit_and_generate_keep_the_older_image_or_write_a_whole_one() {
     let (model, photo) = inputs(&dir);
     let session = dir.join("photo.session");
     run_whole(&s(&[
-        "tune", "--model", &model, "--image", &photo, "--steps", "1", "--batch", "1", "--seed",
-        "1", "-o", session.to_str().unwrap(),
+        "tune",
+        "--model",
+        &model,
+        "--image",
+        &photo,
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seed",
+        "1",
+        "-o",
+        session.to_str().unwrap(),
     ]));
     let out = dir.join("out.png");
     let edit = s(&[
-        "edit", "--model", &model, "--session", session.to_str().unwrap(), "--prompt",
-        "a red square", "--steps", "16", "--seed", "2", "-o", out.to_str().unwrap(),
+        "edit",
+        "--model",
+        &model,
+        "--session",
+        session.to_str().unwrap(),
+        "--prompt",
+        "a red square",
+        "--steps",
+        "16",
+        "--seed",
+        "2",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     let inputs = ["photo.png", "photo.session"];
     stop_many_times("edit", &dir, &edit, "out.png", &inputs, is_png);
     let generate = s(&[
-        "generate", "--model", &model, "--prompt", "a red square", "--image", &photo, "--strength",
-        "0.9", "--steps", "20", "--seed", "4", "-o", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "a red square",
+        "--image",
+        &photo,
+        "--strength",
+        "0.9",
+        "--steps",
+        "20",
+        "--seed",
+        "4",
+        "-o",
+        out.to_str().unwrap(),
     ]);
     stop_many_times("generate", &dir, &generate, "out.png", &inputs, is_png);
 }
@@ -218,9 +285,29 @@ fn killed_pretrain_resumes_from_its_last_checkpoint() {
     let out = dir.join("model");
     let args = |resume: bool| {
         let mut a = s(&[
-            "pretrain", "--output", out.to_str().unwrap(), "--preset", "tiny", "--size", "16",
-            "--world-scenes", "16", "--vae-steps", "4", "--vae-batch", "2", "--vae-crop", "8",
-            "--steps", "6", "--batch", "2", "--warmup", "2", "--checkpoint-every", "2",
+            "pretrain",
+            "--output",
+            out.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--size",
+            "16",
+            "--world-scenes",
+            "16",
+            "--vae-steps",
+            "4",
+            "--vae-batch",
+            "2",
+            "--vae-crop",
+            "8",
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--warmup",
+            "2",
+            "--checkpoint-every",
+            "2",
         ]);
         if resume {
             a.push("--resume".into());
@@ -241,15 +328,24 @@ fn killed_pretrain_resumes_from_its_last_checkpoint() {
             // again when it never got to one.
             let resumable = out.join("training_state.json").is_file();
             run_whole(&args(resumable));
-            eprintln!("pretrain: {stop:?} after {delay:?} of {span:?}: {status}, resumed: {resumable}");
+            eprintln!(
+                "pretrain: {stop:?} after {delay:?} of {span:?}: {status}, resumed: {resumable}"
+            );
             let sd = unitune::pipelines::StableDiffusion::load(&out, &Default::default());
-            assert!(sd.is_ok(), "pretrain {stop:?} after {delay:?}: {:?}", sd.err());
+            assert!(
+                sd.is_ok(),
+                "pretrain {stop:?} after {delay:?}: {:?}",
+                sd.err()
+            );
             let leftovers: Vec<_> = std::fs::read_dir(&dir)
                 .unwrap()
                 .map(|e| e.unwrap().file_name())
                 .filter(|n| n != "model")
                 .collect();
-            assert!(leftovers.is_empty(), "pretrain {stop:?}: left {leftovers:?}");
+            assert!(
+                leftovers.is_empty(),
+                "pretrain {stop:?}: left {leftovers:?}"
+            );
         }
     }
 }

@@ -45,7 +45,8 @@ fn remove_stale_temps(dir: &Path, name: &str) {
             .and_then(|f| f.strip_prefix(&prefix))
             .and_then(|rest| rest.strip_suffix(".tmp"))
             .and_then(|pid| pid.parse::<u32>().ok());
-        let gone = |pid: u32| cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists();
+        let gone =
+            |pid: u32| cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists();
         if pid.is_some_and(gone) {
             let _ = std::fs::remove_file(entry.path());
         }
@@ -149,11 +150,16 @@ mod tests {
         std::fs::write(&stale, "half").unwrap();
         std::fs::write(&foreign, "half").unwrap();
         let path = dir.join("out.png");
-        write_atomic(&path, |tmp| std::fs::write(tmp, "whole").map_err(|e| Error::io(tmp, e)))
-            .unwrap();
+        write_atomic(&path, |tmp| {
+            std::fs::write(tmp, "whole").map_err(|e| Error::io(tmp, e))
+        })
+        .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "whole");
         assert!(!stale.exists(), "the dead run's temporary file is left");
-        assert!(foreign.exists(), "another file's temporary file was removed");
+        assert!(
+            foreign.exists(),
+            "another file's temporary file was removed"
+        );
     }
 
     #[test]

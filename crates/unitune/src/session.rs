@@ -174,8 +174,11 @@ impl Session {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |message: String| Error::weights(path, message);
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a session file, or a truncated one (not safetensors: {e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            bad(format!(
+                "not a session file, or a truncated one (not safetensors: {e})"
+            ))
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| {
             meta.get(key).cloned().ok_or_else(|| {

@@ -37,7 +37,9 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     let (width, height) = decoder.dimensions();
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 {
-        return Err(err(format!("the picture is {width}x{height}: it has no pixels")));
+        return Err(err(format!(
+            "the picture is {width}x{height}: it has no pixels"
+        )));
     }
     if pixels > MAX_PIXELS {
         return Err(err(format!(

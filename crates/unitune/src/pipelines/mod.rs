@@ -214,7 +214,8 @@ fn check_components_fit(
 ) -> Result<()> {
     let text_path = dir.join("text_encoder/config.json");
     let unet_path = dir.join("unet/config.json");
-    let mismatch = |path: &Path, field: &str, message: String| Err(Error::config(path, field, message));
+    let mismatch =
+        |path: &Path, field: &str, message: String| Err(Error::config(path, field, message));
     if tokenizer.max_id() as usize >= text.vocab_size {
         return mismatch(
             &text_path,
@@ -249,7 +250,10 @@ fn check_components_fit(
             ),
         );
     }
-    for (field, channels) in [("in_channels", unet.in_channels), ("out_channels", unet.out_channels)] {
+    for (field, channels) in [
+        ("in_channels", unet.in_channels),
+        ("out_channels", unet.out_channels),
+    ] {
         if channels != vae.latent_channels {
             return mismatch(
                 &unet_path,

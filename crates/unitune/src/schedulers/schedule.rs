@@ -26,11 +26,16 @@ impl NoiseSchedule {
         }
         let n = config.num_train_timesteps;
         if config.trained_betas.is_none() && config.beta_schedule != BetaSchedule::SquaredcosCapV2 {
-            for (field, value) in [("beta_start", config.beta_start), ("beta_end", config.beta_end)] {
+            for (field, value) in [
+                ("beta_start", config.beta_start),
+                ("beta_end", config.beta_end),
+            ] {
                 if !(value > 0.0 && value < 1.0) {
                     return Err(config.error(
                         field,
-                        format!("{value} is not in (0, 1): a beta is the noise variance added per step"),
+                        format!(
+                            "{value} is not in (0, 1): a beta is the noise variance added per step"
+                        ),
                     ));
                 }
             }
@@ -63,7 +68,10 @@ impl NoiseSchedule {
             };
             return Err(config.error(
                 field,
-                format!("gives beta {i} = {}; every beta must be in (0, 1)", betas[i]),
+                format!(
+                    "gives beta {i} = {}; every beta must be in (0, 1)",
+                    betas[i]
+                ),
             ));
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();

@@ -176,9 +176,9 @@ fn float_dtype(path: &Path, name: &str, view: &safetensors::tensor::TensorView) 
         Dtype::BF16 => data
             .chunks_exact(2)
             .position(|b| !half::bf16::from_le_bytes([b[0], b[1]]).is_finite()),
-        _ => data.chunks_exact(8).position(|b| {
-            !f64::from_le_bytes(b.try_into().expect("chunks of 8")).is_finite()
-        }),
+        _ => data
+            .chunks_exact(8)
+            .position(|b| !f64::from_le_bytes(b.try_into().expect("chunks of 8")).is_finite()),
     };
     match bad {
         Some(i) => Err(Error::weights(
