@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use unitune::image_io;
-use unitune::jobs::{EditEvent, EditGroup, EditJob, Editor, TuneJob};
+use unitune::jobs::{read_prompts_file, EditEvent, EditGroup, EditJob, Editor, TuneJob};
 use unitune::noise::random_seed;
 use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
 use unitune::schedulers::SchedulerKind;
@@ -269,13 +269,8 @@ fn read_mask(args: &EditArgs, job: &mut EditJob, width: u32, height: u32) -> Res
 fn read_prompts(args: &EditArgs) -> Result<Vec<String>> {
     let mut prompts = args.prompts.clone();
     if let Some(path) = &args.prompts_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--prompts {}", path.display()))?;
         prompts.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from),
+            read_prompts_file(path).with_context(|| format!("--prompts {}", path.display()))?,
         );
     }
     if prompts.is_empty() {

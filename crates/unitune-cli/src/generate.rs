@@ -1,12 +1,12 @@
 //! `unitune generate`: txt2img, or img2img with `--image`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use unitune::image_io;
 use unitune::noise::{random_seed, Noise};
-use unitune::pipelines::{generate, GenerateRequest, StableDiffusion};
+use unitune::pipelines::{generate, read_init_noise, GenerateRequest, StableDiffusion};
 use unitune::schedulers::SchedulerKind;
 
 use crate::common::{check_output, ModelArgs};
@@ -58,18 +58,26 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_output(&args.output, args.image.as_deref())?;
+    // Every input file is read before the model: a bad one fails at once, naming its flag.
+    let image = args
+        .image
+        .as_deref()
+        .map(image_io::load_image)
+        .transpose()?;
+    let init_noise = args
+        .init_noise
+        .as_deref()
+        .map(|path| {
+            read_init_noise(path, &candle_core::Device::Cpu)
+                .with_context(|| format!("--init-noise {}", path.display()))
+        })
+        .transpose()?;
     let mut sd = args.model.load(None)?;
     apply_scheduler_options(&mut sd, &args.scheduler_options)?;
     let scheduler = match args.scheduler {
         Some(kind) => kind,
         None => default_scheduler(&sd),
     };
-
-    let image = args
-        .image
-        .as_deref()
-        .map(image_io::load_image)
-        .transpose()?;
     let (width, height) = sd.default_size(
         args.width,
         args.height,
@@ -83,11 +91,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     request.scheduler = scheduler;
     request.strength = args.strength;
     if let Some(img) = image {
+        // The size is checked before the picture is resized to it.
+        sd.check_size(request.width, request.height)?;
         let img = image_io::resize(img, request.width as u32, request.height as u32);
         request.image = Some(image_io::image_to_tensor(&img, &sd.device)?);
     }
-    if let Some(path) = &args.init_noise {
-        request.latents = Some(read_init_noise(path, &sd.device)?);
+    if let Some(latents) = init_noise {
+        request.latents = Some(latents.to_device(&sd.device)?);
     }
 
     let seed = args.seed.unwrap_or_else(random_seed);
@@ -121,17 +131,4 @@ fn apply_scheduler_options(sd: &mut StableDiffusion, options: &[String]) -> Resu
         .collect::<Result<Vec<_>>>()?;
     sd.scheduler_config = sd.scheduler_config.with_overrides(&pairs)?;
     Ok(())
-}
-
-fn read_init_noise(path: &Path, device: &candle_core::Device) -> Result<candle_core::Tensor> {
-    let tensors = candle_core::safetensors::load(path, device).with_context(|| {
-        format!(
-            "--init-noise {}: not a readable safetensors file",
-            path.display()
-        )
-    })?;
-    let latents = tensors
-        .get("latents")
-        .with_context(|| format!("--init-noise {}: no tensor named `latents`", path.display()))?;
-    Ok(latents.to_dtype(candle_core::DType::F32)?)
 }

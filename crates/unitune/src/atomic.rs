@@ -18,11 +18,9 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
     let name = path.file_name().ok_or_else(|| {
         Error::argument("output", format!("{} is not a file path", path.display()))
     })?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let name = name.to_string_lossy();
+    remove_stale_temps(&dir, &name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = write(&tmp)
         .and_then(|()| sync_file(&tmp))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
@@ -30,6 +28,29 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the temporary files `.NAME.PID.tmp` of `name` that a run of unitune killed between
+/// writing and renaming them (SIGKILL, a power cut) left behind: those whose process is gone.
+/// Only Linux can tell (`/proc`); elsewhere they are kept.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let pid = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let gone =
+            |pid: u32| cfg!(target_os = "linux") && !Path::new(&format!("/proc/{pid}")).exists();
+        if pid.is_some_and(gone) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Flushes a written file to disk, so that the rename never publishes a file whose data a power
@@ -117,6 +138,28 @@ mod tests {
             std::env::temp_dir().join(format!("unitune-atomic-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn a_killed_runs_temporary_file_is_removed_by_the_next_write() {
+        let dir = tempdir("stale");
+        create_dir(&dir).unwrap();
+        // pid 0 is never a user process: its temporary file is a dead run's leftover.
+        let stale = dir.join(".out.png.0.tmp");
+        let foreign = dir.join(".other.png.0.tmp");
+        std::fs::write(&stale, "half").unwrap();
+        std::fs::write(&foreign, "half").unwrap();
+        let path = dir.join("out.png");
+        write_atomic(&path, |tmp| {
+            std::fs::write(tmp, "whole").map_err(|e| Error::io(tmp, e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "whole");
+        assert!(!stale.exists(), "the dead run's temporary file is left");
+        assert!(
+            foreign.exists(),
+            "another file's temporary file was removed"
+        );
     }
 
     #[test]

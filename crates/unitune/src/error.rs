@@ -78,11 +78,56 @@ impl Error {
     }
 }
 
-/// Reads a JSON file into `T`, with the path in any error.
+/// The largest JSON or text file unitune reads (configs, vocabularies, merges, prompt files):
+/// real ones are at most a few MB (CLIP's vocab.json is 1.5 MB), so anything larger is not what
+/// it claims to be, and reading it whole could exhaust memory.
+pub const MAX_TEXT_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a JSON file into `T`, with the path in any error, and the field (e.g.
+/// `block_out_channels[1]`) when a value has the wrong type.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.into(),
-        source,
+    let text = read_text(path, MAX_TEXT_FILE_BYTES)?;
+    let mut json = serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(&mut json).map_err(|err| {
+        let field = err.path().to_string();
+        let source = err.into_inner();
+        let typed = source.classify() == serde_json::error::Category::Data;
+        if field == "." || !typed {
+            Error::Json {
+                path: path.into(),
+                source,
+            }
+        } else {
+            Error::config(path, field, source.to_string())
+        }
+    })
+}
+
+/// Reads a UTF-8 text file of at most `limit` bytes; a larger one (or a device that never ends)
+/// is an error naming the file, read no further than the limit.
+pub fn read_text(path: &std::path::Path, limit: u64) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::Io {
+            path: path.into(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {} MB: not a file of this kind", limit >> 20),
+            ),
+        });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+            ),
+        )
     })
 }

@@ -174,8 +174,11 @@ impl Session {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |message: String| Error::weights(path, message);
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a session file (not safetensors: {e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            bad(format!(
+                "not a session file, or a truncated one (not safetensors: {e})"
+            ))
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         let field = |key: &str| {
             meta.get(key).cloned().ok_or_else(|| {
@@ -200,14 +203,22 @@ impl Session {
             .tensor(SOURCE_IMAGE)
             .map_err(|_| bad("no `source_image` tensor".into()))?;
         let (h, w) = match image.shape() {
-            [h, w, 3] if image.dtype() == Dtype::U8 => (*h as u32, *w as u32),
+            [h, w, 3] if image.dtype() == Dtype::U8 => (*h, *w),
             other => {
                 return Err(bad(format!(
                     "`source_image` has shape {other:?}, expected [h, w, 3] u8"
                 )))
             }
         };
-        let image = RgbImage::from_raw(w, h, image.data().to_vec()).expect("size checked above");
+        let pixels = (h as u64).saturating_mul(w as u64);
+        if pixels == 0 || pixels > crate::image_io::MAX_PIXELS {
+            return Err(bad(format!(
+                "`source_image` is {w}x{h}: not a picture unitune can edit"
+            )));
+        }
+        // Both sides fit in u32: their product is at most MAX_PIXELS and neither is 0.
+        let image = RgbImage::from_raw(w as u32, h as u32, image.data().to_vec())
+            .expect("safetensors checked the data length against the shape");
 
         let mut deltas = BTreeMap::new();
         for (key, view) in tensors.tensors() {
@@ -227,18 +238,22 @@ impl Session {
                     .collect(),
                 Dtype::I8 => {
                     let scale_key = format!("{key}{SCALE_SUFFIX}");
+                    let rows = match dims[..] {
+                        [rows, _, ..] => rows,
+                        _ => return Err(bad(format!("`{key}` is int8 but not 2+-D: {dims:?}"))),
+                    };
                     let scales = tensors
                         .tensor(&scale_key)
                         .map_err(|_| bad(format!("`{key}` has no `{scale_key}`")))?;
-                    let scales = bytes_f32(scales.data());
-                    let row = view.data().len() / dims[0].max(1);
-                    if scales.len() != dims[0] {
+                    if scales.dtype() != Dtype::F32 || scales.shape() != [rows] {
                         return Err(bad(format!(
-                            "`{scale_key}` has {} values for {} rows",
-                            scales.len(),
-                            dims[0]
+                            "`{scale_key}` is {:?} {:?}, expected F32 [{rows}]",
+                            scales.dtype(),
+                            scales.shape()
                         )));
                     }
+                    let scales = bytes_f32(scales.data());
+                    let row = view.data().len() / rows.max(1);
                     view.data()
                         .iter()
                         .enumerate()
@@ -247,6 +262,11 @@ impl Session {
                 }
                 other => return Err(bad(format!("`{key}` has unsupported dtype {other:?}"))),
             };
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "`{key}` holds a NaN or infinity: the session is corrupt"
+                )));
+            }
             deltas.insert(
                 name.to_string(),
                 Tensor::from_vec(values, dims, &Device::Cpu)?,
@@ -298,6 +318,16 @@ impl Session {
                     format!("session changes `{name}`, which the model lacks"),
                 )
             })?;
+            if weight.dims() != delta.dims() {
+                return Err(Error::weights(
+                    base_origin,
+                    format!(
+                        "session's delta for `{name}` has shape {:?}, the model's tensor {:?}",
+                        delta.dims(),
+                        weight.dims()
+                    ),
+                ));
+            }
             let sum = (weight.to_dtype(DType::F32)? + delta.to_device(weight.device())?)?;
             *weight = sum.to_dtype(weight.dtype())?;
         }

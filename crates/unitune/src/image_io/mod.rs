@@ -16,6 +16,11 @@ pub use self::contact_sheet::contact_sheet;
 use crate::atomic::write_atomic;
 use crate::{Error, Result};
 
+/// The most pixels an input picture may have: 100 megapixels (a 200 MP phone photo must be
+/// downscaled first). Decoding happens only after the header's size is checked against it, so a
+/// file claiming 100000 x 100000 pixels is refused rather than aborting on a 30 GB allocation.
+pub const MAX_PIXELS: u64 = 100_000_000;
+
 /// Reads a PNG, JPEG or WebP file as upright RGB.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let err = |message: String| Error::Image {
@@ -29,6 +34,21 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
     let mut decoder = reader
         .into_decoder()
         .map_err(|e| err(format!("cannot decode: {e}")))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels == 0 {
+        return Err(err(format!(
+            "the picture is {width}x{height}: it has no pixels"
+        )));
+    }
+    if pixels > MAX_PIXELS {
+        return Err(err(format!(
+            "the picture is {width}x{height} ({} megapixels); unitune reads at most {} \
+             megapixels: downscale it first",
+            pixels / 1_000_000,
+            MAX_PIXELS / 1_000_000
+        )));
+    }
     let orientation = decoder
         .orientation()
         .map_err(|e| err(format!("bad EXIF orientation: {e}")))?;

@@ -33,6 +33,29 @@ pub struct EditJob {
     pub sweep_start: Vec<f64>,
 }
 
+/// The largest prompts file read: a thousand prompts of a full 77-token context fit in a tenth
+/// of it; more would mean hours of edits, or a file that is not a prompt list.
+pub const MAX_PROMPTS_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a prompts file: one prompt per line, blank lines skipped. An empty, binary or oversized
+/// file is an error naming it.
+pub fn read_prompts_file(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = crate::error::read_text(path, MAX_PROMPTS_FILE_BYTES)?;
+    let prompts: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if prompts.is_empty() {
+        return Err(Error::argument(
+            "prompts",
+            format!("{} has no prompt (one per line)", path.display()),
+        ));
+    }
+    Ok(prompts)
+}
+
 /// One edit of the plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditItem {

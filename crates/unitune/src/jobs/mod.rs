@@ -18,5 +18,5 @@
 mod edit;
 mod tune;
 
-pub use edit::{EditEvent, EditGroup, EditItem, EditJob, Editor};
+pub use edit::{read_prompts_file, EditEvent, EditGroup, EditItem, EditJob, Editor};
 pub use tune::{PreparedTune, TuneJob};

@@ -79,15 +79,7 @@ impl TuneJob {
     pub fn prepare(&self, sd: &StableDiffusion, image: RgbImage) -> Result<PreparedTune> {
         self.check()?;
         let (width, height) = sd.default_size(self.width, self.height, None)?;
-        let f = sd.vae_scale_factor();
-        for (name, value) in [("width", width), ("height", height)] {
-            if value == 0 || value % f != 0 {
-                return Err(Error::argument(
-                    name,
-                    format!("{value} is not a positive multiple of {f}"),
-                ));
-            }
-        }
+        sd.check_size(width, height)?;
         let token = self
             .token
             .clone()

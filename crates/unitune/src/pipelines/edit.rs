@@ -58,6 +58,12 @@ impl EditBase {
                 format!("{w}x{h} is not a positive multiple of {f} on each side"),
             ));
         }
+        if w as usize * h as usize > super::MAX_WORK_PIXELS {
+            return Err(Error::argument(
+                "image",
+                format!("{w}x{h} is more than unitune works at (4096x4096)"),
+            ));
+        }
         let pixels = image_to_tensor(&image, &sd.device)?;
         let posterior = sd.vae.encode(&pixels.to_dtype(sd.dtype)?)?;
         let latents = sd.scale_latents(&posterior.mean)?;

@@ -5,7 +5,9 @@
 //!
 //! The stages come from [`super::denoising`], shared with the edit pipeline.
 
-use candle_core::Tensor;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
 
 use super::denoising::{
     check_sampling, denoise, encode_prompt_checked, prepare_latents, start_steps, Guidance,
@@ -14,7 +16,29 @@ use super::denoising::{
 use super::{Progress, StableDiffusion};
 use crate::noise::Noise;
 use crate::schedulers::SchedulerKind;
+use crate::weights::read_safetensors;
 use crate::{Error, Result};
+
+/// Reads an `--init-noise` file: a safetensors file whose float tensor `latents` (finite values,
+/// as every tensor [`read_safetensors`] reads) replaces the initial noise; its shape is checked
+/// against the request by [`generate`].
+pub fn read_init_noise(path: &Path, device: &Device) -> Result<Tensor> {
+    let mut tensors = read_safetensors(&[path.to_path_buf()], device)?;
+    let latents = tensors
+        .remove("latents")
+        .ok_or_else(|| Error::weights(path, "no tensor named `latents`"))?;
+    let latents = latents.to_dtype(DType::F32)?;
+    if latents.rank() != 4 {
+        return Err(Error::weights(
+            path,
+            format!(
+                "tensor `latents` has shape {:?}, expected [1, channels, height/8, width/8]",
+                latents.dims()
+            ),
+        ));
+    }
+    Ok(latents)
+}
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -109,14 +133,7 @@ pub fn generate(
 /// Validates the request; returns the latent shape.
 fn check_inputs(sd: &StableDiffusion, r: &GenerateRequest) -> Result<(usize, usize, usize, usize)> {
     let f = sd.vae_scale_factor();
-    for (name, value) in [("width", r.width), ("height", r.height)] {
-        if value == 0 || value % f != 0 {
-            return Err(Error::argument(
-                name,
-                format!("{value} is not a positive multiple of {f}"),
-            ));
-        }
-    }
+    sd.check_size(r.width, r.height)?;
     check_sampling(r.num_inference_steps, r.guidance_scale)?;
     let shape = (1, sd.vae_config.latent_channels, r.height / f, r.width / f);
     if let Some(image) = &r.image {

@@ -11,7 +11,7 @@ mod progress;
 
 pub use denoising::{Guidance, GuidanceMode};
 pub use edit::{edit, prompt_with_token, EditBase, EditMask, EditOutput, EditRequest};
-pub use generate::{generate, GenerateRequest};
+pub use generate::{generate, read_init_noise, GenerateRequest};
 pub use mask::{AutoMask, Mask};
 pub use progress::{NoProgress, Progress};
 
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::clip::ClipTextModel;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::noise::Noise;
@@ -70,6 +70,10 @@ pub struct StableDiffusion {
     pub dtype: DType,
 }
 
+/// The largest picture sampled or tuned, 4096 x 4096: eight times SD's training size on each
+/// side, where the VAE alone already needs tens of GB.
+pub const MAX_WORK_PIXELS: usize = 4096 * 4096;
+
 impl StableDiffusion {
     /// Loads every component of the folder `dir`, checking `model_index.json` first so that a
     /// folder of another pipeline (SDXL, SD3, ...) is refused by name rather than by a missing tensor.
@@ -78,10 +82,11 @@ impl StableDiffusion {
         let variant = options.variant.as_deref();
         let (device, dtype) = (&options.device, options.dtype);
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let (text_encoder, _) =
+        let (text_encoder, text_config) =
             ClipTextModel::load(&dir.join("text_encoder"), variant, dtype, device)?;
         let (vae, vae_config) = AutoencoderKl::load(&dir.join("vae"), variant, dtype, device)?;
         let unet_config = UNet2DConditionConfig::from_file(&dir.join("unet/config.json"))?;
+        check_components_fit(dir, &tokenizer, &text_config, &vae_config, &unet_config)?;
         let mut unet_store = WeightStore::open(&dir.join("unet"), variant, device)?;
         if let Some(filter) = &options.trainable {
             unet_store = unet_store.with_trainable(filter.clone());
@@ -137,6 +142,31 @@ impl StableDiffusion {
         ))
     }
 
+    /// Checks a size to sample or tune at: positive multiples of the VAE factor on each side, and
+    /// at most [`MAX_WORK_PIXELS`] in all, so that an absurd size is an error naming the flag
+    /// rather than an out-of-memory kill (`name` is how the caller calls width; height alike).
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let f = self.vae_scale_factor();
+        for (name, value) in [("width", width), ("height", height)] {
+            if value == 0 || value % f != 0 {
+                return Err(Error::argument(
+                    name,
+                    format!("{value} is not a positive multiple of {f}"),
+                ));
+            }
+        }
+        if width.saturating_mul(height) > MAX_WORK_PIXELS {
+            return Err(Error::argument(
+                "width",
+                format!(
+                    "{width}x{height} is more than the {} megapixels unitune works at (4096x4096)",
+                    MAX_WORK_PIXELS / 1_000_000
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Text embeddings `[1, 77, d]` for `prompt`, and the part of the prompt that did not fit.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Option<String>)> {
         let encoding = self.tokenizer.encode(prompt);
@@ -178,6 +208,73 @@ impl StableDiffusion {
             UNet2DConditionModel::from_store(&store, &self.unet_config, self.dtype, &self.device)?;
         Ok(())
     }
+}
+
+/// Components of different models in one folder (a text encoder from SD 2 beside an SD 1 UNet,
+/// an inpainting UNet) each load fine on their own; this names the mismatch before the first
+/// step fails deep inside a layer with a bare shape error.
+fn check_components_fit(
+    dir: &Path,
+    tokenizer: &ClipTokenizer,
+    text: &ClipTextConfig,
+    vae: &VaeConfig,
+    unet: &UNet2DConditionConfig,
+) -> Result<()> {
+    let text_path = dir.join("text_encoder/config.json");
+    let unet_path = dir.join("unet/config.json");
+    let mismatch =
+        |path: &Path, field: &str, message: String| Err(Error::config(path, field, message));
+    if tokenizer.max_id() as usize >= text.vocab_size {
+        return mismatch(
+            &text_path,
+            "vocab_size",
+            format!(
+                "{} is too small for tokenizer/vocab.json (ids up to {}): the tokenizer and text encoder come from different models",
+                text.vocab_size,
+                tokenizer.max_id()
+            ),
+        );
+    }
+    if tokenizer.max_length() > text.max_position_embeddings {
+        return mismatch(
+            &text_path,
+            "max_position_embeddings",
+            format!(
+                "{} is less than the tokenizer's model_max_length {}",
+                text.max_position_embeddings,
+                tokenizer.max_length()
+            ),
+        );
+    }
+    if unet.cross_attention_dim != text.hidden_size {
+        return mismatch(
+            &unet_path,
+            "cross_attention_dim",
+            format!(
+                "{} does not match the text encoder's hidden_size {} ({}): the components come from different models",
+                unet.cross_attention_dim,
+                text.hidden_size,
+                text_path.display()
+            ),
+        );
+    }
+    for (field, channels) in [
+        ("in_channels", unet.in_channels),
+        ("out_channels", unet.out_channels),
+    ] {
+        if channels != vae.latent_channels {
+            return mismatch(
+                &unet_path,
+                field,
+                format!(
+                    "{channels} does not match the VAE's latent_channels {} (an inpainting or \
+                     foreign UNet?); unitune loads text-to-image UNets",
+                    vae.latent_channels
+                ),
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -141,7 +141,7 @@ impl Default for SchedulerConfig {
 
 impl SchedulerConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::error::read_text(path, crate::error::MAX_TEXT_FILE_BYTES)?;
         Self::from_json_str(&text, path)
     }
 
@@ -247,8 +247,16 @@ impl SchedulerConfig {
 
     /// Checks that hold for every scheduler.
     fn check(&self) -> Result<()> {
-        if self.num_train_timesteps == 0 {
-            return Err(self.error("num_train_timesteps", "must be at least 1"));
+        // Every scheduler keeps a few values per training timestep; SD uses 1000.
+        const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+        if !(1..=MAX_TRAIN_TIMESTEPS).contains(&self.num_train_timesteps) {
+            return Err(self.error(
+                "num_train_timesteps",
+                format!(
+                    "{} is not in 1..={MAX_TRAIN_TIMESTEPS} (Stable Diffusion uses 1000)",
+                    self.num_train_timesteps
+                ),
+            ));
         }
         Ok(())
     }

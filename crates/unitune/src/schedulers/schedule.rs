@@ -25,6 +25,21 @@ impl NoiseSchedule {
             return Err(config.error("rescale_betas_zero_snr", "`true` is not supported"));
         }
         let n = config.num_train_timesteps;
+        if config.trained_betas.is_none() && config.beta_schedule != BetaSchedule::SquaredcosCapV2 {
+            for (field, value) in [
+                ("beta_start", config.beta_start),
+                ("beta_end", config.beta_end),
+            ] {
+                if !(value > 0.0 && value < 1.0) {
+                    return Err(config.error(
+                        field,
+                        format!(
+                            "{value} is not in (0, 1): a beta is the noise variance added per step"
+                        ),
+                    ));
+                }
+            }
+        }
         let betas: Vec<f32> = match &config.trained_betas {
             Some(betas) if betas.len() != n => {
                 return Err(config.error(
@@ -44,15 +59,36 @@ impl NoiseSchedule {
                 BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar(n, 0.999),
             },
         };
+        // Betas of 1 or more (or NaN) make the schedule's signal vanish: sampling would run and
+        // silently produce a black or NaN image.
+        if let Some(i) = betas.iter().position(|b| !(*b > 0.0 && *b < 1.0)) {
+            let field = match config.trained_betas {
+                Some(_) => "trained_betas",
+                None => "beta_schedule",
+            };
+            return Err(config.error(
+                field,
+                format!(
+                    "gives beta {i} = {}; every beta must be in (0, 1)",
+                    betas[i]
+                ),
+            ));
+        }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         let mut acc = 1f64;
-        let alphas_cumprod = alphas
+        let alphas_cumprod: Vec<f64> = alphas
             .iter()
             .map(|&a| {
                 acc *= a as f64;
                 acc as f32 as f64
             })
             .collect();
+        if alphas_cumprod.last().is_some_and(|&a| a <= 0.0) {
+            return Err(config.error(
+                "num_train_timesteps",
+                "with these betas the signal vanishes (alphas_cumprod reaches 0): fewer timesteps or smaller betas",
+            ));
+        }
         Ok(NoiseSchedule {
             betas: betas.into_iter().map(f64::from).collect(),
             alphas: alphas.into_iter().map(f64::from).collect(),

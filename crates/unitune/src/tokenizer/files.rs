@@ -27,6 +27,9 @@ const SPECIAL_KEYS: [&str; 7] = [
 
 /// CLIP's context length; used when `tokenizer_config.json` does not give `model_max_length`.
 const DEFAULT_MAX_LENGTH: usize = 77;
+/// Every prompt is padded to `model_max_length`: far beyond any text encoder's context (CLIP's
+/// is 77) it is a broken config, and padding to it would exhaust memory.
+const MAX_MAX_LENGTH: usize = 1 << 16;
 
 /// A token matched as a whole in the prompt before BPE (transformers' `AddedToken`).
 #[derive(Debug, Clone)]
@@ -63,7 +66,7 @@ pub(super) fn read_vocab(path: &Path) -> Result<HashMap<String, u32>> {
 /// Parses `merges.txt` as the `tokenizers` crate does: lines starting with `#version` are skipped,
 /// every other line is `left right` separated by one space; a merge's rank is its position.
 pub(super) fn read_merges(path: &Path, vocab: &HashMap<String, u32>) -> Result<Merges> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::error::read_text(path, crate::error::MAX_TEXT_FILE_BYTES)?;
     let mut merges = Merges::new();
     let mut rank = 0u32;
     for (i, line) in text.lines().enumerate() {
@@ -266,12 +269,12 @@ fn read_max_length(path: &Path, config: &Map<String, Value>) -> Result<usize> {
     value
         .as_u64()
         .and_then(|n| usize::try_from(n).ok())
-        .filter(|&n| n >= 2)
+        .filter(|&n| (2..=MAX_MAX_LENGTH).contains(&n))
         .ok_or_else(|| {
             Error::config(
                 path,
                 "model_max_length",
-                format!("expected an integer of at least 2, found {value}"),
+                format!("expected an integer in 2..={MAX_MAX_LENGTH}, found {value}"),
             )
         })
 }

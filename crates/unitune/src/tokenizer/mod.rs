@@ -152,6 +152,12 @@ impl ClipTokenizer {
         self.vocab.len()
     }
 
+    /// The largest token id the tokenizer can produce (the text encoder needs that many + 1
+    /// embeddings).
+    pub fn max_id(&self) -> u32 {
+        self.vocab.values().copied().max().unwrap_or(0)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.vocab.get(token).copied()
     }

@@ -88,12 +88,23 @@ struct ShardIndex {
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let parsed: ShardIndex = read_json(index)?;
     let dir = index.parent().unwrap_or(Path::new("."));
+    if parsed.weight_map.is_empty() {
+        return Err(Error::config(index, "weight_map", "lists no tensor"));
+    }
     let mut names: Vec<&String> = parsed.weight_map.values().collect();
     names.sort();
     names.dedup();
     names
         .into_iter()
         .map(|name| {
+            // A shard is a file beside the index: no folders, so an index cannot reach outside.
+            if Path::new(name).file_name() != Some(std::ffi::OsStr::new(name)) {
+                return Err(Error::config(
+                    index,
+                    "weight_map",
+                    format!("shard `{name}` is not a file name in this folder"),
+                ));
+            }
             let path = dir.join(name);
             if path.is_file() {
                 Ok(path)
@@ -108,17 +119,25 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Reads safetensors files into one map of tensors on `device`, as stored (dtype unchanged).
+/// Every tensor must be a float tensor of finite values: an integer or boolean tensor in a
+/// weights file means a quantized or foreign format, which converting would silently turn into
+/// garbage, and a NaN or infinity would only show as a black image much later.
 pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        // The safetensors crate bounds the header (100 MB) and checks every tensor's offsets and
+        // shape (overflow included) against the file before any tensor is made.
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
             Error::weights(
                 path,
                 format!("not a readable safetensors file (corrupt or truncated?): {e}"),
             )
         })?;
-        for (name, tensor) in tensors {
+        for (name, view) in file.tensors() {
+            let dtype = float_dtype(path, &name, &view)?;
+            let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
+                .map_err(|e| Error::weights(path, format!("tensor `{name}`: {e}")))?;
             if all.insert(name.clone(), tensor).is_some() {
                 return Err(Error::weights(
                     path,
@@ -128,6 +147,48 @@ pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<St
         }
     }
     Ok(all)
+}
+
+/// The dtype of a float tensor of finite values; any other is refused (see [`read_safetensors`]).
+fn float_dtype(path: &Path, name: &str, view: &safetensors::tensor::TensorView) -> Result<DType> {
+    use safetensors::Dtype;
+    let data = view.data();
+    let dtype = match view.dtype() {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
+        other => {
+            return Err(Error::weights(
+                path,
+                format!(
+                    "tensor `{name}` is stored as {other:?}; unitune reads float weights only \
+                     (F32, F16, BF16, F64): is this a quantized or non-diffusers file?"
+                ),
+            ))
+        }
+    };
+    let bad = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .position(|b| !half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .position(|b| !half::bf16::from_le_bytes([b[0], b[1]]).is_finite()),
+        _ => data
+            .chunks_exact(8)
+            .position(|b| !f64::from_le_bytes(b.try_into().expect("chunks of 8")).is_finite()),
+    };
+    match bad {
+        Some(i) => Err(Error::weights(
+            path,
+            format!("tensor `{name}` holds a NaN or infinity (element {i}): the file is corrupt"),
+        )),
+        None => Ok(dtype),
+    }
 }
 
 /// Which tensors become trainable `Var`s, by their full name (e.g. `down_blocks.0.attentions.0...`).
