@@ -22,14 +22,7 @@ async fn tune_then_edit_with_events_in_order() {
         },
     );
     let client = reqwest::Client::new();
-    let info: Value = client
-        .get(url(&server, "/api/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&client, &server, "/api/info").await;
     assert_eq!(info["size"], json!([64, 64]));
     assert_eq!(info["tune"]["steps"], 128);
 
@@ -55,14 +48,7 @@ async fn tune_then_edit_with_events_in_order() {
         (Some(session.as_str()), Some("beikkpic"))
     );
 
-    let sessions: Value = client
-        .get(url(&server, "/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions: Value = get_json(&client, &server, "/api/sessions").await;
     assert_eq!(sessions.as_array().unwrap().len(), 1);
     assert_eq!(sessions[0]["settings"]["seed"], 1);
     let photo = client
@@ -74,15 +60,13 @@ async fn tune_then_edit_with_events_in_order() {
 
     // A sweep of two guidance values: the session is still loaded, previews every 2 steps.
     let body = json!({"prompt": "a red circle", "steps": 5, "seed": 3, "sweep_guidance": [2, 4]});
-    let answer: Value = client
-        .post(url(&server, &format!("/api/sessions/{session}/edits")))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        &server,
+        &format!("/api/sessions/{session}/edits"),
+        &body,
+    )
+    .await;
     let (job, edit) = (
         answer["job"]["id"].as_str().unwrap(),
         answer["edit"].as_str().unwrap(),
@@ -141,49 +125,31 @@ async fn a_restart_lists_sessions_and_edits_again() {
     let (session, edit) = {
         let server = start(&data);
         let session = tuned(&client, &server).await;
-        let answer: Value = client
-            .post(url(&server, &format!("/api/sessions/{session}/edits")))
-            .json(&json!({"prompt": "a blue square", "steps": 2}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value = post_json(
+            &client,
+            &server,
+            &format!("/api/sessions/{session}/edits"),
+            &json!({"prompt": "a blue square", "steps": 2}),
+        )
+        .await;
         let events = job_events(&client, &server, answer["job"]["id"].as_str().unwrap()).await;
         assert_eq!(events.last().unwrap().0, "done");
         server.stop();
         (session, answer["edit"].as_str().unwrap().to_string())
     };
     let server = start(&data);
-    let sessions: Value = client
-        .get(url(&server, "/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions: Value = get_json(&client, &server, "/api/sessions").await;
     assert_eq!(sessions[0]["id"], session.as_str());
-    let edits: Value = client
-        .get(url(&server, &format!("/api/sessions/{session}/edits")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let edits: Value = get_json(&client, &server, &format!("/api/sessions/{session}/edits")).await;
     assert_eq!(edits[0]["id"], edit.as_str());
     // A fresh server loads the session from its file for the next edit.
-    let answer: Value = client
-        .post(url(&server, &format!("/api/sessions/{session}/edits")))
-        .json(&json!({"prompt": "a blue square", "steps": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_json(
+        &client,
+        &server,
+        &format!("/api/sessions/{session}/edits"),
+        &json!({"prompt": "a blue square", "steps": 2}),
+    )
+    .await;
     let events = job_events(&client, &server, answer["job"]["id"].as_str().unwrap()).await;
     let loaded = events.iter().find(|(k, _)| k == "loaded").unwrap();
     assert_eq!(loaded.1["cached"], false);
@@ -197,14 +163,7 @@ async fn cancel_stops_running_and_queued_jobs_and_leaves_no_session() {
     let client = reqwest::Client::new();
     let (running, _) = queue_tune(&client, &server, r#"{"steps": 1000, "batch": 1}"#).await;
     let (queued, _) = queue_tune(&client, &server, QUICK).await;
-    let jobs: Value = client
-        .get(url(&server, "/api/jobs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jobs: Value = get_json(&client, &server, "/api/jobs").await;
     assert_eq!(jobs[1]["position"], 1, "{jobs}");
 
     let cancel = |job: String| {
@@ -232,14 +191,7 @@ async fn cancel_stops_running_and_queued_jobs_and_leaves_no_session() {
     assert_eq!(cancel(running.clone()).await.status(), 202);
     let events = job_events(&client, &server, &running).await;
     assert_eq!(events.last().unwrap().0, "cancelled");
-    let sessions: Value = client
-        .get(url(&server, "/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions: Value = get_json(&client, &server, "/api/sessions").await;
     assert_eq!(sessions, json!([]));
     assert_eq!(std::fs::read_dir(data.join("sessions")).unwrap().count(), 0);
 }
@@ -644,13 +596,6 @@ async fn a_client_that_goes_away_leaves_its_job_running_and_readable() {
         .await
         .unwrap();
     assert_eq!(parse_events(&resumed).len(), events.len() - 3);
-    let sessions: Value = client
-        .get(url(&server, "/api/sessions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sessions: Value = get_json(&client, &server, "/api/sessions").await;
     assert_eq!(sessions[0]["id"], session.as_str());
 }

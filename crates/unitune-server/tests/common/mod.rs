@@ -124,6 +124,28 @@ pub fn parse_events(text: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// `GET path`, its JSON.
+pub async fn get_json(client: &reqwest::Client, server: &Server, path: &str) -> Value {
+    let response = client.get(url(server, path)).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
+/// `POST path` with a JSON body, the JSON answer.
+pub async fn post_json(
+    client: &reqwest::Client,
+    server: &Server,
+    path: &str,
+    body: &Value,
+) -> Value {
+    let response = client
+        .post(url(server, path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    response.json().await.unwrap()
+}
+
 /// Tunes the example scene quickly; returns the session id.
 pub async fn tuned(client: &reqwest::Client, server: &Server) -> String {
     let (job, session) = queue_tune(client, server, QUICK).await;
