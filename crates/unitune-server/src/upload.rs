@@ -4,44 +4,28 @@
 
 use std::io::Cursor;
 
-use image::{ImageDecoder, ImageReader, Limits, RgbImage};
+use image::{ImageReader, Limits, RgbImage};
+use unitune::image_io::{decode_upright, DecodeError};
 
 /// Decodes a PNG, JPEG or WebP upright (EXIF orientation) to RGB, refusing pictures of more than
 /// `max_pixels` pixels.
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| format!("cannot read the picture: {e}"))
-    };
-    let (w, h) = reader()?
-        .into_dimensions()
-        .map_err(|e| format!("not a PNG, JPEG or WebP picture ({e})"))?;
-    if w == 0 || h == 0 {
-        return Err(format!("the picture is {w}x{h}: nothing to edit"));
-    }
-    if w as u64 * h as u64 > max_pixels {
-        return Err(format!(
-            "the picture is {w}x{h}, above the limit of {max_pixels} pixels; scale it down first"
-        ));
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read the picture: {e}"))?;
     // The decoded RGBA picture at 16 bits per channel, and room for the decoder's own buffers.
+    let mut limits = Limits::default();
     limits.max_alloc = Some(max_pixels * 8 + (64 << 20));
-    let mut reader = reader()?;
     reader.limits(limits);
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| format!("cannot decode the picture: {e}"))?;
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| format!("bad EXIF orientation: {e}"))?;
-    let mut image = image::DynamicImage::from_decoder(decoder)
-        .map_err(|e| format!("cannot decode the picture: {e}"))?;
-    image.apply_orientation(orientation);
-    Ok(image.to_rgb8())
+    decode_upright(reader, max_pixels).map_err(|e| match e {
+        DecodeError::Empty { width, height } => {
+            format!("the picture is {width}x{height}: nothing to edit")
+        }
+        DecodeError::TooLarge { width, height } => format!(
+            "the picture is {width}x{height}, above the limit of {max_pixels} pixels; scale it down first"
+        ),
+        DecodeError::Decode(message) => format!("not a PNG, JPEG or WebP picture ({message})"),
+    })
 }
 
 #[cfg(test)]

@@ -21,6 +21,42 @@ use crate::{Error, Result};
 /// file claiming 100000 x 100000 pixels is refused rather than aborting on a 30 GB allocation.
 pub const MAX_PIXELS: u64 = 100_000_000;
 
+/// Why [`decode_upright`] could not read a picture.
+#[derive(Debug)]
+pub enum DecodeError {
+    /// The header says `width` x `height` with no pixel.
+    Empty { width: u32, height: u32 },
+    /// The header says more pixels than allowed; nothing was decoded.
+    TooLarge { width: u32, height: u32 },
+    /// Not a picture the decoders read, or a corrupt one.
+    Decode(String),
+}
+
+/// Decodes a PNG, JPEG or WebP upright (EXIF orientation) to RGB, refusing from the header,
+/// before any pixel is decoded, a picture of more than `max_pixels` pixels. Files and uploads
+/// share it.
+pub fn decode_upright<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    max_pixels: u64,
+) -> std::result::Result<RgbImage, DecodeError> {
+    let decode = |e: image::ImageError| DecodeError::Decode(e.to_string());
+    let mut decoder = reader.into_decoder().map_err(decode)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels == 0 {
+        return Err(DecodeError::Empty { width, height });
+    }
+    if pixels > max_pixels {
+        return Err(DecodeError::TooLarge { width, height });
+    }
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| DecodeError::Decode(format!("bad EXIF orientation: {e}")))?;
+    let mut image = image::DynamicImage::from_decoder(decoder).map_err(decode)?;
+    image.apply_orientation(orientation);
+    Ok(image.to_rgb8())
+}
+
 /// Reads a PNG, JPEG or WebP file as upright RGB.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let err = |message: String| Error::Image {
@@ -31,31 +67,19 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| err(format!("cannot decode: {e}")))?;
-    let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels == 0 {
-        return Err(err(format!(
-            "the picture is {width}x{height}: it has no pixels"
-        )));
-    }
-    if pixels > MAX_PIXELS {
-        return Err(err(format!(
+    decode_upright(reader, MAX_PIXELS).map_err(|e| match e {
+        DecodeError::Empty { width, height } => {
+            err(format!("the picture is {width}x{height}: it has no pixels"))
+        }
+        DecodeError::TooLarge { width, height } => err(format!(
             "the picture is {width}x{height} ({} megapixels); unitune reads at most {} \
              megapixels: downscale it first",
-            pixels / 1_000_000,
+            u64::from(width) * u64::from(height) / 1_000_000,
             MAX_PIXELS / 1_000_000
-        )));
-    }
-    let orientation = decoder
-        .orientation()
-        .map_err(|e| err(format!("bad EXIF orientation: {e}")))?;
-    let mut image = image::DynamicImage::from_decoder(decoder)
-        .map_err(|e| err(format!("cannot decode: {e}")))?;
-    image.apply_orientation(orientation);
-    Ok(image.to_rgb8())
+        )),
+        DecodeError::Decode(message) if message.starts_with("bad EXIF") => err(message),
+        DecodeError::Decode(message) => err(format!("cannot decode: {message}")),
+    })
 }
 
 /// Resizes to exactly `width` x `height` (Lanczos3) when the size differs.
