@@ -11,6 +11,7 @@ mod generate;
 mod pretrain;
 mod progress;
 mod serve;
+mod worker;
 mod tune;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Serve the web page and HTTP API: tune once, edit live in a browser.
     Serve(serve::ServeArgs),
+    /// Run tune and edit jobs from NATS JetStream for `unitune serve --nats` front ends.
+    Worker(worker::WorkerArgs),
     /// Train a small text-to-image model from scratch (the built-in model).
     Pretrain(pretrain::PretrainArgs),
     /// Time the model's building blocks (benchmarks; see BENCHMARKS.md).
@@ -57,6 +60,7 @@ fn main() {
         Command::Edit(args) => edit::run(args),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Bench(command) => bench::run(command),
         Command::BenchEdits(args) => bench_edits::run(args),

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// Tuned sessions kept loaded for their edits.
     #[arg(long, default_value_t = Limits::default().loaded_sessions)]
     loaded_sessions: usize,
+    /// Queue jobs on this NATS server (JetStream on) for `unitune worker`s, and keep sessions
+    /// and edits there instead of under --data (e.g. nats://127.0.0.1:4222).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -49,13 +53,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             loaded_sessions: args.loaded_sessions,
             ..Limits::default()
         },
+        nats: args.nats,
     };
-    let data = config.data.clone();
+    let data = match &config.nats {
+        Some(url) => format!("jobs and data on NATS {url}"),
+        None => format!("data in {}", config.data.display()),
+    };
     let server = Server::start(config).map_err(anyhow::Error::msg)?;
     eprintln!(
-        "unitune is serving on http://{} (data in {}); Ctrl-C stops it",
-        server.addr,
-        data.display()
+        "unitune is serving on http://{} ({data}); Ctrl-C stops it",
+        server.addr
     );
     server.run_until_signal();
     Ok(())

@@ -17,14 +17,14 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{Stream, StreamExt};
 use serde_json::{json, Value};
 
 use crate::config::ServeConfig;
 use crate::page;
 use crate::params::{EditParams, TuneParams};
-use crate::queue::{Job, Queue, Work};
-use crate::store::{new_id, valid_id, Store};
+use crate::queue::{Job, JobQueue, NewJob, SubmitError, Work};
+use crate::store::{new_id, valid_id, Records};
 use crate::upload::decode_image;
 
 /// The cookie the login form sets.
@@ -32,8 +32,8 @@ const COOKIE: &str = "unitune_token";
 
 pub struct App {
     pub config: Arc<ServeConfig>,
-    pub store: Arc<Store>,
-    pub queue: Arc<Queue>,
+    pub store: Arc<dyn Records>,
+    pub queue: Arc<dyn JobQueue>,
     /// `GET /api/info`: the model's size and every default.
     pub info: Value,
 }
@@ -279,13 +279,14 @@ async fn delete_session(State(app): Shared, Path(id): Path<String>) -> ApiResult
 
 async fn session_image(State(app): Shared, Path(id): Path<String>) -> ApiResult<Response> {
     session_id(&app, &id)?;
-    png(&app.store.source_png(&id)).await
+    png(app.store.source_png(&id))
 }
 
 /// `POST /api/sessions`: a multipart upload of `image` (the photo) and optional `settings`
 /// (JSON of [`TuneParams`]); queues the tune.
 async fn create_session(
     State(app): Shared,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut multipart = multipart.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
@@ -324,11 +325,17 @@ async fn create_session(
             ApiError::new(status, format!("image: {e}"))
         })?;
     let session = new_id();
-    let work = Work::Tune { image, name, job };
-    let job = submit(&app, Job::new("tune", &session, None, work))?;
+    let work = Work::Tune {
+        image,
+        name,
+        job,
+        params: settings,
+    };
+    let job = submit(&app, &headers, Job::new("tune", &session, None, work))?;
+    let session = job["session"].clone();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": job.summary(Some(1)), "session": session })),
+        Json(json!({ "job": job, "session": session })),
     ))
 }
 
@@ -342,12 +349,32 @@ fn clean_name(name: &str) -> String {
     base.chars().filter(|c| !c.is_control()).take(120).collect()
 }
 
-fn submit(app: &App, job: Job) -> ApiResult<Arc<Job>> {
-    app.queue.submit(job).map_err(|full| ApiError {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        message: format!("the queue is full; try again in {} s", full.retry_after),
-        retry_after: Some(full.retry_after),
-    })
+/// Queues `job`; a repeated `Idempotency-Key` gets the summary of the job first sent with it.
+fn submit(app: &App, headers: &HeaderMap, job: Job) -> ApiResult<Value> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(key) if !key.is_empty() && key.len() <= 255 => Some(key.to_string()),
+            _ => {
+                return Err(ApiError::bad(
+                    "Idempotency-Key: give 1 to 255 visible ASCII characters",
+                ))
+            }
+        },
+    };
+    app.queue
+        .submit(NewJob { job, key })
+        .map_err(|e| match e {
+            SubmitError::Full { retry_after } => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!("the queue is full; try again in {retry_after} s"),
+                retry_after: Some(retry_after),
+            },
+            SubmitError::Unavailable(why) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the job queue is unavailable: {why}"),
+            ),
+        })
 }
 
 async fn list_edits(State(app): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -372,6 +399,7 @@ fn edit_json(meta: &crate::store::EditMeta) -> Value {
 async fn create_edits(
     State(app): Shared,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<EditParams>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let session = session_id(&app, &id)?;
@@ -384,10 +412,11 @@ async fn create_edits(
         job: Box::new(job),
         params: Box::new(params),
     };
-    let job = submit(&app, Job::new("edit", &id, Some(edit.clone()), work))?;
+    let job = submit(&app, &headers, Job::new("edit", &id, Some(edit), work))?;
+    let edit = job["edit"].clone();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": job.summary(None), "edit": edit })),
+        Json(json!({ "job": job, "edit": edit })),
     ))
 }
 
@@ -429,7 +458,7 @@ async fn edit_image(
     let meta = edit_meta(&app, &id, &edit)?;
     let image = n.parse().ok().and_then(|n: usize| meta.images.get(n));
     let image = image.ok_or_else(|| ApiError::not_found("image"))?;
-    png(&app.store.edit_file(&meta, &image.file)).await
+    png(app.store.edit_file(&meta, &image.file))
 }
 
 async fn edit_sheet(
@@ -439,13 +468,11 @@ async fn edit_sheet(
     let meta = edit_meta(&app, &id, &edit)?;
     let sheet = n.parse().ok().and_then(|n: usize| meta.sheets.get(n));
     let sheet = sheet.ok_or_else(|| ApiError::not_found("contact sheet"))?;
-    png(&app.store.edit_file(&meta, sheet)).await
+    png(app.store.edit_file(&meta, sheet))
 }
 
-async fn png(path: &std::path::Path) -> ApiResult<Response> {
-    let bytes = tokio::fs::read(path)
-        .await
-        .map_err(|_| ApiError::not_found("image"))?;
+fn png(bytes: unitune::Result<Vec<u8>>) -> ApiResult<Response> {
+    let bytes = bytes.map_err(|_| ApiError::not_found("image"))?;
     Ok(([(header::CONTENT_TYPE, "image/png")], Bytes::from(bytes)).into_response())
 }
 
@@ -453,7 +480,7 @@ async fn list_jobs(State(app): Shared) -> Json<Value> {
     Json(json!(app.queue.active()))
 }
 
-fn job(app: &App, id: &str) -> ApiResult<Arc<Job>> {
+fn job(app: &App, id: &str) -> ApiResult<Value> {
     valid_id(id)
         .then(|| app.queue.get(id))
         .flatten()
@@ -461,29 +488,19 @@ fn job(app: &App, id: &str) -> ApiResult<Arc<Job>> {
 }
 
 async fn get_job(State(app): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let job = job(&app, &id)?;
-    let position = app
-        .queue
-        .active()
-        .iter()
-        .find(|j| j["id"] == job.id)
-        .and_then(|j| j["position"].as_u64());
-    Ok(Json(job.summary(position.map(|p| p as usize))))
+    Ok(Json(job(&app, &id)?))
 }
 
 async fn cancel_job(
     State(app): Shared,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let job = job(&app, &id)?;
+    job(&app, &id)?;
     let state = app
         .queue
-        .cancel(&job.id)
+        .cancel(&id)
         .ok_or_else(|| ApiError::not_found("job"))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": job.id, "state": state })),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "state": state }))))
 }
 
 /// `GET /api/jobs/{id}/events`: the job's events as server-sent events, from the first (or
@@ -493,38 +510,20 @@ async fn job_events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let job = job(&app, &id)?;
-    let from = headers
+    job(&app, &id)?;
+    let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(0, |last| last + 1);
-    let changed = job.subscribe();
-    let batches = stream::unfold(
-        (job, changed, from, false),
-        |(job, mut changed, from, ended)| async move {
-            if ended {
-                return None;
-            }
-            loop {
-                let events = job.events_from(from);
-                if let Some(last) = events.last() {
-                    let (next, ended) = (last.seq + 1, last.is_last());
-                    return Some((events, (job, changed, next, ended)));
-                }
-                if job.state().finished() || changed.changed().await.is_err() {
-                    return None;
-                }
-            }
-        },
-    );
-    let events = batches.flat_map(|batch| {
-        stream::iter(batch.into_iter().map(|e| {
+        .and_then(|v| v.parse::<u64>().ok());
+    let events = app
+        .queue
+        .events(&id, after)
+        .ok_or_else(|| ApiError::not_found("job"))?
+        .map(|e| {
             Ok(SseEvent::default()
                 .id(e.seq.to_string())
                 .event(e.kind)
                 .data(e.data.to_string()))
-        }))
-    });
+        });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

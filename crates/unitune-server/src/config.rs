@@ -21,6 +21,20 @@ pub struct ServeConfig {
     pub device: Device,
     pub dtype: DType,
     pub limits: Limits,
+    /// A NATS server (`nats://host:port`): jobs go to JetStream for `unitune worker`s, and
+    /// sessions and edits are kept there instead of under `data`. `None`: this process runs its
+    /// jobs itself.
+    pub nats: Option<String>,
+}
+
+/// What a worker runs jobs with.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The model folder (diffusers layout) every session is tuned on.
+    pub model: PathBuf,
+    pub device: Device,
+    pub dtype: DType,
+    pub limits: Limits,
 }
 
 /// Bounds on what one request may ask for, checked before any work.
@@ -63,6 +77,15 @@ impl Default for Limits {
 }
 
 impl ServeConfig {
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            model: self.model.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            limits: self.limits.clone(),
+        }
+    }
+
     /// Refuses to listen beyond this machine without a token: anyone who reaches the port could
     /// otherwise use the GPU and read every photo.
     pub fn check(&self) -> Result<(), String> {

@@ -4,9 +4,13 @@
 //! runs on one worker thread per device ([`worker`]) that takes jobs from a bounded queue
 //! ([`queue`]) and calls the library's job layer (`unitune::jobs`), as the CLI does. Sessions,
 //! edits and their settings persist under `--data` ([`store`]); a restart lists them again.
+//!
+//! With `--nats`, the same page and API queue jobs on NATS JetStream instead, for any number of
+//! `unitune worker`s on other machines, and keep sessions and edits there ([`nats`]).
 
 pub mod api;
 mod config;
+pub mod nats;
 mod page;
 pub mod params;
 pub mod queue;
@@ -21,13 +25,13 @@ use std::thread::JoinHandle;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-pub use config::{Limits, ServeConfig};
+pub use config::{Limits, ServeConfig, WorkerConfig};
 use params::{EditParams, TuneParams};
 
 /// A running server: its address, and how to stop it.
 pub struct Server {
     pub addr: SocketAddr,
-    queue: Arc<queue::Queue>,
+    queue: Arc<dyn queue::JobQueue>,
     stop: Option<oneshot::Sender<()>>,
     http: Option<JoinHandle<()>>,
     worker: Option<JoinHandle<()>>,
@@ -39,11 +43,28 @@ impl Server {
     pub fn start(config: ServeConfig) -> Result<Self, String> {
         config.check()?;
         let config = Arc::new(config);
-        let store = Arc::new(store::Store::open(&config.data).map_err(|e| format!("--data: {e}"))?);
-        let worker = worker::Worker::new(config.clone(), store.clone())
-            .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
-        let (width, height) = worker.native_size().map_err(|e| e.to_string())?;
-        let queue = Arc::new(queue::Queue::new(config.limits.queue_capacity));
+        let (store, queue, worker, (width, height)) = match &config.nats {
+            None => {
+                let store: Arc<dyn store::Records> = Arc::new(
+                    store::Store::open(&config.data).map_err(|e| format!("--data: {e}"))?,
+                );
+                let worker = worker::Worker::new(config.worker(), store.clone())
+                    .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
+                let size = worker.native_size().map_err(|e| e.to_string())?;
+                let queue = Arc::new(queue::Queue::new(config.limits.queue_capacity));
+                let jobs = queue.clone();
+                let worker = std::thread::spawn(move || worker.run(jobs));
+                (store, queue as Arc<dyn queue::JobQueue>, Some(worker), size)
+            }
+            Some(url) => {
+                let size = native_size(&config.model)
+                    .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
+                let nats = Arc::new(nats::Nats::connect(url, config.limits.queue_capacity)?);
+                let store: Arc<dyn store::Records> = Arc::new(nats::NatsStore::new(nats.clone()));
+                let queue: Arc<dyn queue::JobQueue> = Arc::new(nats::NatsQueue::new(nats));
+                (store, queue, None, size)
+            }
+        };
         let info = json!({
             "model": config.model_name,
             "size": [width, height],
@@ -85,14 +106,12 @@ impl Server {
                 eprintln!("error: the server stopped: {e}");
             }
         });
-        let jobs = queue.clone();
-        let worker = std::thread::spawn(move || worker.run(jobs));
         Ok(Self {
             addr,
             queue,
             stop: Some(stop),
             http: Some(http),
-            worker: Some(worker),
+            worker,
         })
     }
 
@@ -120,11 +139,6 @@ impl Server {
             let _ = stop.send(());
         }
         self.queue.close();
-        for job in self.queue.active() {
-            if let Some(id) = job["id"].as_str() {
-                self.queue.cancel(id);
-            }
-        }
         for handle in [self.http.take(), self.worker.take()].into_iter().flatten() {
             let _ = handle.join();
         }
@@ -156,4 +170,26 @@ async fn signalled() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// The picture size a model's configs give (`unet` sample size times the autoencoder's
+/// factor), read without loading its weights.
+fn native_size(model: &std::path::Path) -> unitune::Result<(usize, usize)> {
+    use unitune::models::unet::UNet2DConditionConfig;
+    use unitune::models::vae::VaeConfig;
+    let unet = UNet2DConditionConfig::from_file(&model.join("unet/config.json"))?;
+    let vae = VaeConfig::from_file(&model.join("vae/config.json"))?;
+    let side = unet.sample_size.ok_or_else(|| {
+        unitune::Error::argument("model", "its unet/config.json has no sample_size")
+    })? * vae.scale_factor();
+    Ok((side, side))
+}
+
+/// Runs `unitune worker`: jobs from NATS until `stop` is set.
+pub fn run_worker(
+    config: WorkerConfig,
+    options: nats::worker::WorkerOptions,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), String> {
+    nats::worker::run(config, options, stop)
 }

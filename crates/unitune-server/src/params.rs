@@ -43,7 +43,9 @@ impl Default for TuneParams {
 }
 
 impl TuneParams {
-    pub fn job(&self, limits: &Limits) -> Result<TuneJob, String> {
+    /// The tune these settings ask for; a random seed is drawn here and kept in `seed`, so that
+    /// the same settings make the same tune on any machine.
+    pub fn job(&mut self, limits: &Limits) -> Result<TuneJob, String> {
         if self.steps > limits.max_steps {
             return Err(format!(
                 "steps: {} is above the limit {}",
@@ -58,6 +60,8 @@ impl TuneParams {
                 return Err("token: give a made-up word of 1 to 64 characters".into());
             }
         }
+        let seed = seed(self.seed).unwrap_or_else(unitune::noise::random_seed) & (i64::MAX as u64);
+        self.seed = Some(seed as i64);
         let job = TuneJob {
             token: self.token.clone(),
             steps: self.steps,
@@ -65,7 +69,7 @@ impl TuneParams {
             learning_rate: self.lr,
             optimizer: self.optimizer,
             layers: self.layers,
-            seed: seed(self.seed),
+            seed: Some(seed),
             ..TuneJob::default()
         };
         job.check().map_err(|e| e.to_string())?;

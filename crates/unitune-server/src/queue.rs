@@ -12,18 +12,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+use futures_util::stream::{self, BoxStream, StreamExt};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use unitune::jobs::{EditJob, TuneJob};
 
-use crate::params::EditParams;
+use crate::params::{EditParams, TuneParams};
 
 /// Finished jobs whose events stay readable.
 const KEPT_FINISHED: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -45,6 +46,8 @@ pub enum Work {
         image: RgbImage,
         name: String,
         job: TuneJob,
+        /// What `job` was made from, with its seed drawn: another machine makes the same job.
+        params: TuneParams,
     },
     Edit {
         job: Box<EditJob>,
@@ -52,17 +55,18 @@ pub enum Work {
     },
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
-    pub seq: usize,
-    pub kind: &'static str,
+    /// Increases along a job's events (`Last-Event-ID`).
+    pub seq: u64,
+    pub kind: String,
     pub data: Value,
 }
 
 impl Event {
     /// The kinds after which a job sends nothing more.
     pub fn is_last(&self) -> bool {
-        matches!(self.kind, "done" | "error" | "cancelled")
+        matches!(self.kind.as_str(), "done" | "error" | "cancelled")
     }
 }
 
@@ -76,7 +80,7 @@ pub struct Job {
     work: Mutex<Option<Work>>,
     state: Mutex<JobState>,
     events: Mutex<Vec<Event>>,
-    changed: watch::Sender<usize>,
+    changed: watch::Sender<u64>,
     cancel: AtomicBool,
 }
 
@@ -99,22 +103,21 @@ impl Job {
     pub fn emit(&self, kind: &'static str, data: Value) {
         let mut events = lock(&self.events);
         let seq = events.last().map_or(0, |e| e.seq + 1);
-        events.push(Event { seq, kind, data });
+        events.push(Event {
+            seq,
+            kind: kind.into(),
+            data,
+        });
         self.changed.send_replace(seq + 1);
     }
 
     /// The events numbered `from` on.
-    pub fn events_from(&self, from: usize) -> Vec<Event> {
+    pub fn events_from(&self, from: u64) -> Vec<Event> {
         lock(&self.events)
             .iter()
             .filter(|e| e.seq >= from)
             .cloned()
             .collect()
-    }
-
-    /// Changes whenever an event is added.
-    pub fn subscribe(&self) -> watch::Receiver<usize> {
-        self.changed.subscribe()
     }
 
     pub fn state(&self) -> JobState {
@@ -131,15 +134,14 @@ impl Job {
 
     /// The job as the API lists it.
     pub fn summary(&self, position: Option<usize>) -> Value {
-        json!({
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state(),
-            "position": position,
-            "session": self.session,
-            "edit": self.edit,
-            "events": format!("/api/jobs/{}/events", self.id),
-        })
+        summary(
+            &self.id,
+            self.kind,
+            self.state(),
+            position,
+            &self.session,
+            self.edit.as_deref(),
+        )
     }
 
     fn set_state(&self, state: JobState) {
@@ -152,12 +154,74 @@ impl Job {
     }
 }
 
+/// A job as the API hands it to the queue.
+pub struct NewJob {
+    pub job: Job,
+    /// The client's `Idempotency-Key`: a second submission with the same key gets the first
+    /// one's job instead of a new one.
+    pub key: Option<String>,
+}
+
+/// Why a job was not queued.
+pub enum SubmitError {
+    /// The queue is full: retry after this many seconds.
+    Full { retry_after: u64 },
+    /// The queue cannot be reached.
+    Unavailable(String),
+}
+
+/// A job's events, ending after its last.
+pub type EventStream = BoxStream<'static, Event>;
+
+/// Where the API's jobs go: this process's own worker ([`Queue`]), or NATS JetStream and the
+/// workers behind it (`crate::nats::NatsQueue`).
+pub trait JobQueue: Send + Sync {
+    /// Queues a job; returns its summary (for a repeated idempotency key, the first job's).
+    fn submit(&self, job: NewJob) -> Result<Value, SubmitError>;
+    /// The job's summary, with its place in the queue while it waits.
+    fn get(&self, id: &str) -> Option<Value>;
+    /// The running jobs and the queued ones, in order.
+    fn active(&self) -> Vec<Value>;
+    /// Whether a job of `session` waits or runs (it must not be deleted under it).
+    fn busy_with(&self, session: &str) -> bool;
+    /// Cancels a queued job at once, a running one at its next step; returns the state after.
+    fn cancel(&self, id: &str) -> Option<JobState>;
+    /// The job's events numbered above `after` (all when `None`).
+    fn events(&self, id: &str, after: Option<u64>) -> Option<EventStream>;
+    /// Stops taking jobs and cancels the ones not finished.
+    fn close(&self);
+}
+
+/// A job as the API lists it.
+pub fn summary(
+    id: &str,
+    kind: &str,
+    state: JobState,
+    position: Option<usize>,
+    session: &str,
+    edit: Option<&str>,
+) -> Value {
+    json!({
+        "id": id,
+        "kind": kind,
+        "state": state,
+        "position": position,
+        "session": session,
+        "edit": edit,
+        "events": format!("/api/jobs/{id}/events"),
+    })
+}
+
 /// The queue was full.
 pub struct Full {
     /// Seconds after which a retry is likely to be taken.
     pub retry_after: u64,
 }
 
+/// Idempotency keys remembered.
+const KEPT_KEYS: usize = 4096;
+
+/// This process's queue, for its own worker thread.
 pub struct Queue {
     inner: Mutex<Inner>,
     ready: Condvar,
@@ -169,6 +233,8 @@ struct Inner {
     running: Option<Arc<Job>>,
     all: HashMap<String, Arc<Job>>,
     finished: VecDeque<String>,
+    /// Idempotency key -> job id, oldest first.
+    keys: VecDeque<(String, String)>,
     /// Mean seconds of the jobs run so far, for Retry-After.
     mean_seconds: f64,
     runs: u32,
@@ -183,6 +249,7 @@ impl Queue {
                 running: None,
                 all: HashMap::new(),
                 finished: VecDeque::new(),
+                keys: VecDeque::new(),
                 mean_seconds: 5.0,
                 runs: 0,
                 closed: false,
@@ -193,8 +260,11 @@ impl Queue {
     }
 
     /// Queues `job`, or refuses it when `capacity` jobs already wait.
-    pub fn submit(&self, job: Job) -> Result<Arc<Job>, Full> {
-        let mut inner = lock(&self.inner);
+    pub fn push(&self, job: Job) -> Result<Arc<Job>, Full> {
+        self.push_locked(&mut lock(&self.inner), job)
+    }
+
+    fn push_locked(&self, inner: &mut Inner, job: Job) -> Result<Arc<Job>, Full> {
         if inner.pending.len() >= self.capacity {
             let waiting = inner.pending.len() as f64 + 1.0;
             return Err(Full {
@@ -209,31 +279,16 @@ impl Queue {
         Ok(job)
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+    pub fn job(&self, id: &str) -> Option<Arc<Job>> {
         lock(&self.inner).all.get(id).cloned()
     }
 
-    /// The running job and the queued ones, in order, with their places in the queue.
-    pub fn active(&self) -> Vec<Value> {
-        let inner = lock(&self.inner);
-        let running = inner.running.iter().map(|j| j.summary(None));
-        let queued = inner
-            .pending
-            .iter()
-            .enumerate()
-            .map(|(i, j)| j.summary(Some(i + 1)));
-        running.chain(queued).collect()
-    }
-
-    /// Whether a job for `session` waits or runs (it must not be deleted under it).
-    pub fn busy_with(&self, session: &str) -> bool {
-        let inner = lock(&self.inner);
-        let mut active = inner.pending.iter().chain(inner.running.iter());
-        active.any(|j| j.session == session)
+    fn position(inner: &Inner, id: &str) -> Option<usize> {
+        inner.pending.iter().position(|j| j.id == id).map(|i| i + 1)
     }
 
     /// Cancels a queued job at once, a running one at its next step; returns the state after.
-    pub fn cancel(&self, id: &str) -> Option<JobState> {
+    pub fn cancel_job(&self, id: &str) -> Option<JobState> {
         let mut inner = lock(&self.inner);
         let job = inner.all.get(id)?.clone();
         match job.state() {
@@ -281,7 +336,7 @@ impl Queue {
     }
 
     /// Stops the worker after its current job.
-    pub fn close(&self) {
+    pub fn close_queue(&self) {
         lock(&self.inner).closed = true;
         self.ready.notify_all();
     }
@@ -301,6 +356,94 @@ impl Queue {
     fn announce_positions(inner: &Inner) {
         for (i, job) in inner.pending.iter().enumerate() {
             job.emit("queued", json!({ "position": i + 1 }));
+        }
+    }
+}
+
+impl JobQueue for Queue {
+    fn submit(&self, new: NewJob) -> Result<Value, SubmitError> {
+        let mut inner = lock(&self.inner);
+        if let Some(key) = &new.key {
+            let earlier = inner.keys.iter().find(|(k, _)| k == key);
+            if let Some(job) = earlier.and_then(|(_, id)| inner.all.get(id)) {
+                return Ok(job.summary(Self::position(&inner, &job.id)));
+            }
+        }
+        let job = self
+            .push_locked(&mut inner, new.job)
+            .map_err(|full| SubmitError::Full {
+                retry_after: full.retry_after,
+            })?;
+        if let Some(key) = new.key {
+            inner.keys.push_back((key, job.id.clone()));
+            if inner.keys.len() > KEPT_KEYS {
+                inner.keys.pop_front();
+            }
+        }
+        Ok(job.summary(Self::position(&inner, &job.id)))
+    }
+
+    fn get(&self, id: &str) -> Option<Value> {
+        let inner = lock(&self.inner);
+        let job = inner.all.get(id)?;
+        Some(job.summary(Self::position(&inner, id)))
+    }
+
+    fn active(&self) -> Vec<Value> {
+        let inner = lock(&self.inner);
+        let running = inner.running.iter().map(|j| j.summary(None));
+        let queued = inner
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(i, j)| j.summary(Some(i + 1)));
+        running.chain(queued).collect()
+    }
+
+    fn busy_with(&self, session: &str) -> bool {
+        let inner = lock(&self.inner);
+        let mut active = inner.pending.iter().chain(inner.running.iter());
+        active.any(|j| j.session == session)
+    }
+
+    fn cancel(&self, id: &str) -> Option<JobState> {
+        self.cancel_job(id)
+    }
+
+    fn events(&self, id: &str, after: Option<u64>) -> Option<EventStream> {
+        let job = self.job(id)?;
+        let from = after.map_or(0, |last| last + 1);
+        let changed = job.changed.subscribe();
+        let batches = stream::unfold(
+            (job, changed, from, false),
+            |(job, mut changed, from, ended)| async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let events = job.events_from(from);
+                    if let Some(last) = events.last() {
+                        let (next, ended) = (last.seq + 1, last.is_last());
+                        return Some((events, (job, changed, next, ended)));
+                    }
+                    if job.state().finished() || changed.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        Some(batches.flat_map(stream::iter).boxed())
+    }
+
+    fn close(&self) {
+        self.close_queue();
+        let ids: Vec<String> = {
+            let inner = lock(&self.inner);
+            let active = inner.pending.iter().chain(inner.running.iter());
+            active.map(|j| j.id.clone()).collect()
+        };
+        for id in ids {
+            self.cancel_job(&id);
         }
     }
 }
@@ -327,20 +470,23 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_and_cancelling_frees_a_place() {
         let queue = Queue::new(2);
-        let a = queue.submit(edit_job()).ok().unwrap();
-        let b = queue.submit(edit_job()).ok().unwrap();
-        let full = queue.submit(edit_job()).err().unwrap();
+        let a = queue.push(edit_job()).ok().unwrap();
+        let b = queue.push(edit_job()).ok().unwrap();
+        let full = queue.push(edit_job()).err().unwrap();
         assert!(full.retry_after >= 1);
         assert_eq!(queue.cancel(&a.id), Some(JobState::Cancelled));
         assert!(a.take_work().is_none());
         // b moved up to the first place and was told so.
-        let kinds: Vec<(&str, Value)> = b
+        let kinds: Vec<(String, Value)> = b
             .events_from(0)
             .into_iter()
             .map(|e| (e.kind, e.data))
             .collect();
-        assert_eq!(kinds.last().unwrap(), &("queued", json!({"position": 1})));
-        assert!(queue.submit(edit_job()).is_ok());
+        assert_eq!(
+            kinds.last().unwrap(),
+            &("queued".into(), json!({"position": 1}))
+        );
+        assert!(queue.push(edit_job()).is_ok());
         let next = queue.next().unwrap();
         assert_eq!(next.id, b.id);
         assert_eq!(next.state(), JobState::Running);
@@ -355,7 +501,7 @@ mod tests {
     #[test]
     fn events_are_numbered_in_order_and_previews_go_when_the_job_ends() {
         let queue = Queue::new(4);
-        let submitted = queue.submit(edit_job()).ok().unwrap();
+        let submitted = queue.push(edit_job()).ok().unwrap();
         let job = queue.next().unwrap();
         assert_eq!(
             (job.id.as_str(), job.state()),
@@ -363,11 +509,11 @@ mod tests {
         );
         job.emit("preview", json!({}));
         job.emit("done", json!({}));
-        let seqs: Vec<usize> = job.events_from(0).iter().map(|e| e.seq).collect();
+        let seqs: Vec<u64> = job.events_from(0).iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [0, 1, 2]);
         assert_eq!(job.events_from(2).len(), 1);
         queue.finish(&job, JobState::Done, Instant::now());
-        let kinds: Vec<&str> = job.events_from(0).iter().map(|e| e.kind).collect();
+        let kinds: Vec<&str> = job.events_from(0).iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["queued", "done"]);
     }
 }

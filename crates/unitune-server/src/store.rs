@@ -70,6 +70,36 @@ pub struct EditMeta {
     pub error: Option<String>,
 }
 
+/// Where sessions and edits are kept: on this machine's disk ([`Store`]), or in NATS for a
+/// service of many machines (`crate::nats::NatsStore`). The worker writes through it, the API
+/// reads through it.
+pub trait Records: Send + Sync {
+    /// Every session, newest first.
+    fn sessions(&self) -> Result<Vec<SessionMeta>>;
+    fn session(&self, id: &str) -> Option<SessionMeta>;
+    /// Writes a tuned session; its record goes last, so the session is listed only when whole.
+    fn save_session(&self, meta: &SessionMeta, session: &Session) -> Result<()>;
+    fn load_session(&self, id: &str) -> Result<Session>;
+    /// The picture the session was tuned on, as PNG.
+    fn source_png(&self, id: &str) -> Result<Vec<u8>>;
+    /// Removes a session and its edits; false when there was none.
+    fn delete_session(&self, id: &str) -> Result<bool>;
+    /// The session's edits, newest first.
+    fn edits(&self, session: &str) -> Result<Vec<EditMeta>>;
+    fn edit(&self, session: &str, edit: &str) -> Option<EditMeta>;
+    fn write_edit(&self, meta: &EditMeta) -> Result<()>;
+    /// Saves an image of an edit as `file`.
+    fn save_edit_image(&self, meta: &EditMeta, file: &str, image: &RgbImage) -> Result<()>;
+    /// A file the edit's record lists, as PNG.
+    fn edit_file(&self, meta: &EditMeta, file: &str) -> Result<Vec<u8>>;
+    fn delete_edit(&self, session: &str, edit: &str) -> Result<bool>;
+}
+
+/// Newest first, ties by id, as both stores list.
+pub fn newest_first<T>(items: &mut [T], key: impl Fn(&T) -> (u64, &str)) {
+    items.sort_by(|a, b| key(b).cmp(&key(a)));
+}
+
 pub struct Store {
     root: PathBuf,
 }
@@ -138,42 +168,50 @@ impl Store {
         Ok(())
     }
 
-    /// Every session, newest first.
-    pub fn sessions(&self) -> Result<Vec<SessionMeta>> {
+    fn session_path(&self, id: &str) -> PathBuf {
+        self.session_dir(id).join("session.safetensors")
+    }
+
+    fn source_path(&self, id: &str) -> PathBuf {
+        self.session_dir(id).join("source.png")
+    }
+}
+
+impl Records for Store {
+    fn sessions(&self) -> Result<Vec<SessionMeta>> {
         let mut all: Vec<SessionMeta> = subdirs(&self.sessions_dir())?
             .iter()
             .filter_map(|d| read_json(&d.join("meta.json")).ok())
             .collect();
-        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        newest_first(&mut all, |m| (m.created, &m.id));
         Ok(all)
     }
 
-    pub fn session(&self, id: &str) -> Option<SessionMeta> {
+    fn session(&self, id: &str) -> Option<SessionMeta> {
         valid_id(id)
             .then(|| read_json(&self.session_dir(id).join("meta.json")).ok())
             .flatten()
     }
 
-    pub fn session_file(&self, id: &str) -> PathBuf {
-        self.session_dir(id).join("session.safetensors")
-    }
-
-    pub fn source_png(&self, id: &str) -> PathBuf {
-        self.session_dir(id).join("source.png")
-    }
-
-    /// Writes a tuned session; its meta goes last, so the session is listed only when whole.
-    pub fn save_session(&self, meta: &SessionMeta, session: &Session) -> Result<()> {
+    fn save_session(&self, meta: &SessionMeta, session: &Session) -> Result<()> {
         let dir = self.session_dir(&meta.id);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        session.save(&self.session_file(&meta.id), DeltaEncoding::default())?;
-        save_png(&session.image, &self.source_png(&meta.id))?;
+        session.save(&self.session_path(&meta.id), DeltaEncoding::default())?;
+        save_png(&session.image, &self.source_path(&meta.id))?;
         write_json(&dir.join("meta.json"), meta)
     }
 
-    /// Removes a session and its edits: renamed away first, so a half-removed one is never
-    /// listed.
-    pub fn delete_session(&self, id: &str) -> Result<bool> {
+    fn load_session(&self, id: &str) -> Result<Session> {
+        Session::load(&self.session_path(id))
+    }
+
+    fn source_png(&self, id: &str) -> Result<Vec<u8>> {
+        let path = self.source_path(id);
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Renamed away first, so a half-removed session is never listed.
+    fn delete_session(&self, id: &str) -> Result<bool> {
         if self.session(id).is_none() {
             return Ok(false);
         }
@@ -184,39 +222,37 @@ impl Store {
         Ok(true)
     }
 
-    /// The session's edits, newest first.
-    pub fn edits(&self, session: &str) -> Result<Vec<EditMeta>> {
+    fn edits(&self, session: &str) -> Result<Vec<EditMeta>> {
         let mut all: Vec<EditMeta> = subdirs(&self.session_dir(session).join("edits"))?
             .iter()
             .filter_map(|d| read_json(&d.join("meta.json")).ok())
             .collect();
-        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        newest_first(&mut all, |m| (m.created, &m.id));
         Ok(all)
     }
 
-    pub fn edit(&self, session: &str, edit: &str) -> Option<EditMeta> {
+    fn edit(&self, session: &str, edit: &str) -> Option<EditMeta> {
         (valid_id(session) && valid_id(edit))
             .then(|| read_json(&self.edit_dir(session, edit).join("meta.json")).ok())
             .flatten()
     }
 
-    pub fn write_edit(&self, meta: &EditMeta) -> Result<()> {
+    fn write_edit(&self, meta: &EditMeta) -> Result<()> {
         let dir = self.edit_dir(&meta.session, &meta.id);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         write_json(&dir.join("meta.json"), meta)
     }
 
-    /// Saves an image of an edit as `file` in its folder.
-    pub fn save_edit_image(&self, meta: &EditMeta, file: &str, image: &RgbImage) -> Result<()> {
+    fn save_edit_image(&self, meta: &EditMeta, file: &str, image: &RgbImage) -> Result<()> {
         save_png(image, &self.edit_dir(&meta.session, &meta.id).join(file))
     }
 
-    /// The path of a file the edit's record lists.
-    pub fn edit_file(&self, meta: &EditMeta, file: &str) -> PathBuf {
-        self.edit_dir(&meta.session, &meta.id).join(file)
+    fn edit_file(&self, meta: &EditMeta, file: &str) -> Result<Vec<u8>> {
+        let path = self.edit_dir(&meta.session, &meta.id).join(file);
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
     }
 
-    pub fn delete_edit(&self, session: &str, edit: &str) -> Result<bool> {
+    fn delete_edit(&self, session: &str, edit: &str) -> Result<bool> {
         if self.edit(session, edit).is_none() {
             return Ok(false);
         }

@@ -1,7 +1,8 @@
-//! The worker: one thread per device that takes jobs from the queue and runs them through the
-//! library's job layer, turning progress into job events. It keeps the base model loaded, and
-//! the UNets of the last few sessions used (an LRU), so that an edit of a session just tuned or
-//! just edited starts at once.
+//! The worker: one thread per device that runs jobs through the library's job layer, turning
+//! progress into job events. It keeps the base model loaded, and the UNets of the last few
+//! sessions used (an LRU), so that an edit of a session just tuned or just edited starts at
+//! once. In `unitune serve` it takes jobs from this process's [`Queue`]; in `unitune worker` from
+//! NATS (`crate::nats::worker`), through the same [`Worker::tune`] and [`Worker::edit`].
 
 use std::cell::Cell;
 use std::io::Cursor;
@@ -10,33 +11,62 @@ use std::time::Instant;
 
 use base64::Engine;
 use image::RgbImage;
-use serde_json::json;
+use serde_json::{json, Value};
 use unitune::jobs::{EditEvent, EditJob, Editor, TuneJob};
 use unitune::models::unet::UNet2DConditionModel;
 use unitune::pipelines::{LoadOptions, Progress, StableDiffusion};
 use unitune::session::Session;
 use unitune::{Error, Result};
 
-use crate::config::ServeConfig;
+use crate::config::WorkerConfig;
 use crate::params::EditParams;
 use crate::queue::{Job, JobState, Queue, Work};
-use crate::store::{now, EditImage, EditMeta, SessionMeta, Store};
+use crate::store::{now, EditImage, EditMeta, Records, SessionMeta};
 
 /// Longest side of a preview image sent to the page.
 const PREVIEW_SIDE: u32 = 256;
 
+/// A job as the worker running it sees it: where its events go, and whether it was cancelled.
+pub trait Running {
+    fn emit(&self, kind: &'static str, data: Value);
+    fn cancelled(&self) -> bool;
+}
+
+impl Running for Job {
+    fn emit(&self, kind: &'static str, data: Value) {
+        Job::emit(self, kind, data)
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel_requested()
+    }
+}
+
+/// How a job ended, as its last event says.
+pub fn outcome(result: &Result<()>) -> (&'static str, Value, JobState) {
+    match result {
+        Ok(()) => ("done", json!({}), JobState::Done),
+        Err(Error::Interrupted) => ("cancelled", json!({}), JobState::Cancelled),
+        Err(e) => (
+            "error",
+            json!({ "message": e.to_string() }),
+            JobState::Failed,
+        ),
+    }
+}
+
 pub struct Worker {
-    config: Arc<ServeConfig>,
-    store: Arc<Store>,
+    config: WorkerConfig,
+    store: Arc<dyn Records>,
     /// The base model; its UNet is swapped for the session's before each edit.
     sd: StableDiffusion,
-    /// Tuned UNets by session id, least recently used first.
-    loaded: Vec<(String, UNet2DConditionModel)>,
+    /// Tuned UNets (and pictures) by session id, least recently used first.
+    loaded: Vec<(String, UNet2DConditionModel, RgbImage)>,
 }
 
 impl Worker {
     /// Loads the base model (so that a bad `--model` fails before the server starts).
-    pub fn new(config: Arc<ServeConfig>, store: Arc<Store>) -> Result<Self> {
+    pub fn new(config: WorkerConfig, store: Arc<dyn Records>) -> Result<Self> {
         let sd = StableDiffusion::load(&config.model, &load_options(&config, None))?;
         Ok(Self {
             config,
@@ -51,6 +81,11 @@ impl Worker {
         self.sd.default_size(None, None, None)
     }
 
+    /// The sessions whose UNets are loaded, most recently used last.
+    pub fn loaded(&self) -> Vec<String> {
+        self.loaded.iter().map(|(id, _, _)| id.clone()).collect()
+    }
+
     /// Runs jobs until the queue is closed.
     pub fn run(mut self, queue: Arc<Queue>) {
         while let Some(job) = queue.next() {
@@ -61,29 +96,29 @@ impl Worker {
                     image,
                     name,
                     job: tune,
-                }) => self.tune(&job, image, &name, &tune),
-                Some(Work::Edit { job: edits, params }) => self.edit(&job, &edits, *params),
+                    ..
+                }) => self.tune(&*job, &job.session, image, &name, &tune),
+                Some(Work::Edit { job: edits, params }) => {
+                    let edit = job.edit.clone().expect("edit jobs have a record");
+                    self.edit(&*job, &job.session, &edit, &edits, *params)
+                }
                 None => Err(Error::Interrupted),
             };
-            let state = match result {
-                Ok(()) => {
-                    job.emit("done", json!({}));
-                    JobState::Done
-                }
-                Err(Error::Interrupted) => {
-                    job.emit("cancelled", json!({}));
-                    JobState::Cancelled
-                }
-                Err(e) => {
-                    job.emit("error", json!({ "message": e.to_string() }));
-                    JobState::Failed
-                }
-            };
+            let (kind, data, state) = outcome(&result);
+            job.emit(kind, data);
             queue.finish(&job, state, started);
         }
     }
 
-    fn tune(&mut self, job: &Job, image: RgbImage, name: &str, tune: &TuneJob) -> Result<()> {
+    /// Tunes `image` into the session `id` and stores it.
+    pub fn tune(
+        &mut self,
+        job: &dyn Running,
+        id: &str,
+        image: RgbImage,
+        name: &str,
+        tune: &TuneJob,
+    ) -> Result<()> {
         let options = load_options(&self.config, Some(tune));
         let mut sd = StableDiffusion::load(&self.config.model, &options)?;
         let prepared = tune.prepare(&sd, image)?;
@@ -95,7 +130,7 @@ impl Worker {
         })?;
         let (width, height) = session.image.dimensions();
         let meta = SessionMeta {
-            id: job.session.clone(),
+            id: id.to_string(),
             created: now(),
             name: name.to_string(),
             token: session.token.clone(),
@@ -105,18 +140,26 @@ impl Worker {
             losses: session.losses.clone(),
         };
         self.store.save_session(&meta, &session)?;
-        self.remember(&meta.id, sd.unet);
+        self.remember(&meta.id, sd.unet, session.image.clone());
         job.emit("session", json!(meta));
         Ok(())
     }
 
-    fn edit(&mut self, job: &Job, edits: &EditJob, params: EditParams) -> Result<()> {
+    /// Makes the edits of the record `edit` of session `id`, storing each image as it comes.
+    pub fn edit(
+        &mut self,
+        job: &dyn Running,
+        id: &str,
+        edit: &str,
+        edits: &EditJob,
+        params: EditParams,
+    ) -> Result<()> {
         let session = self
             .store
-            .session(&job.session)
+            .session(id)
             .ok_or_else(|| Error::argument("session", "was deleted"))?;
         let mut record = EditMeta {
-            id: job.edit.clone().expect("edit jobs have a record"),
+            id: edit.to_string(),
             session: session.id.clone(),
             created: now(),
             status: "running".into(),
@@ -140,14 +183,13 @@ impl Worker {
 
     fn run_edits(
         &mut self,
-        job: &Job,
+        job: &dyn Running,
         edits: &EditJob,
         session: &SessionMeta,
         record: &mut EditMeta,
     ) -> Result<()> {
-        let cached = self.load_session(&session.id)?;
+        let (cached, picture) = self.load_session(&session.id)?;
         job.emit("loaded", json!({ "cached": cached }));
-        let picture = unitune::image_io::load_image(&self.store.source_png(&session.id))?;
         let groups = edits.plan(edits.seed.unwrap_or(0))?;
         let editor = Editor::new(&self.sd, &session.token, picture)?;
         let loss = Cell::new(None);
@@ -200,23 +242,25 @@ impl Worker {
         })
     }
 
-    /// Puts the session's tuned UNet into the model; true when it was still loaded.
-    fn load_session(&mut self, id: &str) -> Result<bool> {
-        if let Some(i) = self.loaded.iter().position(|(s, _)| s == id) {
+    /// Puts the session's tuned UNet into the model; returns whether it was still loaded, and
+    /// the session's picture.
+    fn load_session(&mut self, id: &str) -> Result<(bool, RgbImage)> {
+        if let Some(i) = self.loaded.iter().position(|(s, _, _)| s == id) {
             let entry = self.loaded.remove(i);
             self.sd.unet = entry.1.clone();
+            let picture = entry.2.clone();
             self.loaded.push(entry);
-            return Ok(true);
+            return Ok((true, picture));
         }
-        let session = Session::load(&self.store.session_file(id))?;
+        let session: Session = self.store.load_session(id)?;
         self.sd.apply_session(&session)?;
-        self.remember(id, self.sd.unet.clone());
-        Ok(false)
+        self.remember(id, self.sd.unet.clone(), session.image.clone());
+        Ok((false, session.image))
     }
 
-    fn remember(&mut self, id: &str, unet: UNet2DConditionModel) {
-        self.loaded.retain(|(s, _)| s != id);
-        self.loaded.push((id.to_string(), unet));
+    fn remember(&mut self, id: &str, unet: UNet2DConditionModel, picture: RgbImage) {
+        self.loaded.retain(|(s, _, _)| s != id);
+        self.loaded.push((id.to_string(), unet, picture));
         let keep = self.config.limits.loaded_sessions.max(1);
         if self.loaded.len() > keep {
             self.loaded.drain(..self.loaded.len() - keep);
@@ -224,7 +268,7 @@ impl Worker {
     }
 }
 
-fn load_options(config: &ServeConfig, tune: Option<&TuneJob>) -> LoadOptions {
+fn load_options(config: &WorkerConfig, tune: Option<&TuneJob>) -> LoadOptions {
     LoadOptions {
         device: config.device.clone(),
         dtype: config.dtype,
@@ -236,7 +280,7 @@ fn load_options(config: &ServeConfig, tune: Option<&TuneJob>) -> LoadOptions {
 /// A job's progress as events: `progress` (phase, step, total, loss, ETA), `preview`, `warning`;
 /// cancelled when the job is.
 struct JobProgress<'a> {
-    job: &'a Job,
+    job: &'a dyn Running,
     loss: &'a Cell<Option<f32>>,
     preview_every: Option<usize>,
     phase: String,
@@ -246,7 +290,7 @@ struct JobProgress<'a> {
 }
 
 impl<'a> JobProgress<'a> {
-    fn new(job: &'a Job, loss: &'a Cell<Option<f32>>, preview_every: Option<usize>) -> Self {
+    fn new(job: &'a dyn Running, loss: &'a Cell<Option<f32>>, preview_every: Option<usize>) -> Self {
         Self {
             job,
             loss,
@@ -294,7 +338,7 @@ impl Progress for JobProgress<'_> {
     }
 
     fn cancelled(&self) -> bool {
-        self.job.cancel_requested()
+        self.job.cancelled()
     }
 
     fn preview_every(&self) -> Option<usize> {

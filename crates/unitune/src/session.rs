@@ -92,6 +92,14 @@ impl Session {
 
     /// Writes the session to `path` atomically.
     pub fn save(&self, path: &Path, encoding: DeltaEncoding) -> Result<()> {
+        let bytes = self.to_bytes(path, encoding)?;
+        write_atomic(path, |tmp| {
+            std::fs::write(tmp, &bytes).map_err(|e| Error::io(path, e))
+        })
+    }
+
+    /// The session file's bytes, as [`Session::save`] writes them (`path` names it in errors).
+    pub fn to_bytes(&self, path: &Path, encoding: DeltaEncoding) -> Result<Vec<u8>> {
         let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (name, delta) in &self.deltas {
             let key = format!("{DELTA_PREFIX}{name}");
@@ -163,18 +171,20 @@ impl Session {
                 Ok((name.as_str(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| Error::weights(path, format!("cannot serialize session: {e}")))?;
-        write_atomic(path, |tmp| {
-            std::fs::write(tmp, &bytes).map_err(|e| Error::io(path, e))
-        })
+        safetensors::serialize(views, Some(metadata))
+            .map_err(|e| Error::weights(path, format!("cannot serialize session: {e}")))
     }
 
     /// Reads a session written by [`Session::save`].
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Reads a session file's bytes (`path` names them in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |message: String| Error::weights(path, message);
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
             bad(format!(
                 "not a session file, or a truncated one (not safetensors: {e})"
             ))
@@ -196,7 +206,7 @@ impl Session {
                 "session format version {version} is not supported (this unitune reads {VERSION})"
             )));
         }
-        let tensors = safetensors::SafeTensors::deserialize(&bytes)
+        let tensors = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| bad(format!("corrupt session: {e}")))?;
 
         let image = tensors

@@ -31,6 +31,7 @@ pub fn config(data: &Path, token: Option<&str>, limits: Limits) -> ServeConfig {
         device: Device::Cpu,
         dtype: DType::F32,
         limits,
+        nats: None,
     }
 }
 
