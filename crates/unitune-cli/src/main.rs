@@ -11,8 +11,8 @@ mod generate;
 mod pretrain;
 mod progress;
 mod serve;
-mod worker;
 mod tune;
+mod worker;
 
 use clap::{Parser, Subcommand};
 

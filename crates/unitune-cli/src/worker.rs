@@ -32,7 +32,10 @@ pub struct WorkerArgs {
 
 pub fn run(args: WorkerArgs) -> Result<()> {
     if !(args.ack_wait.is_finite() && args.ack_wait >= 1.0) {
-        anyhow::bail!("--ack-wait: {} is not a number of seconds >= 1", args.ack_wait);
+        anyhow::bail!(
+            "--ack-wait: {} is not a number of seconds >= 1",
+            args.ack_wait
+        );
     }
     let device = crate::common::parse_device(&args.model.device)?;
     let config = WorkerConfig {

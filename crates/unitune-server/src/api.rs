@@ -329,7 +329,7 @@ async fn create_session(
         image,
         name,
         job,
-        params: settings,
+        params: Box::new(settings),
     };
     let job = submit(&app, &headers, Job::new("tune", &session, None, work))?;
     let session = job["session"].clone();
@@ -362,19 +362,17 @@ fn submit(app: &App, headers: &HeaderMap, job: Job) -> ApiResult<Value> {
             }
         },
     };
-    app.queue
-        .submit(NewJob { job, key })
-        .map_err(|e| match e {
-            SubmitError::Full { retry_after } => ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                message: format!("the queue is full; try again in {retry_after} s"),
-                retry_after: Some(retry_after),
-            },
-            SubmitError::Unavailable(why) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the job queue is unavailable: {why}"),
-            ),
-        })
+    app.queue.submit(NewJob { job, key }).map_err(|e| match e {
+        SubmitError::Full { retry_after } => ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("the queue is full; try again in {retry_after} s"),
+            retry_after: Some(retry_after),
+        },
+        SubmitError::Unavailable(why) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the job queue is unavailable: {why}"),
+        ),
+    })
 }
 
 async fn list_edits(State(app): Shared, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -500,7 +498,10 @@ async fn cancel_job(
         .queue
         .cancel(&id)
         .ok_or_else(|| ApiError::not_found("job"))?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "state": state }))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "state": state })),
+    ))
 }
 
 /// `GET /api/jobs/{id}/events`: the job's events as server-sent events, from the first (or

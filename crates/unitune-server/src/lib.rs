@@ -45,9 +45,8 @@ impl Server {
         let config = Arc::new(config);
         let (store, queue, worker, (width, height)) = match &config.nats {
             None => {
-                let store: Arc<dyn store::Records> = Arc::new(
-                    store::Store::open(&config.data).map_err(|e| format!("--data: {e}"))?,
-                );
+                let store: Arc<dyn store::Records> =
+                    Arc::new(store::Store::open(&config.data).map_err(|e| format!("--data: {e}"))?);
                 let worker = worker::Worker::new(config.worker(), store.clone())
                     .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
                 let size = worker.native_size().map_err(|e| e.to_string())?;
@@ -59,9 +58,11 @@ impl Server {
             Some(url) => {
                 let size = native_size(&config.model)
                     .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
-                let nats = Arc::new(nats::Nats::connect(url, config.limits.queue_capacity)?);
+                let nats = Arc::new(nats::Nats::connect(url)?);
                 let store: Arc<dyn store::Records> = Arc::new(nats::NatsStore::new(nats.clone()));
-                let queue: Arc<dyn queue::JobQueue> = Arc::new(nats::NatsQueue::new(nats));
+                let capacity = config.limits.queue_capacity;
+                let queue: Arc<dyn queue::JobQueue> =
+                    Arc::new(nats::NatsQueue::new(nats, capacity));
                 (store, queue, None, size)
             }
         };

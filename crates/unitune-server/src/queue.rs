@@ -47,7 +47,7 @@ pub enum Work {
         name: String,
         job: TuneJob,
         /// What `job` was made from, with its seed drawn: another machine makes the same job.
-        params: TuneParams,
+        params: Box<TuneParams>,
     },
     Edit {
         job: Box<EditJob>,
@@ -499,6 +499,22 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_idempotency_key_gets_the_first_job() {
+        let queue = Queue::new(4);
+        let keyed = |key: &str| NewJob {
+            job: edit_job(),
+            key: Some(key.into()),
+        };
+        let first = queue.submit(keyed("k1")).ok().unwrap();
+        let again = queue.submit(keyed("k1")).ok().unwrap();
+        let other = queue.submit(keyed("k2")).ok().unwrap();
+        assert_eq!(first["id"], again["id"]);
+        assert_ne!(first["id"], other["id"]);
+        assert_eq!(queue.active().len(), 2);
+        assert_eq!(again["position"], 1);
+    }
+
+    #[test]
     fn events_are_numbered_in_order_and_previews_go_when_the_job_ends() {
         let queue = Queue::new(4);
         let submitted = queue.push(edit_job()).ok().unwrap();
@@ -513,7 +529,8 @@ mod tests {
         assert_eq!(seqs, [0, 1, 2]);
         assert_eq!(job.events_from(2).len(), 1);
         queue.finish(&job, JobState::Done, Instant::now());
-        let kinds: Vec<&str> = job.events_from(0).iter().map(|e| e.kind.as_str()).collect();
+        let events = job.events_from(0);
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["queued", "done"]);
     }
 }

@@ -290,7 +290,11 @@ struct JobProgress<'a> {
 }
 
 impl<'a> JobProgress<'a> {
-    fn new(job: &'a dyn Running, loss: &'a Cell<Option<f32>>, preview_every: Option<usize>) -> Self {
+    fn new(
+        job: &'a dyn Running,
+        loss: &'a Cell<Option<f32>>,
+        preview_every: Option<usize>,
+    ) -> Self {
         Self {
             job,
             loss,

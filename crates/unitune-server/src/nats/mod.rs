@@ -124,9 +124,8 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// Connects to `url` and creates whatever stream or bucket is missing; `capacity` bounds
-    /// the jobs waiting in the queue (more are refused, as a full local queue refuses them).
-    pub fn connect(url: &str, capacity: usize) -> Result<Self, String> {
+    /// Connects to `url` and creates whatever stream or bucket is missing.
+    pub fn connect(url: &str) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("nats")
@@ -134,7 +133,7 @@ impl Nats {
             .build()
             .map_err(|e| format!("cannot start the NATS client's runtime: {e}"))?;
         let (client, js, jobs, records, workers, files) = runtime
-            .block_on(setup(url, capacity))
+            .block_on(setup(url))
             .map_err(|e| format!("--nats {url}: {e}"))?;
         Ok(Self {
             runtime: Some(runtime),
@@ -229,7 +228,7 @@ type Handles = (
     object_store::ObjectStore,
 );
 
-async fn setup(url: &str, capacity: usize) -> Result<Handles, String> {
+async fn setup(url: &str) -> Result<Handles, String> {
     let client = async_nats::ConnectOptions::new()
         .name("unitune")
         .retry_on_initial_connect()
@@ -239,14 +238,14 @@ async fn setup(url: &str, capacity: usize) -> Result<Handles, String> {
         .map_err(|_| "no NATS server answered within 10 s".to_string())?
         .map_err(|e| e.to_string())?;
     let js = jetstream::new(client.clone());
-    let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e} (is JetStream on? start nats-server with -js)");
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        format!("{what}: {e} (is JetStream on? start nats-server with -js)")
+    };
     js.get_or_create_stream(stream::Config {
         name: JOBS_STREAM.into(),
         subjects: vec!["unitune.jobs.>".into()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
-        max_messages: capacity.max(1) as i64,
-        discard: stream::DiscardPolicy::New,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     })
@@ -283,7 +282,11 @@ async fn setup(url: &str, capacity: usize) -> Result<Handles, String> {
 /// Opens (creating) a key-value bucket. Its stream is made here with the settings the client
 /// library gives a bucket, because the library's own `create_key_value` first asks for the
 /// account's limits in a form that NATS 2.9 (Debian's) does not answer in.
-async fn key_value(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<kv::Store, String> {
+async fn key_value(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+) -> Result<kv::Store, String> {
     js.get_or_create_stream(stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],

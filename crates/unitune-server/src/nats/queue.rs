@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::store::{png_bytes, NatsStore};
 use super::{
     events_subject, worker_subject, JobMessage, JobRecord, Nats, WorkerInfo, ANY_SUBJECT,
-    EVENTS_STREAM, MAX_INLINE_MESSAGE,
+    EVENTS_STREAM, JOBS_STREAM, MAX_INLINE_MESSAGE,
 };
 use crate::queue::{summary, Event, EventStream, JobQueue, JobState, NewJob, SubmitError, Work};
 use crate::store::now;
@@ -21,12 +21,26 @@ use crate::store::now;
 pub struct NatsQueue {
     nats: Arc<Nats>,
     files: NatsStore,
+    /// Jobs that may wait (or run) in the queue; more are refused, as a full local queue
+    /// refuses them.
+    capacity: usize,
 }
 
 impl NatsQueue {
-    pub fn new(nats: Arc<Nats>) -> Self {
+    pub fn new(nats: Arc<Nats>, capacity: usize) -> Self {
         let files = NatsStore::new(nats.clone());
-        Self { nats, files }
+        Self {
+            nats,
+            files,
+            capacity,
+        }
+    }
+
+    /// Messages in the job stream: waiting, or running and not yet acknowledged.
+    async fn queued(&self) -> Result<usize, String> {
+        let mut stream = (self.nats.js.get_stream(JOBS_STREAM).await).map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        Ok(info.state.messages as usize)
     }
 
     fn record_summary(record: &JobRecord) -> Value {
@@ -78,8 +92,13 @@ impl NatsQueue {
 
     async fn submit_async(&self, new: NewJob) -> Result<Value, SubmitError> {
         let unavailable = |e: String| SubmitError::Unavailable(e);
+        if self.queued().await.map_err(unavailable)? >= self.capacity {
+            return Err(SubmitError::Full { retry_after: 5 });
+        }
         let job = new.job;
-        let key = new.key.map(|k| format!("key-{:x}", Sha256::digest(k.as_bytes())));
+        let key = new
+            .key
+            .map(|k| format!("key-{:x}", Sha256::digest(k.as_bytes())));
         if let Some(key) = &key {
             if let Err(e) = self.nats.jobs.create(key, job.id.clone().into()).await {
                 if e.kind() != async_nats::jetstream::kv::CreateErrorKind::AlreadyExists {
@@ -119,7 +138,7 @@ impl NatsQueue {
                 (self.files.put_file(&upload, &png_bytes(&image)).await)
                     .map_err(|e| unavailable(e.to_string()))?;
                 message.name = name;
-                message.tune = Some(params);
+                message.tune = Some(*params);
             }
             Some(Work::Edit { params, .. }) => {
                 message.edit_params = Some(*params);
@@ -141,13 +160,20 @@ impl NatsQueue {
             error: None,
         };
         let value = serde_json::to_vec(&record).expect("records serialize");
-        (self.nats.jobs.put(&job.id, value.into()).await).map_err(|e| unavailable(e.to_string()))?;
+        (self.nats.jobs.put(&job.id, value.into()).await)
+            .map_err(|e| unavailable(e.to_string()))?;
         let mut payload = serde_json::to_vec(&message).expect("jobs serialize");
         if payload.len() > MAX_INLINE_MESSAGE {
             let name = format!("jobs/{}.json", job.id);
             (self.files.put_file(&name, &payload).await).map_err(|e| unavailable(e.to_string()))?;
             payload = serde_json::to_vec(&json!({ "id": job.id, "object": name })).unwrap();
         }
+        // Before the job can start, so that it is each job's first event.
+        (self
+            .nats
+            .emit(&job.id, "queued", json!({ "position": null }))
+            .await)
+            .map_err(unavailable)?;
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.id.as_str());
         let published = match self
@@ -164,15 +190,8 @@ impl NatsQueue {
             if let Some(key) = &key {
                 let _ = self.nats.jobs.purge(key).await;
             }
-            // A full work queue refuses new messages (DiscardPolicy::New).
-            let full = e.to_string().contains("maximum messages");
-            return Err(if full {
-                SubmitError::Full { retry_after: 5 }
-            } else {
-                unavailable(e.to_string())
-            });
+            return Err(unavailable(e.to_string()));
         }
-        let _ = self.nats.emit(&job.id, "queued", json!({ "position": null })).await;
         Ok(Self::record_summary(&record))
     }
 
@@ -262,8 +281,7 @@ impl JobQueue for NatsQueue {
                         Ok(Some(Ok(message))) => {
                             let Ok(info) = message.info() else { continue };
                             let seq = info.stream_sequence;
-                            let Ok(body) = serde_json::from_slice::<Value>(&message.payload)
-                            else {
+                            let Ok(body) = serde_json::from_slice::<Value>(&message.payload) else {
                                 continue;
                             };
                             let event = Event {

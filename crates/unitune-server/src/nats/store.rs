@@ -141,8 +141,11 @@ impl Records for NatsStore {
         let bytes = session.to_bytes(Path::new(&file), DeltaEncoding::default())?;
         self.nats.block(async {
             self.put_file(&file, &bytes).await?;
-            self.put_file(&format!("{}/source.png", meta.id), &png_bytes(&session.image))
-                .await?;
+            self.put_file(
+                &format!("{}/source.png", meta.id),
+                &png_bytes(&session.image),
+            )
+            .await?;
             self.write(&session_key(&meta.id), meta).await
         })
     }

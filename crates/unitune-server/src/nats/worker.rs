@@ -22,8 +22,8 @@ use unitune::{Error, Result};
 
 use super::store::NatsStore;
 use super::{
-    cancel_subject, worker_subject, JobMessage, Nats, WorkerInfo, ANY_CONSUMER,
-    ANY_SUBJECT, HEARTBEAT, JOBS_STREAM,
+    cancel_subject, worker_subject, JobMessage, Nats, WorkerInfo, ANY_CONSUMER, ANY_SUBJECT,
+    HEARTBEAT, JOBS_STREAM,
 };
 use crate::config::WorkerConfig;
 use crate::queue::JobState;
@@ -50,8 +50,12 @@ struct Current {
 }
 
 /// Runs jobs until `stop` is set (then the running job goes back to the queue at once).
-pub fn run(config: WorkerConfig, options: WorkerOptions, stop: Arc<AtomicBool>) -> Result<(), String> {
-    let nats = Arc::new(Nats::connect(&options.url, config.limits.queue_capacity)?);
+pub fn run(
+    config: WorkerConfig,
+    options: WorkerOptions,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let nats = Arc::new(Nats::connect(&options.url)?);
     let store = Arc::new(NatsStore::new(nats.clone()));
     let limits = config.limits.clone();
     let model = config.model.display().to_string();
@@ -64,7 +68,12 @@ pub fn run(config: WorkerConfig, options: WorkerOptions, stop: Arc<AtomicBool>) 
     // entry for a dead worker's.
     nats.block(beat(&nats, &id, &current, &loaded))?;
     let (any, own) = nats.block(consumers(&nats, &id, options.ack_wait))?;
-    nats.spawn(heartbeat(nats.clone(), id.clone(), current.clone(), loaded.clone()));
+    nats.spawn(heartbeat(
+        nats.clone(),
+        id.clone(),
+        current.clone(),
+        loaded.clone(),
+    ));
     nats.spawn(cancel_listener(nats.clone(), current.clone()));
     eprintln!("unitune worker {id} is taking jobs from {}", options.url);
     while !stop.load(Ordering::SeqCst) {
@@ -184,7 +193,7 @@ impl Handling<'_> {
             Ok(job) => job,
             Err(e) => {
                 eprintln!("warning: dropped a job message on {subject}: {e}");
-                self.finish_ack(&acker, AckKind::Term);
+                self.finish_ack(&acker, AckKind::Ack);
                 return;
             }
         };
@@ -234,8 +243,8 @@ impl Handling<'_> {
         let result = self.run(worker, &running, &job);
         keep_alive.store(true, Ordering::SeqCst);
         lock(self.current).job = None;
-        let by_stop = matches!(result, Err(Error::Interrupted))
-            && !self.cancel.load(Ordering::SeqCst);
+        let by_stop =
+            matches!(result, Err(Error::Interrupted)) && !self.cancel.load(Ordering::SeqCst);
         if by_stop {
             // The worker is stopping: the job goes back to the queue for another worker.
             let _ = self.nats.block(self.nats.update_job(&job.id, |r| {
@@ -263,7 +272,10 @@ impl Handling<'_> {
             true
         }));
         if let Err(e) = stored {
-            eprintln!("warning: job {}: {e}; leaving it for redelivery", running.id);
+            eprintln!(
+                "warning: job {}: {e}; leaving it for redelivery",
+                running.id
+            );
             return;
         }
         running.emit(kind, data);
@@ -382,7 +394,11 @@ async fn heartbeat(
 /// its consumer is removed once it holds nothing.
 async fn reap(nats: &Nats, me: &str) -> Result<(), async_nats::Error> {
     let stream = nats.js.get_stream(JOBS_STREAM).await?;
-    let names: Vec<String> = stream.consumer_names().filter_map(|n| async { n.ok() }).collect().await;
+    let names: Vec<String> = stream
+        .consumer_names()
+        .filter_map(|n| async { n.ok() })
+        .collect()
+        .await;
     for name in names {
         let Some(worker) = name.strip_prefix("worker-") else {
             continue;
@@ -417,7 +433,12 @@ async fn cancel_listener(nats: Arc<Nats>, current: Arc<Mutex<Current>>) {
         return;
     };
     while let Some(request) = requests.next().await {
-        let job = request.subject.as_str().rsplit('.').next().unwrap_or_default();
+        let job = request
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
         let current = lock(&current);
         if current.job.as_deref() == Some(job) {
             current.cancel.store(true, Ordering::SeqCst);
