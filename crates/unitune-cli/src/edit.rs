@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use unitune::image_io;
-use unitune::jobs::{read_prompts_file, EditEvent, EditGroup, EditJob, Editor, TuneJob};
+use unitune::jobs::{
+    read_prompts_file, EditEvent, EditGroup, EditJob, Editor, ModelDefaults, TuneJob,
+};
 use unitune::noise::random_seed;
-use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
+use unitune::pipelines::{EditMask, Mask};
 use unitune::schedulers::SchedulerKind;
 use unitune::session::{DeltaEncoding, Session};
 
@@ -48,51 +50,65 @@ pub struct EditArgs {
     negative_prompt: String,
     /// Classifier-free guidance scale g; 1 or less turns it off. UniTune wants strong guidance:
     /// weak guidance gives the base image back.
-    #[arg(long, default_value_t = defaults().guidance_scale)]
-    guidance: f64,
+    /// [default: the model's unitune.json, else 10]
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Turn on prompt guidance against this prompt: "" for the token alone, or a caption of the
     /// image (the token is put in front of it too).
     #[arg(long, value_name = "TEXT")]
     baseline_prompt: Option<String>,
     /// Prompt guidance weight w. With guidance on: eps = eps_u + g (eps_b - eps_u) + w (eps_e - eps_b),
     /// so w = g is plain guidance on the edit and w > g pushes the edit harder.
-    #[arg(long, default_value_t = defaults().prompt_guidance, requires = "baseline_prompt")]
-    prompt_guidance: f64,
+    /// [default: the model's unitune.json, else 10]
+    #[arg(long, requires = "baseline_prompt")]
+    prompt_guidance: Option<f64>,
     /// Late start: the fraction of the schedule run from the image's noised latents (1 = from
-    /// pure noise). 0.8-0.98 keeps more of the image; keep 1 for large semantic changes.
-    #[arg(long, default_value_t = defaults().start, value_name = "T0")]
-    start: f64,
-    /// Blend the image into the result after sampling: 0 = the edit, 1 = the image.
-    #[arg(long, default_value_t = defaults().interpolation, value_name = "A")]
-    interpolate: f64,
+    /// pure noise). 0.8-0.98 keeps more of the image; keep 1 for large semantic changes
+    /// [default: the model's unitune.json, else 1].
+    #[arg(long, value_name = "T0")]
+    start: Option<f64>,
+    /// Blend the image into the result after sampling: 0 = the edit, 1 = the image
+    /// [default: the model's unitune.json, else 0].
+    #[arg(long, value_name = "A")]
+    interpolate: Option<f64>,
     /// Pull the latents toward the image's (noised to the step) after every step, by this weight;
-    /// it compounds over the steps, so 0.05-0.2 already keeps much. 1 = the image.
-    #[arg(long, default_value_t = defaults().latent_blend)]
-    latent_blend: f64,
+    /// it compounds over the steps, so 0.05-0.2 already keeps much. 1 = the image
+    /// [default: the model's unitune.json, else 0].
+    #[arg(long)]
+    latent_blend: Option<f64>,
     /// Mask picture, white where the edit may change the image (resized to it, binarised at half grey).
     #[arg(long, conflicts_with = "auto_mask")]
     mask: Option<PathBuf>,
-    /// Estimate the mask from where an unmasked edit differs from the image, then edit again with it.
-    #[arg(long)]
+    /// Estimate the mask from where an unmasked edit differs from the image, then edit again with
+    /// it [default: the model's unitune.json, else off].
+    #[arg(long, conflicts_with = "no_auto_mask")]
     auto_mask: bool,
-    /// --auto-mask: a pixel changed when its blurred mean RGB difference exceeds this (0-1).
-    #[arg(long, default_value_t = AutoMask::default().threshold, requires = "auto_mask")]
-    mask_threshold: f64,
-    /// --auto-mask: radius in pixels of the box blur of the difference before the threshold.
-    #[arg(long, default_value_t = AutoMask::default().blur, requires = "auto_mask")]
-    mask_blur: usize,
-    /// --auto-mask: radius in pixels by which the changed region grows.
-    #[arg(long, default_value_t = AutoMask::default().dilate, requires = "auto_mask")]
-    mask_dilate: usize,
-    /// Width in pixels of the mask's soft edge, outward; pixels farther from the mask are the image's.
-    #[arg(long, default_value_t = defaults().feather)]
-    feather: usize,
-    /// Denoising steps of the full schedule (a late start runs the last fraction of them).
-    #[arg(long, default_value_t = defaults().num_inference_steps)]
-    steps: usize,
-    /// ddim, ddpm, euler, euler-a or dpm++.
-    #[arg(long, default_value_t = defaults().scheduler)]
-    scheduler: SchedulerKind,
+    /// No estimated mask, where the model's unitune.json asks for one.
+    #[arg(long)]
+    no_auto_mask: bool,
+    /// Auto mask: a pixel changed when its blurred mean RGB difference exceeds this (0-1)
+    /// [default: the model's unitune.json, else 0.1].
+    #[arg(long)]
+    mask_threshold: Option<f64>,
+    /// Auto mask: radius in pixels of the box blur of the difference before the threshold
+    /// [default: the model's unitune.json, else 4].
+    #[arg(long)]
+    mask_blur: Option<usize>,
+    /// Auto mask: radius in pixels by which the changed region grows
+    /// [default: the model's unitune.json, else 16].
+    #[arg(long)]
+    mask_dilate: Option<usize>,
+    /// Width in pixels of the mask's soft edge, outward; pixels farther from the mask are the
+    /// image's [default: the model's unitune.json, else 16].
+    #[arg(long)]
+    feather: Option<usize>,
+    /// Denoising steps of the full schedule (a late start runs the last fraction of them)
+    /// [default: the model's unitune.json, else 50].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// ddim, ddpm, euler, euler-a or dpm++ [default: the model's unitune.json, else ddim].
+    #[arg(long)]
+    scheduler: Option<SchedulerKind>,
     /// Seed of the noise; every image of one seed starts from the same noise, so a sweep
     /// compares the knobs alone [default: random, printed].
     #[arg(long)]
@@ -113,13 +129,9 @@ pub struct EditArgs {
     output: PathBuf,
 }
 
-/// The library's edit defaults, which the flags show.
-fn defaults() -> EditRequest {
-    EditRequest::new("", "")
-}
-
 pub fn run(args: EditArgs) -> Result<()> {
-    let mut job = edit_job(&args)?;
+    let defaults = ModelDefaults::read(&args.model.dir()?)?;
+    let mut job = edit_job(&args, &defaults)?;
     let groups = job.plan(job.seed.unwrap_or_else(random_seed))?;
     let seed = groups[0].seed;
     check_output(&args.output, args.image.as_deref())?;
@@ -145,7 +157,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             refuse_inputs("the session", &out, &[("image", Some(image))])?;
             let tune = TuneJob {
                 seed: Some(seed),
-                ..TuneJob::default()
+                ..defaults.tune_job()
             };
             let mut sd = args.model.load(Some(tune.trainable()))?;
             let prepared = tune.prepare(&sd, image_io::load_image(image)?)?;
@@ -173,18 +185,18 @@ pub fn run(args: EditArgs) -> Result<()> {
     editor.check(&job, &groups)?;
     if let EditMask::Given(mask) = &job.request.mask {
         let written = mask_path(&args.output);
-        image_io::save_png(&mask.feathered(args.feather).to_image(), &written)?;
+        image_io::save_png(&mask.feathered(job.request.feather).to_image(), &written)?;
         eprintln!(
             "wrote {} (the mask, feathered by {} px)",
             written.display(),
-            args.feather
+            job.request.feather
         );
     }
 
     let total: usize = groups.iter().map(|g| g.items.len()).sum();
     eprintln!(
         "token `{}`, {total} edit(s) of {width}x{height}, {} {} steps, seed {seed}",
-        session.token, args.scheduler, args.steps
+        session.token, job.request.scheduler, job.request.num_inference_steps
     );
     let mut on_event = |event: EditEvent| -> unitune::Result<()> {
         match event {
@@ -227,26 +239,36 @@ pub fn run(args: EditArgs) -> Result<()> {
     Ok(())
 }
 
-/// The edits the flags ask for (the mask file is read once the picture's size is known).
-fn edit_job(args: &EditArgs) -> Result<EditJob> {
-    let mut request = defaults();
-    request.negative_prompt = args.negative_prompt.clone();
-    request.guidance_scale = args.guidance;
-    request.baseline_prompt = args.baseline_prompt.clone();
-    request.prompt_guidance = args.prompt_guidance;
-    request.start = args.start;
-    request.interpolation = args.interpolate;
-    request.latent_blend = args.latent_blend;
-    if args.auto_mask {
-        request.mask = EditMask::Auto(AutoMask {
-            threshold: args.mask_threshold,
-            blur: args.mask_blur,
-            dilate: args.mask_dilate,
-        });
+/// The edits the flags ask for, on the model's recommended settings (the mask file is read once
+/// the picture's size is known).
+fn edit_job(args: &EditArgs, defaults: &ModelDefaults) -> Result<EditJob> {
+    fn set<T: Copy>(field: &mut T, flag: Option<T>) {
+        if let Some(value) = flag {
+            *field = value;
+        }
     }
-    request.feather = args.feather;
-    request.num_inference_steps = args.steps;
-    request.scheduler = args.scheduler;
+    let mut request = defaults.edit_request("", "");
+    request.negative_prompt = args.negative_prompt.clone();
+    request.baseline_prompt = args.baseline_prompt.clone();
+    set(&mut request.guidance_scale, args.guidance);
+    set(&mut request.prompt_guidance, args.prompt_guidance);
+    set(&mut request.start, args.start);
+    set(&mut request.interpolation, args.interpolate);
+    set(&mut request.latent_blend, args.latent_blend);
+    set(&mut request.feather, args.feather);
+    set(&mut request.num_inference_steps, args.steps);
+    set(&mut request.scheduler, args.scheduler);
+    let auto = args.auto_mask || (!args.no_auto_mask && matches!(request.mask, EditMask::Auto(_)));
+    request.mask = match auto {
+        true => {
+            let mut mask = defaults.auto_mask();
+            set(&mut mask.threshold, args.mask_threshold);
+            set(&mut mask.blur, args.mask_blur);
+            set(&mut mask.dilate, args.mask_dilate);
+            EditMask::Auto(mask)
+        }
+        false => EditMask::None,
+    };
     Ok(EditJob {
         request,
         prompts: read_prompts(args)?,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use unitune::image_io;
-use unitune::jobs::{PreparedTune, TuneJob};
+use unitune::jobs::{ModelDefaults, PreparedTune, TuneJob};
 use unitune::pipelines::StableDiffusion;
 use unitune::session::{DeltaEncoding, Session};
 use unitune::train::tune::TrainableLayers;
@@ -25,19 +25,23 @@ pub struct TuneArgs {
     /// The rare token the image is bound to [default: a made-up word the tokenizer splits, e.g. beikkpic].
     #[arg(long)]
     token: Option<String>,
-    #[arg(long, default_value_t = TuneJob::default().steps)]
-    steps: usize,
-    /// Images per step (copies of the one image, each with its own noise and timestep).
-    #[arg(long, default_value_t = TuneJob::default().batch_size)]
-    batch: usize,
-    #[arg(long, default_value_t = TuneJob::default().learning_rate)]
-    lr: f64,
-    /// adafactor (the paper's) or adamw.
-    #[arg(long, default_value_t = TuneJob::default().optimizer)]
-    optimizer: OptimizerKind,
-    /// UNet tensors to tune: most (all but norms and the timestep MLP), all, attention, cross-attention.
-    #[arg(long, default_value = "most")]
-    layers: TrainableLayers,
+    /// [default: the model's unitune.json, else 128]
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per step (copies of the one image, each with its own noise and timestep)
+    /// [default: the model's unitune.json, else 4].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// [default: the model's unitune.json, else 1e-4]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// adafactor (the paper's) or adamw [default: the model's unitune.json, else adafactor].
+    #[arg(long)]
+    optimizer: Option<OptimizerKind>,
+    /// UNet tensors to tune: most (all but norms and the timestep MLP), all, attention,
+    /// cross-attention [default: the model's unitune.json, else most].
+    #[arg(long)]
+    layers: Option<TrainableLayers>,
     /// Training size; the image is scaled to cover it and centre-cropped [default: the model's size].
     #[arg(long)]
     width: Option<usize>,
@@ -70,13 +74,14 @@ pub fn run(args: TuneArgs) -> Result<()> {
             refuse_inputs(flag, path, &[("image", Some(&args.image))])?;
         }
     }
+    let base = ModelDefaults::read(&args.model.dir()?)?.tune_job();
     let job = TuneJob {
         token: args.token,
-        steps: args.steps,
-        batch_size: args.batch,
-        learning_rate: args.lr,
-        optimizer: args.optimizer,
-        layers: args.layers,
+        steps: args.steps.unwrap_or(base.steps),
+        batch_size: args.batch.unwrap_or(base.batch_size),
+        learning_rate: args.lr.unwrap_or(base.learning_rate),
+        optimizer: args.optimizer.unwrap_or(base.optimizer),
+        layers: args.layers.unwrap_or(base.layers),
         width: args.width,
         height: args.height,
         seed: args.seed,

@@ -115,3 +115,100 @@ fn tune_then_sweep_edits() {
     ]);
     assert!(!ok && err.contains("another model"), "{err}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// A model folder's `unitune.json` gives `tune` and `edit` their defaults; flags still win, and
+/// a typo in it is an error naming the file.
+#[test]
+fn a_model_folder_s_unitune_json_sets_the_defaults() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("unitune-cli-defaults-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = dir.join("model");
+    copy_dir(&fixtures.join("tiny-sd1"), &model);
+    std::fs::write(
+        model.join("unitune.json"),
+        r#"{"tune": {"steps": 2, "batch_size": 1, "learning_rate": 0.0005},
+            "edit": {"num_inference_steps": 3, "start": 0.5, "auto_mask": true}}"#,
+    )
+    .unwrap();
+    let input = fixtures.join("ref/img2img-input.png");
+    let (model_arg, input) = (model.to_str().unwrap(), input.to_str().unwrap());
+    let session = dir.join("photo.session");
+    let log = dir.join("steps.jsonl");
+    let (ok, err) = unitune(&[
+        "tune",
+        "--model",
+        model_arg,
+        "--image",
+        input,
+        "--seed",
+        "1",
+        "--log-json",
+        log.to_str().unwrap(),
+        "--output",
+        session.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 2);
+    let tuned = unitune::session::Session::load(&session).unwrap();
+    assert_eq!(
+        (
+            tuned.settings.steps,
+            tuned.settings.batch_size,
+            tuned.settings.learning_rate
+        ),
+        (2, 1, 5e-4)
+    );
+
+    let edit = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "edit",
+            "--model",
+            model_arg,
+            "--session",
+            session.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--seed",
+            "3",
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        unitune(&args)
+    };
+    let out = dir.join("edit.png");
+    let (ok, err) = edit(&[], &out);
+    assert!(ok, "{err}");
+    assert!(err.contains("ddim 3 steps"), "{err}");
+    assert!(
+        dir.join("edit.mask.png").is_file(),
+        "the model's auto mask was not used"
+    );
+    let plain = dir.join("plain.png");
+    let (ok, err) = edit(&["--no-auto-mask", "--steps", "4"], &plain);
+    assert!(ok, "{err}");
+    assert!(err.contains("ddim 4 steps"), "{err}");
+    assert!(!dir.join("plain.mask.png").exists());
+
+    std::fs::write(model.join("unitune.json"), r#"{"edit": {"guidance": 3}}"#).unwrap();
+    let (ok, err) = edit(&[], &dir.join("typo.png"));
+    assert!(!ok);
+    assert!(
+        err.contains("unitune.json") && err.contains("guidance"),
+        "{err}"
+    );
+}

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::config::ServeConfig;
 use crate::page;
-use crate::params::{EditParams, TuneParams};
+use crate::params::{overlay, EditParams, TuneParams};
 use crate::queue::{Job, JobQueue, NewJob, SubmitError, Work};
 use crate::store::{new_id, valid_id, Records};
 use crate::upload::decode_image;
@@ -36,6 +36,9 @@ pub struct App {
     pub queue: Arc<dyn JobQueue>,
     /// `GET /api/info`: the model's size and every default.
     pub info: Value,
+    /// What a request leaves out: the model's `unitune.json` over the library's defaults.
+    pub tune_defaults: TuneParams,
+    pub edit_defaults: EditParams,
 }
 
 type Shared = State<Arc<App>>;
@@ -290,7 +293,8 @@ async fn create_session(
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let mut multipart = multipart.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let (mut photo, mut name, mut settings) = (None, String::from("photo"), TuneParams::default());
+    let (mut photo, mut name) = (None, String::from("photo"));
+    let mut settings = app.tune_defaults.clone();
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name().unwrap_or_default() {
             "image" => {
@@ -300,6 +304,8 @@ async fn create_session(
             "settings" => {
                 let text = field.text().await.map_err(multipart_error)?;
                 settings = serde_json::from_str(&text)
+                    .map_err(|e| e.to_string())
+                    .and_then(|given| overlay(&app.tune_defaults, given))
                     .map_err(|e| ApiError::bad(format!("settings: {e}")))?;
             }
             other => {
@@ -398,10 +404,16 @@ async fn create_edits(
     State(app): Shared,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Json<EditParams>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let session = session_id(&app, &id)?;
-    let Json(mut params) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let Json(given) = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let mut params = overlay(&app.edit_defaults, given).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("edit settings: {e}"),
+        )
+    })?;
     let job = params
         .job(&app.config.limits, session.width, session.height)
         .map_err(ApiError::bad)?;

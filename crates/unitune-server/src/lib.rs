@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 
 pub use config::{Limits, ServeConfig, WorkerConfig};
 use params::{EditParams, TuneParams};
+use unitune::jobs::ModelDefaults;
 
 /// A running server: its address, and how to stop it.
 pub struct Server {
@@ -66,11 +67,16 @@ impl Server {
                 (store, queue, None, size)
             }
         };
+        let defaults = ModelDefaults::read(&config.model).map_err(|e| format!("--model: {e}"))?;
+        let (tune_defaults, edit_defaults) = (
+            TuneParams::defaults(&defaults),
+            EditParams::defaults(&defaults),
+        );
         let info = json!({
             "model": config.model_name,
             "size": [width, height],
-            "tune": TuneParams::default(),
-            "edit": EditParams::default(),
+            "tune": tune_defaults,
+            "edit": edit_defaults,
             "limits": config.limits,
             "auth": config.token.is_some(),
         });
@@ -79,6 +85,8 @@ impl Server {
             store,
             queue: queue.clone(),
             info,
+            tune_defaults,
+            edit_defaults,
         });
 
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -5,7 +5,7 @@
 use base64::Engine;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
-use unitune::jobs::{EditJob, TuneJob};
+use unitune::jobs::{EditJob, ModelDefaults, TuneJob};
 use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
 use unitune::schedulers::SchedulerKind;
 use unitune::train::tune::TrainableLayers;
@@ -28,8 +28,16 @@ pub struct TuneParams {
 }
 
 impl Default for TuneParams {
+    /// The library's defaults (the paper's recipe).
     fn default() -> Self {
-        let job = TuneJob::default();
+        Self::defaults(&ModelDefaults::default())
+    }
+}
+
+impl TuneParams {
+    /// The defaults for a model: its `unitune.json` over the library's.
+    pub fn defaults(model: &ModelDefaults) -> Self {
+        let job = model.tune_job();
         Self {
             token: None,
             steps: job.steps,
@@ -40,9 +48,7 @@ impl Default for TuneParams {
             seed: None,
         }
     }
-}
 
-impl TuneParams {
     /// The tune these settings ask for; a random seed is drawn here and kept in `seed`, so that
     /// the same settings make the same tune on any machine.
     pub fn job(&mut self, limits: &Limits) -> Result<TuneJob, String> {
@@ -116,9 +122,17 @@ pub struct EditParams {
 }
 
 impl Default for EditParams {
+    /// The library's defaults.
     fn default() -> Self {
-        let r = EditRequest::new("", "");
-        let auto = AutoMask::default();
+        Self::defaults(&ModelDefaults::default())
+    }
+}
+
+impl EditParams {
+    /// The defaults for a model: its `unitune.json` over the library's.
+    pub fn defaults(model: &ModelDefaults) -> Self {
+        let r = model.edit_request("", "");
+        let auto = model.auto_mask();
         Self {
             prompt: String::new(),
             prompts: vec![],
@@ -130,7 +144,7 @@ impl Default for EditParams {
             interpolate: r.interpolation,
             latent_blend: r.latent_blend,
             mask: None,
-            auto_mask: false,
+            auto_mask: matches!(r.mask, EditMask::Auto(_)),
             mask_threshold: auto.threshold,
             mask_blur: auto.blur,
             mask_dilate: auto.dilate,
@@ -143,9 +157,7 @@ impl Default for EditParams {
             sweep_start: vec![],
         }
     }
-}
 
-impl EditParams {
     /// The job, checked against `limits` and a session picture of `width` x `height`; the seed
     /// is drawn here when none is given, so that the record holds the one used.
     pub fn job(&mut self, limits: &Limits, width: u32, height: u32) -> Result<EditJob, String> {
@@ -241,4 +253,22 @@ fn decode_data_url(url: &str) -> Result<RgbImage, String> {
         .decode(data.trim())
         .map_err(|e| format!("mask: not base64 image data ({e})"))?;
     crate::upload::decode_image(&bytes, 16_000_000).map_err(|e| format!("mask: {e}"))
+}
+
+/// `given` (a JSON object of some of `T`'s fields) over `defaults`: what a request leaves out
+/// takes the model's default, an unknown field is still an error.
+pub fn overlay<T: Serialize + serde::de::DeserializeOwned>(
+    defaults: &T,
+    given: serde_json::Value,
+) -> Result<T, String> {
+    let serde_json::Value::Object(given) = given else {
+        return Err("expected a JSON object of settings".into());
+    };
+    let mut merged = serde_json::to_value(defaults).expect("settings serialize");
+    let fields = merged.as_object_mut().expect("settings are an object");
+    fields.extend(given);
+    serde_path_to_error::deserialize(merged).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("{path}: {}", e.inner()),
+    })
 }

@@ -599,3 +599,77 @@ async fn a_client_that_goes_away_leaves_its_job_running_and_readable() {
     let sessions: Value = get_json(&client, &server, "/api/sessions").await;
     assert_eq!(sessions[0]["id"], session.as_str());
 }
+
+/// A model folder's `unitune.json` is what the API's defaults are: `/api/info` shows them, and a
+/// tune or an edit that leaves a field out takes the model's value, not the library's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
+    let data = data_dir("defaults");
+    let model = data.with_extension("model");
+    let _ = std::fs::remove_dir_all(&model);
+    let fixture = repo().join("tests/fixtures/tiny-sd1");
+    for entry in walk(&fixture) {
+        let target = model.join(entry.strip_prefix(&fixture).unwrap());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &target).unwrap();
+    }
+    std::fs::write(
+        model.join("unitune.json"),
+        r#"{"tune": {"steps": 3, "batch_size": 1}, "edit": {"num_inference_steps": 2, "start": 0.5}}"#,
+    )
+    .unwrap();
+    let mut config = config(&data, None, Limits::default());
+    config.model = model;
+    let server = unitune_server::Server::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let info: Value = get_json(&client, &server, "/api/info").await;
+    assert_eq!(
+        (
+            info["tune"]["steps"].as_u64(),
+            info["tune"]["batch"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    assert_eq!(info["edit"]["start"], 0.5);
+    assert_eq!(info["edit"]["guidance"], 10.0);
+
+    let (job, session) = queue_tune(&client, &server, r#"{"seed": 2}"#).await;
+    let events = job_events(&client, &server, &job).await;
+    let progress = events.iter().filter(|(k, _)| k == "progress").count();
+    assert_eq!(progress, 4, "{:?}", kinds(&events)); // step 0, then 3 steps
+    let response = client
+        .post(url(&server, &format!("/api/sessions/{session}/edits")))
+        .json(&json!({"prompt": "a cat", "guidance": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let answer: Value = response.json().await.unwrap();
+    let edit = answer["edit"].as_str().unwrap();
+    job_events(&client, &server, answer["job"]["id"].as_str().unwrap()).await;
+    let record: Value = get_json(
+        &client,
+        &server,
+        &format!("/api/sessions/{session}/edits/{edit}"),
+    )
+    .await;
+    let params = &record["params"];
+    assert_eq!(
+        (params["steps"].as_u64(), params["start"].as_f64()),
+        (Some(2), Some(0.5))
+    );
+    assert_eq!(params["guidance"], 4.0);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = vec![];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

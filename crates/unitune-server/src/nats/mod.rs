@@ -104,6 +104,9 @@ pub struct JobMessage {
     pub tune: Option<crate::params::TuneParams>,
     #[serde(default)]
     pub edit_params: Option<crate::params::EditParams>,
+    /// The edit's painted mask, which its record (and so `EditParams`' JSON) leaves out.
+    #[serde(default)]
+    pub mask: Option<String>,
 }
 
 /// A job message above this size travels in the object store (`jobs/<id>.json`), the message

@@ -125,6 +125,7 @@ impl NatsQueue {
             name: String::new(),
             tune: None,
             edit_params: None,
+            mask: None,
         };
         let mut subject = ANY_SUBJECT.to_string();
         match job.take_work() {
@@ -141,6 +142,7 @@ impl NatsQueue {
                 message.tune = Some(*params);
             }
             Some(Work::Edit { params, .. }) => {
+                message.mask = params.mask.clone();
                 message.edit_params = Some(*params);
                 if let Some(worker) = self.worker_with(&job.session).await {
                     subject = worker_subject(&worker);

@@ -341,6 +341,7 @@ impl Handling<'_> {
                     .session(&job.session)
                     .ok_or_else(|| Error::argument("session", "does not exist (deleted?)"))?;
                 let mut params = params.clone();
+                params.mask = job.mask.clone();
                 let edits = params
                     .job(self.limits, session.width, session.height)
                     .map_err(bad)?;
