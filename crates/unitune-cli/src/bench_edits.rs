@@ -39,6 +39,10 @@ pub struct BenchEditsArgs {
     /// Also run every UniTune setting with an automatic mask.
     #[arg(long)]
     auto_mask: bool,
+    /// Also run every UniTune setting with prompt guidance at these weights (comma-separated),
+    /// the scene's caption as the baseline prompt.
+    #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
+    prompt_guidance: Vec<f64>,
     /// SDEdit strengths, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = BenchEditsConfig::default().strengths)]
     strengths: Vec<f64>,
@@ -74,6 +78,7 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         guidance: args.guidance,
         start: args.start,
         auto_mask: args.auto_mask,
+        prompt_guidance: args.prompt_guidance,
         strengths: args.strengths,
         baseline_guidance: args.baseline_guidance,
         max_objects: args.max_objects,

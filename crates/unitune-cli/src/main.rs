@@ -34,7 +34,7 @@ enum Command {
     /// Fine-tune the model on one image bound to a rare token; writes a session file.
     Tune(tune::TuneArgs),
     /// Edit the tuned image with a prompt, from a session written by `tune`.
-    Edit(edit::EditArgs),
+    Edit(Box<edit::EditArgs>),
     /// Write a session's tuned model as a diffusers folder.
     Export(export::ExportArgs),
     /// Serve the web page and HTTP API: tune once, edit live in a browser.
@@ -57,7 +57,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Tune(args) => tune::run(args),
-        Command::Edit(args) => edit::run(args),
+        Command::Edit(args) => edit::run(*args),
         Command::Export(args) => export::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Worker(args) => worker::run(args),

@@ -31,7 +31,8 @@ fn main() -> Result<()> {
         eprintln!("usage: finetune_decoder MODEL_DIR OUT STEPS [LR] [BATCH]");
         std::process::exit(2);
     }
-    let bad = |what: &'static str| move |e: &dyn std::fmt::Display| Error::argument(what, e.to_string());
+    let bad =
+        |what: &'static str| move |e: &dyn std::fmt::Display| Error::argument(what, e.to_string());
     let model = std::path::PathBuf::from(&args[1]);
     let out = std::path::PathBuf::from(&args[2]);
     let steps: usize = args[3].parse().map_err(|e| bad("STEPS")(&e))?;
@@ -46,8 +47,8 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
     let config = VaeConfig::from_file(&model.join("vae/config.json"))?;
     let decoder = |name: &str| name.starts_with("decoder.") || name.starts_with("post_quant_conv.");
-    let store = WeightStore::open(&model.join("vae"), None, &device)?
-        .with_trainable(Arc::new(decoder));
+    let store =
+        WeightStore::open(&model.join("vae"), None, &device)?.with_trainable(Arc::new(decoder));
     let vae = store.build(DType::F32, &device, |vb| AutoencoderKl::new(vb, &config))?;
     let vars = store.trainable_vars();
     let mut optimizer =
@@ -56,7 +57,10 @@ fn main() -> Result<()> {
     let train = World::new(scene_config(), 0)?;
     let held_out = World::new(scene_config(), HELD_OUT_SEED)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    println!("step 0: held-out PSNR {:.2} dB", held_out_psnr(&vae, &held_out, &device)?);
+    println!(
+        "step 0: held-out PSNR {:.2} dB",
+        held_out_psnr(&vae, &held_out, &device)?
+    );
     let started = Instant::now();
     let mut recent = vec![];
     for step in 1..=steps {

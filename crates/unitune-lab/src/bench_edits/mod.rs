@@ -6,7 +6,11 @@
 //! region and outside it (fidelity to the unchanged scene), and whether the asked change happened.
 //! The methods:
 //! - UniTune: tune on the picture (the paper's settings, at each `tune_lr`), then edit at each
-//!   guidance x start (x auto-mask with `auto_mask`);
+//!   guidance x start (x auto-mask with `auto_mask`, x prompt guidance against the picture's
+//!   caption at each of `prompt_guidance`: the paper's prompt-to-prompt setting);
+//! - UniTune with the model's defaults (`unitune.json`, else the paper's): one tune and one edit
+//!   as `unitune edit` makes them with no flags (with the caption as baseline prompt where the
+//!   model recommends prompt guidance);
 //! - SDEdit: img2img from the picture at each of `strengths`, no tuning;
 //! - plain: txt2img from the edit prompt alone;
 //! - and three references: the unchanged picture (identity), the ground truth itself (which
@@ -24,12 +28,13 @@ use std::time::Instant;
 
 use image::{GrayImage, Luma, RgbImage};
 use unitune::image_io::{image_to_tensor, tensor_to_image};
+use unitune::jobs::{ModelDefaults, TuneJob};
 use unitune::noise::Noise;
 use unitune::pipelines::{
     edit, generate, AutoMask, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions,
     NoProgress, StableDiffusion,
 };
-use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
+use unitune::train::tune::{default_token, tune, TuneSettings};
 use unitune::{Error, Result};
 
 pub use self::report::{to_json, to_tables, write_grid};
@@ -64,6 +69,9 @@ pub struct BenchEditsConfig {
     pub start: Vec<f64>,
     /// Also run every UniTune setting with an automatic mask.
     pub auto_mask: bool,
+    /// Also run every UniTune setting with prompt guidance at each of these weights, the
+    /// scene's caption as the baseline prompt.
+    pub prompt_guidance: Vec<f64>,
     /// SDEdit strengths.
     pub strengths: Vec<f64>,
     /// Classifier-free guidance of SDEdit and plain generation.
@@ -84,6 +92,7 @@ impl Default for BenchEditsConfig {
             guidance: vec![3.0, 6.0],
             start: vec![1.0, 0.8],
             auto_mask: false,
+            prompt_guidance: vec![],
             strengths: vec![0.5, 0.7, 0.9],
             baseline_guidance: 8.0,
             max_objects: None,
@@ -119,9 +128,12 @@ impl Row {
     }
 }
 
-/// One tune per scene and learning rate.
+/// One tune per scene and recipe.
 pub struct TuneRecord {
+    /// `lr=1e-4`, or `model defaults (...)`.
+    pub label: String,
     pub lr: f64,
+    pub steps: usize,
     pub seconds: Vec<f64>,
     /// Mean loss of the last quarter of the steps.
     pub final_loss: Vec<f64>,
@@ -180,25 +192,29 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Tunes a fresh copy of the model on scene `i` at `record.lr`, then runs every UniTune
-    /// setting.
+    /// Tunes a fresh copy of the model on scene `i` with `plan`'s recipe, then makes its edits.
     fn unitune(
         &mut self,
         i: usize,
         sample: &EditSample,
         base: &EditBase,
         token: &str,
+        plan: &TunePlan,
         record: &mut TuneRecord,
     ) -> Result<()> {
         let args = self.args;
         let options = LoadOptions {
-            trainable: Some(TrainableLayers::Most.filter()),
+            trainable: Some(plan.job.trainable()),
             ..LoadOptions::default()
         };
         let tuned = StableDiffusion::load(&args.model, &options)?;
+        let job = &plan.job;
         let settings = TuneSettings {
-            steps: args.tune_steps,
-            learning_rate: record.lr,
+            steps: job.steps,
+            batch_size: job.batch_size,
+            learning_rate: job.learning_rate,
+            optimizer: job.optimizer,
+            layers: job.layers,
             ..TuneSettings::new(token, args.seed)
         };
         let t0 = Instant::now();
@@ -227,37 +243,23 @@ impl Bench<'_> {
             .reconstruction
             .push(psnr(&recon, &sample.before, &full, Part::All)?.unwrap_or(f64::NAN));
 
-        let masks: &[bool] = if args.auto_mask {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        for &g in &args.guidance {
-            for &start in &args.start {
-                for &masked in masks {
-                    let mut request = EditRequest::new(token, sample.prompt.clone());
-                    request.guidance_scale = g;
-                    request.start = start;
-                    request.num_inference_steps = args.steps;
-                    if masked {
-                        request.mask = EditMask::Auto(AutoMask::default());
-                    }
-                    let t0 = Instant::now();
-                    let out = edit(&tuned, base, &request, &mut self.noise(i), &mut NoProgress)?;
-                    let seconds = t0.elapsed().as_secs_f64();
-                    let mut setting = format!("{} g={g} start={start}", lr_label(record.lr));
-                    if masked {
-                        setting.push_str(" auto-mask");
-                    }
-                    self.record(
-                        "unitune",
-                        setting,
-                        sample,
-                        tensor_to_image(&out.image, 0)?,
-                        seconds,
-                    )?;
-                }
-            }
+        for planned in &plan.edits {
+            let request = EditRequest {
+                token: token.to_string(),
+                prompt: sample.prompt.clone(),
+                baseline_prompt: planned.caption_baseline.then(|| sample.caption.clone()),
+                ..planned.request.clone()
+            };
+            let t0 = Instant::now();
+            let out = edit(&tuned, base, &request, &mut self.noise(i), &mut NoProgress)?;
+            let seconds = t0.elapsed().as_secs_f64();
+            self.record(
+                planned.method,
+                planned.setting.clone(),
+                sample,
+                tensor_to_image(&out.image, 0)?,
+                seconds,
+            )?;
         }
         Ok(())
     }
@@ -326,6 +328,108 @@ fn lr_label(lr: f64) -> String {
     format!("lr={lr:e}")
 }
 
+/// One recipe of tuning and the edits made with each tune.
+struct TunePlan {
+    job: TuneJob,
+    edits: Vec<PlannedEdit>,
+}
+
+struct PlannedEdit {
+    method: &'static str,
+    setting: String,
+    /// The settings; token, prompt and baseline prompt are the scene's.
+    request: EditRequest,
+    /// Prompt guidance against the scene's caption.
+    caption_baseline: bool,
+}
+
+/// The recipes: the paper's tune at each `tune_lr` with the grid of edit settings, then the
+/// model's defaults (`unitune.json`, else the library's) as one tune and one edit.
+fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
+    let mut plans = vec![];
+    let mut records = vec![];
+    let record = |label: String, job: &TuneJob| TuneRecord {
+        label,
+        lr: job.learning_rate,
+        steps: job.steps,
+        seconds: vec![],
+        final_loss: vec![],
+        reconstruction: vec![],
+    };
+    let masks: &[bool] = if args.auto_mask {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    let weights: Vec<Option<f64>> = std::iter::once(None)
+        .chain(args.prompt_guidance.iter().map(|&w| Some(w)))
+        .collect();
+    for &lr in &args.tune_lr {
+        let job = TuneJob {
+            steps: args.tune_steps,
+            learning_rate: lr,
+            ..TuneJob::default()
+        };
+        let mut edits = vec![];
+        for &g in &args.guidance {
+            for &start in &args.start {
+                for &masked in masks {
+                    for &weight in &weights {
+                        let mut request = EditRequest::new("", "");
+                        request.guidance_scale = g;
+                        request.start = start;
+                        request.num_inference_steps = args.steps;
+                        let mut setting = format!("{} g={g} start={start}", lr_label(lr));
+                        if masked {
+                            request.mask = EditMask::Auto(AutoMask::default());
+                            setting.push_str(" auto-mask");
+                        }
+                        if let Some(w) = weight {
+                            request.prompt_guidance = w;
+                            setting.push_str(&format!(" caption-pg={w}"));
+                        }
+                        edits.push(PlannedEdit {
+                            method: "unitune",
+                            setting,
+                            request,
+                            caption_baseline: weight.is_some(),
+                        });
+                    }
+                }
+            }
+        }
+        records.push(record(lr_label(lr), &job));
+        plans.push(TunePlan { job, edits });
+    }
+    let defaults = ModelDefaults::read(&args.model)?;
+    let job = defaults.tune_job();
+    let request = defaults.edit_request("", "");
+    let caption_baseline = defaults.edit.prompt_guidance.is_some();
+    let mut setting = format!("g={} start={}", request.guidance_scale, request.start);
+    if matches!(request.mask, EditMask::Auto(_)) {
+        setting.push_str(" auto-mask");
+    }
+    if caption_baseline {
+        setting.push_str(&format!(" caption-pg={}", request.prompt_guidance));
+    }
+    let label = format!(
+        "model defaults ({}, {} steps)",
+        lr_label(job.learning_rate),
+        job.steps
+    );
+    records.push(record(label, &job));
+    plans.push(TunePlan {
+        job,
+        edits: vec![PlannedEdit {
+            method: "defaults",
+            setting,
+            request,
+            caption_baseline,
+        }],
+    });
+    Ok((plans, records))
+}
+
 /// Everything a run measured.
 pub struct Measurement {
     pub model: String,
@@ -349,16 +453,7 @@ pub fn measure(args: &BenchEditsConfig) -> Result<Measurement> {
         config,
         rows: vec![],
     };
-    let mut tunes: Vec<TuneRecord> = args
-        .tune_lr
-        .iter()
-        .map(|&lr| TuneRecord {
-            lr,
-            seconds: vec![],
-            final_loss: vec![],
-            reconstruction: vec![],
-        })
-        .collect();
+    let (plans, mut tunes) = plans(args)?;
     let mut samples = vec![];
 
     for i in 0..args.scenes {
@@ -385,8 +480,8 @@ pub fn measure(args: &BenchEditsConfig) -> Result<Measurement> {
         let seconds = t0.elapsed().as_secs_f64();
         bench.record("vae", "round trip".into(), &sample, round_trip, seconds)?;
 
-        for record in tunes.iter_mut() {
-            bench.unitune(i, &sample, &base, &token, record)?;
+        for (plan, record) in plans.iter().zip(tunes.iter_mut()) {
+            bench.unitune(i, &sample, &base, &token, plan, record)?;
         }
         bench.baselines(i, &sample, &sd)?;
         samples.push(sample);
@@ -423,7 +518,7 @@ mod tests {
         let methods: Vec<&str> = m.rows.iter().map(|r| r.method).collect();
         assert_eq!(
             methods,
-            ["identity", "truth", "vae", "unitune", "sdedit", "plain"]
+            ["identity", "truth", "vae", "unitune", "defaults", "sdedit", "plain"]
         );
         assert!(m
             .rows
@@ -439,7 +534,9 @@ mod tests {
         assert_eq!(m.tunes[0].reconstruction.len(), 2);
 
         let json = to_json(&args, &m);
-        assert_eq!(json["rows"].as_array().unwrap().len(), 6);
+        assert_eq!(json["rows"].as_array().unwrap().len(), 7);
+        // The fixture has no unitune.json: the defaults row is the paper's recipe.
+        assert_eq!(m.tunes[1].label, "model defaults (lr=1e-4, 128 steps)");
         assert_eq!(json["scenes"][1]["index"], HELD_OUT_START + 1);
         assert_eq!(truth.kept(), 2);
         assert!(to_tables(&args, &m).contains("| truth | - | 60.0 | "));

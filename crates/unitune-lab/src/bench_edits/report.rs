@@ -8,7 +8,7 @@ use serde_json::json;
 use unitune::image_io::{contact_sheet, save_png};
 use unitune::Result;
 
-use super::{lr_label, mean, BenchEditsConfig, Measurement, Row, HELD_OUT_START, KEPT_DB};
+use super::{mean, BenchEditsConfig, Measurement, Row, HELD_OUT_START, KEPT_DB};
 use crate::world::score::edit_kind;
 
 /// The row of `method` that did best: highest success rate, then highest mean PSNR (in + out).
@@ -30,6 +30,7 @@ pub fn write_grid(m: &Measurement, scale: u32, path: &Path) -> Result<()> {
         ("BASE", best(rows, "identity")),
         ("TRUTH", best(rows, "truth")),
         ("UNITUNE", best(rows, "unitune")),
+        ("DEFAULTS", best(rows, "defaults")),
         ("SDEDIT", best(rows, "sdedit")),
         ("PLAIN", best(rows, "plain")),
     ];
@@ -56,7 +57,7 @@ pub fn write_grid(m: &Measurement, scale: u32, path: &Path) -> Result<()> {
     let column_labels: Vec<String> = present.iter().map(|(n, _)| n.to_string()).collect();
     let settings: Vec<String> = present
         .iter()
-        .filter(|(_, r)| matches!(r.method, "unitune" | "sdedit"))
+        .filter(|(_, r)| matches!(r.method, "unitune" | "defaults" | "sdedit"))
         .map(|(_, r)| format!("{} {}", r.method, r.setting))
         .collect();
     let sheet: RgbImage = contact_sheet(
@@ -100,14 +101,14 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
     }
     let _ = writeln!(
         s,
-        "\n| UniTune tune ({} steps) | s per tune | final loss | reconstruction PSNR (dB) |\n|---|---|---|---|",
+        "\n| UniTune tune ({} steps unless said) | s per tune | final loss | reconstruction PSNR (dB) |\n|---|---|---|---|",
         a.tune_steps
     );
     for t in &m.tunes {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} |",
-            lr_label(t.lr),
+            t.label,
             fmt_opt(mean(t.seconds.iter().copied()), 1),
             fmt_opt(mean(t.final_loss.iter().copied()), 4),
             fmt_opt(mean(t.reconstruction.iter().copied()), 1)
@@ -139,7 +140,9 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
         kinds.join(" | "),
         "---|".repeat(kinds.len())
     );
-    for method in ["identity", "truth", "vae", "unitune", "sdedit", "plain"] {
+    for method in [
+        "identity", "truth", "vae", "unitune", "defaults", "sdedit", "plain",
+    ] {
         let Some(row) = best(&m.rows, method) else {
             continue;
         };
@@ -185,7 +188,9 @@ pub fn to_json(a: &BenchEditsConfig, m: &Measurement) -> serde_json::Value {
         .map(|t| {
             let nums = |v: &[f64]| v.iter().map(|&x| finite(x)).collect::<Vec<_>>();
             json!({
+                "label": t.label,
                 "lr": t.lr,
+                "steps": t.steps,
                 "seconds": nums(&t.seconds),
                 "final_loss": nums(&t.final_loss),
                 "reconstruction_psnr": nums(&t.reconstruction),
