@@ -38,6 +38,9 @@ function follow(job, handlers, end) {
   return source;
 }
 
+// With --nats the front end does not know the place in the shared queue.
+const queuedText = (d) => (d.position == null ? 'queued' : `queued, place ${d.position}`);
+
 function seconds(s) {
   if (s == null) return '';
   return s < 60 ? `${Math.round(s)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
@@ -120,7 +123,7 @@ function watchTune(job) {
   $('tune-bar').style.width = '0';
   $('tune-status').textContent = 'queued';
   follow(job, {
-    queued: (d) => { $('tune-status').textContent = `queued, place ${d.position}`; },
+    queued: (d) => { $('tune-status').textContent = queuedText(d); },
     progress: (d) => {
       if (d.loss != null && d.step > 0) losses.push(d.loss);
       $('tune-bar').style.width = `${(100 * d.step) / Math.max(1, d.total)}%`;
@@ -289,7 +292,7 @@ function watchEdit(job) {
   $('edit-status').textContent = 'queued';
   let edit = '';
   follow(job, {
-    queued: (d) => { $('edit-status').textContent = `queued, place ${d.position}`; },
+    queued: (d) => { $('edit-status').textContent = queuedText(d); },
     edit: (d) => { edit = `edit ${d.index}/${d.total}`; },
     progress: (d) => {
       $('edit-bar').style.width = `${(100 * d.step) / Math.max(1, d.total)}%`;
