@@ -45,6 +45,12 @@ pub struct PretrainArgs {
     vae_crop: Option<usize>,
     #[arg(long)]
     vae_lr: Option<f64>,
+    /// Steps refining the decoder alone on whole pictures (the encoder, so the latents, kept):
+    /// sharper round trips; may be added to a finished or running training with --resume.
+    #[arg(long)]
+    decoder_steps: Option<usize>,
+    #[arg(long)]
+    decoder_lr: Option<f64>,
     /// Text encoder + UNet steps (phase two).
     #[arg(long)]
     steps: Option<usize>,
@@ -91,13 +97,14 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             "world".to_string(),
         ),
     };
-    let overrides: [(&mut usize, Option<usize>); 11] = [
+    let overrides: [(&mut usize, Option<usize>); 12] = [
         (&mut settings.max_tokens, args.max_tokens),
         (&mut settings.size, args.size),
         (&mut settings.world_scenes, args.world_scenes),
         (&mut settings.world_max_objects, args.world_max_objects),
         (&mut settings.vae_crop, args.vae_crop),
         (&mut settings.vae_steps, args.vae_steps),
+        (&mut settings.decoder_steps, args.decoder_steps),
         (&mut settings.vae_batch_size, args.vae_batch),
         (&mut settings.steps, args.steps),
         (&mut settings.batch_size, args.batch),
@@ -110,6 +117,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         }
     }
     settings.vae_learning_rate = args.vae_lr.unwrap_or(settings.vae_learning_rate);
+    settings.decoder_learning_rate = args.decoder_lr.unwrap_or(settings.decoder_learning_rate);
     settings.learning_rate = args.lr.unwrap_or(settings.learning_rate);
     settings.seed = args.seed.unwrap_or(settings.seed);
     settings.offset_noise = args.offset_noise.unwrap_or(settings.offset_noise);

@@ -316,3 +316,58 @@ fn an_interrupted_run_resumes_from_its_checkpoint() {
     );
     StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
 }
+
+/// The decoder's refinement, added with `--resume` to a finished run: the encoder (so every
+/// latent the denoiser learnt) and the denoiser stay bit for bit, the decoder changes.
+#[test]
+fn refining_the_decoder_keeps_the_encoder_and_the_denoiser() {
+    let dir = tempdir("decoder");
+    let run = |settings: PretrainSettings, resume: bool| {
+        pretrain(
+            &dir,
+            &DataSource::World,
+            settings,
+            resume,
+            &Device::Cpu,
+            &mut NoProgress,
+        )
+        .unwrap()
+    };
+    run(settings(), false);
+    let (vae_before, unet_before) = (tensors(&dir.join("vae")), tensors(&dir.join("unet")));
+    let state = run(
+        PretrainSettings {
+            decoder_steps: 5,
+            ..settings()
+        },
+        true,
+    );
+    assert_eq!(
+        (state.phase, state.step, state.decoder_step),
+        (Phase::Done, 6, 5)
+    );
+    assert_eq!(state.decoder_loss.pending.1, 5);
+    assert!(state.decoder_loss.latest(1).is_finite());
+    assert_eq!(TrainingState::read(&dir).unwrap().decoder_step, 5);
+    let vae_after = tensors(&dir.join("vae"));
+    let mut decoder_changed = 0;
+    for (name, before) in &vae_before {
+        let diff = max_abs_diff(before, &vae_after[name]);
+        if name.starts_with("decoder.") || name.starts_with("post_quant_conv.") {
+            decoder_changed += usize::from(diff > 0.0);
+        } else {
+            assert_eq!(diff, 0.0, "{name} changed");
+        }
+    }
+    assert!(decoder_changed > 0, "no decoder tensor changed");
+    let unet_after = tensors(&dir.join("unet"));
+    for (name, before) in &unet_before {
+        assert_eq!(
+            max_abs_diff(before, &unet_after[name]),
+            0.0,
+            "{name} changed"
+        );
+    }
+    // The folder still loads as a pipeline.
+    StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
+}

@@ -1,7 +1,10 @@
 //! Training a small text-to-image model from scratch (`unitune pretrain`): the built-in model.
 //!
 //! Two phases, as Stable Diffusion was made: first the autoencoder alone ([`vae`]), then the
-//! text encoder and UNet together on its frozen latents ([`denoiser`]). The networks are the same
+//! text encoder and UNet together on its frozen latents ([`denoiser`]). Optionally
+//! (`decoder_steps`), the decoder alone is refined, the encoder and so the latents unchanged, as
+//! Stable Diffusion's ft-MSE autoencoder was; it runs after the autoencoder phase, or is added
+//! with `--resume` to a run already past it. The networks are the same
 //! classes that load published checkpoints, only smaller ([`Preset`]); every weight is created
 //! from the seed ([`init`]). The result is a diffusers-layout folder (written by
 //! [`unitune::weights::export`]) that [`unitune::pipelines::StableDiffusion::load`] and diffusers'
@@ -110,6 +113,14 @@ pub struct PretrainSettings {
     /// then works on whole pictures): a quarter of the compute at half the size. 0: whole pictures.
     pub vae_crop: usize,
     pub vae_learning_rate: f64,
+    /// Steps of the decoder's refinement: the decoder alone (the encoder, so the latents, kept
+    /// as they are) on whole pictures, MSE + L1, as Stable Diffusion's ft-MSE autoencoder was
+    /// made ([`vae`]). It can run at any point after the autoencoder phase, even after the
+    /// denoiser, since the denoiser sees only the encoder's latents.
+    #[serde(default)]
+    pub decoder_steps: usize,
+    #[serde(default = "default_decoder_learning_rate")]
+    pub decoder_learning_rate: f64,
     /// Text encoder + UNet steps.
     pub steps: usize,
     pub batch_size: usize,
@@ -132,6 +143,10 @@ pub struct PretrainSettings {
     pub weights_dtype: WeightsDtype,
 }
 
+fn default_decoder_learning_rate() -> f64 {
+    2e-4
+}
+
 impl PretrainSettings {
     /// The defaults for `preset`. The `small` ones are those of the built-in model, which was
     /// trained in three runs resumed one from another (`models/shapes-64/README.md`): a single
@@ -146,6 +161,8 @@ impl PretrainSettings {
             vae_batch_size: 8,
             vae_crop: 32,
             vae_learning_rate: 2e-3,
+            decoder_steps: 0,
+            decoder_learning_rate: default_decoder_learning_rate(),
             steps: 2800,
             batch_size: 16,
             learning_rate: 1e-3,
@@ -180,6 +197,7 @@ impl PretrainSettings {
         for (name, value) in [
             ("lr", self.learning_rate),
             ("vae-lr", self.vae_learning_rate),
+            ("decoder-lr", self.decoder_learning_rate),
             ("max-grad-norm", self.max_grad_norm),
         ] {
             if !(value.is_finite() && value > 0.0) {
@@ -282,6 +300,9 @@ pub fn pretrain(
         run.vae_tensors = WeightStore::open(&output.join("vae"), None, device)?
             .tensors()
             .clone();
+    }
+    if state.decoder_step < s.decoder_steps {
+        run.train_decoder(&data, &mut state, progress)?;
     }
     if state.phase == Phase::Done && state.step >= s.steps {
         return Ok(state);
@@ -412,6 +433,8 @@ enum Stream {
     Draws = 2,
     /// Denoiser steps' Gaussian noise.
     Noise = 3,
+    /// Decoder refinement steps: pictures.
+    Decoder = 4,
 }
 
 /// The random numbers of `step` for `stream`.

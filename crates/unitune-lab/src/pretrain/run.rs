@@ -2,19 +2,23 @@
 //! (progress, cancel, periodic checkpoints) and at the end of a phase.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Var};
 use rand::Rng;
 
 use super::data::Dataset;
 use super::denoiser::{DenoiserTrainer, LatentCache};
-use super::state::{Phase, TrainingState};
+use super::state::{Phase, TrainingState, STATE_FILE};
 use super::vae::{self, VaeTrainer};
 use super::{learning_rate, step_rng, Architecture, Stream, WeightsDtype};
+use unitune::models::vae::AutoencoderKl;
 use unitune::noise::Noise;
 use unitune::pipelines::Progress;
+use unitune::train::OptimizerKind;
 use unitune::weights::export::{self, PipelineParts, SpecialTokenIds, Tensors, TokenizerFiles};
+use unitune::weights::WeightStore;
 use unitune::{atomic, Error, Result};
 
 /// Pictures whose latents set the autoencoder's scaling factor.
@@ -187,6 +191,96 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// Refines the decoder to `decoder_steps` (the encoder and so the latents unchanged), then
+    /// writes the folder with the new autoencoder.
+    pub fn train_decoder(
+        &mut self,
+        data: &Dataset,
+        state: &mut TrainingState,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let s = state.settings.clone();
+        let store = WeightStore::from_tensors(self.output.join("vae"), self.vae_tensors.clone())
+            .with_trainable(Arc::new(vae::is_decoder));
+        let model = store.build(DType::F32, self.device, |vb| {
+            AutoencoderKl::new(vb, &self.arch.vae)
+        })?;
+        let vars = store.trainable_vars();
+        let var_refs: Vec<&Var> = vars.iter().map(|(_, v)| v).collect();
+        let mut optimizer = OptimizerKind::AdamW.build(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            s.decoder_learning_rate,
+        )?;
+        let resumed_at = state.decoder_step;
+        let mut clock = Instant::now();
+        progress.start("decoder", s.decoder_steps - state.decoder_step);
+        while state.decoder_step < s.decoder_steps {
+            if progress.cancelled() {
+                progress.finish();
+                self.checkpoint_decoder(&vars, state, &mut clock)?;
+                return Err(Error::Interrupted);
+            }
+            let step = state.decoder_step;
+            let mut rng = step_rng(s.seed, Stream::Decoder, step);
+            let indices: Vec<usize> = (0..s.vae_batch_size)
+                .map(|_| rng.gen_range(0..data.len()))
+                .collect();
+            let loss = vae::decoder_loss(&model, &data.images(&indices, self.device)?)?;
+            let mut grads = loss.backward()?;
+            super::clip_grad_norm(&mut grads, &var_refs, s.max_grad_norm)?;
+            optimizer.set_learning_rate(rewarmed(
+                learning_rate(
+                    s.decoder_learning_rate,
+                    step,
+                    s.decoder_steps,
+                    s.warmup_steps,
+                ),
+                step,
+                resumed_at,
+                s.warmup_steps,
+            ));
+            optimizer.step(&grads)?;
+            state.decoder_loss.push(loss.to_scalar()?);
+            state.decoder_step += 1;
+            progress.step(Some(&format!("loss {:.4}", state.decoder_loss.latest(1))));
+            if due(s.checkpoint_every, state.decoder_step, s.decoder_steps) {
+                self.checkpoint_decoder(&vars, state, &mut clock)?;
+            }
+        }
+        progress.finish();
+        self.checkpoint_decoder(&vars, state, &mut clock)
+    }
+
+    /// The refined autoencoder and the state; whatever else the folder holds (the denoiser's
+    /// checkpoint, the tokenizer) is carried over as it is.
+    fn checkpoint_decoder(
+        &mut self,
+        vars: &[(String, Var)],
+        state: &mut TrainingState,
+        clock: &mut Instant,
+    ) -> Result<()> {
+        state.decoder_seconds += clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        for (name, var) in vars {
+            self.vae_tensors
+                .insert(name.clone(), var.as_tensor().copy()?);
+        }
+        let current = self.output.to_path_buf();
+        atomic::replace_dir(self.output, |tmp| {
+            copy_except(&current, tmp, &["vae", STATE_FILE])?;
+            if !tmp.join("tokenizer").is_dir() {
+                self.tokenizer.write(&tmp.join("tokenizer"))?;
+            }
+            export::write_vae(
+                &tmp.join("vae"),
+                &self.arch.vae,
+                &self.vae_tensors,
+                candle_core::DType::F32,
+            )?;
+            state.write(tmp)
+        })
+    }
+
     /// The whole pipeline and the state, weights in `dtype`.
     fn checkpoint_pipeline(
         &self,
@@ -211,6 +305,34 @@ impl<'a> Run<'a> {
             state.write(tmp)
         })
     }
+}
+
+/// Copies the folder `from` into `to`, but for the top-level entries named in `skip`.
+fn copy_except(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
+    let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(from, e))?.path();
+        let name = path.file_name().unwrap_or_default();
+        if skip.iter().any(|s| name == *s) {
+            continue;
+        }
+        copy_tree(&path, &to.join(name))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
+        for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+            let path = entry.map_err(|e| Error::io(from, e))?.path();
+            copy_tree(&path, &to.join(path.file_name().unwrap_or_default()))?;
+        }
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| Error::io(from, e))
 }
 
 /// A checkpoint is due every `every` steps, except at the last (the phase's end writes one).

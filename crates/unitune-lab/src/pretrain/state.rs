@@ -33,6 +33,11 @@ pub struct LossLog {
 }
 
 impl LossLog {
+    /// Windows of 10 steps, as every curve of a run.
+    pub fn default_window() -> Self {
+        Self::new(10)
+    }
+
     pub fn new(every: usize) -> Self {
         Self {
             every: every.max(1),
@@ -73,6 +78,9 @@ pub struct TrainingState {
     pub vae_step: usize,
     /// Text encoder + UNet steps done.
     pub step: usize,
+    /// Decoder refinement steps done.
+    #[serde(default)]
+    pub decoder_step: usize,
     pub settings: PretrainSettings,
     /// `world` or the data folder.
     pub data: String,
@@ -86,9 +94,14 @@ pub struct TrainingState {
     pub vae_kl: LossLog,
     /// Denoising loss (min-SNR weighted MSE of the predicted noise).
     pub loss: LossLog,
+    /// Decoder refinement loss (MSE + L1 per value).
+    #[serde(default = "LossLog::default_window")]
+    pub decoder_loss: LossLog,
     /// Wall time spent in each phase, over all runs.
     pub vae_seconds: f64,
     pub seconds: f64,
+    #[serde(default)]
+    pub decoder_seconds: f64,
 }
 
 impl TrainingState {
@@ -97,6 +110,7 @@ impl TrainingState {
             phase: Phase::Vae,
             vae_step: 0,
             step: 0,
+            decoder_step: 0,
             settings,
             data,
             scaling_factor: None,
@@ -105,8 +119,10 @@ impl TrainingState {
             vae_l1: LossLog::new(10),
             vae_kl: LossLog::new(10),
             loss: LossLog::new(10),
+            decoder_loss: LossLog::default_window(),
             vae_seconds: 0.0,
             seconds: 0.0,
+            decoder_seconds: 0.0,
         }
     }
 

@@ -98,6 +98,19 @@ fn losses(
     Ok((loss, l1, kl))
 }
 
+/// The decoder's refinement loss for `images`: MSE + L1 per value between each picture and the
+/// decoding of its latent mean (the encoder is not trained: its output is detached).
+pub(super) fn decoder_loss(vae: &AutoencoderKl, images: &Tensor) -> Result<Tensor> {
+    let latents = vae.encode(images)?.mode().detach();
+    let error = (vae.decode(&latents)? - images)?;
+    Ok((error.sqr()?.mean_all()? + error.abs()?.mean_all()?)?)
+}
+
+/// Whether a tensor of the autoencoder belongs to the decoding path.
+pub(super) fn is_decoder(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
 /// KL(N(mean, var) || N(0, 1)) per latent element: `(mean² + var - 1 - logvar) / 2`.
 fn kl_divergence(posterior: &DiagonalGaussian) -> Result<Tensor> {
     let var = posterior.logvar.exp()?;
