@@ -1,11 +1,16 @@
 //! `unitune export`: the tuned model of a session as a diffusers folder, for the tools people
-//! already use (diffusers' `from_pretrained`, and everything that reads that layout).
+//! already use (diffusers' `from_pretrained`, and everything that reads that layout), or as a
+//! LoRA file (kohya naming: AUTOMATIC1111, ComfyUI, diffusers' `load_lora_weights`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use clap::Args;
+use unitune::atomic::write_atomic;
 use unitune::session::Session;
+use unitune::weights::{export, lora};
 
 use crate::common::{refuse_inputs, ModelArgs};
 
@@ -17,9 +22,17 @@ pub struct ExportArgs {
     /// Session file written by `unitune tune`.
     #[arg(long)]
     session: PathBuf,
-    /// The folder to write (replaced whole if it exists; it appears only once complete).
+    /// The folder to write (replaced whole if it exists; it appears only once complete), or
+    /// with `--format lora` the .safetensors file.
     #[arg(long, short)]
     output: PathBuf,
+    /// diffusers (the whole tuned model as a folder) or lora (the tune's change as a LoRA file).
+    #[arg(long, default_value = "diffusers", value_parser = ["diffusers", "lora"])]
+    format: String,
+    /// --format lora: the rank of each layer's factorisation (the file grows with it, the error
+    /// shrinks).
+    #[arg(long, default_value_t = 32)]
+    rank: usize,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -44,6 +57,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
             args.output.display()
         );
     }
+    if args.format == "lora" {
+        return write_lora(&args, &session);
+    }
     let sd = args.model.load(None)?;
     sd.export_tuned(&session, &args.output)
         .with_context(|| format!("exporting to {}", args.output.display()))?;
@@ -53,5 +69,46 @@ pub fn run(args: ExportArgs) -> Result<()> {
         session.token,
         session.deltas.len()
     );
+    Ok(())
+}
+
+/// The session's delta as a LoRA file at `--rank`, with the error of the factorisation.
+fn write_lora(args: &ExportArgs, session: &Session) -> Result<()> {
+    let lora = lora::from_deltas(&session.deltas, args.rank)?;
+    let metadata = HashMap::from([
+        ("ss_network_module".to_string(), "networks.lora".to_string()),
+        ("ss_network_dim".to_string(), args.rank.to_string()),
+        ("unitune_token".to_string(), session.token.clone()),
+        (
+            "unitune_base_fingerprint".to_string(),
+            session.base_fingerprint.clone(),
+        ),
+    ]);
+    write_atomic(&args.output, |tmp| {
+        export::write_safetensors_with(tmp, &lora.tensors, DType::F16, metadata)
+    })
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    let worst = lora
+        .layers
+        .iter()
+        .max_by(|a, b| a.relative_error.total_cmp(&b.relative_error));
+    eprintln!(
+        "wrote {}: a rank-{} LoRA of {} layers (kohya naming), {:.1}% relative error over the whole change{}",
+        args.output.display(),
+        args.rank,
+        lora.layers.len(),
+        100.0 * lora.relative_error,
+        worst.map_or(String::new(), |w| format!(
+            " (worst layer {}: {:.1}%)",
+            w.name,
+            100.0 * w.relative_error
+        ))
+    );
+    if !lora.skipped.is_empty() {
+        eprintln!(
+            "left out {} vector deltas (biases), which a LoRA cannot hold",
+            lora.skipped.len()
+        );
+    }
     Ok(())
 }

@@ -460,6 +460,38 @@ fn session_reproduces_the_tuned_unet() {
         assert_eq!(std::fs::read(exported.join(file)).unwrap(), base, "{file}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+
+    // As a LoRA at a rank above every layer's size: each matrix or convolution delta is
+    // up·down in kohya naming; only the vectors (biases) are left out.
+    let lora = unitune::weights::lora::from_deltas(&session.deltas, 256).unwrap();
+    let vectors: Vec<&String> = session
+        .deltas
+        .iter()
+        .filter(|(_, d)| d.rank() == 1)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(lora.skipped.iter().collect::<Vec<_>>(), vectors);
+    assert_eq!(lora.layers.len() + vectors.len(), session.deltas.len());
+    for layer in &lora.layers {
+        let module = unitune::weights::lora::kohya_module(&layer.name).unwrap();
+        let up = &lora.tensors[&format!("{module}.lora_up.weight")];
+        let down = &lora.tensors[&format!("{module}.lora_down.weight")];
+        let delta = &session.deltas[&layer.name];
+        let out = delta.dim(0).unwrap();
+        let product = up
+            .reshape((out, ()))
+            .unwrap()
+            .matmul(&down.reshape((up.elem_count() / out, ())).unwrap())
+            .unwrap()
+            .reshape(delta.dims())
+            .unwrap();
+        let norm = |t: &Tensor| {
+            let squares = t.sqr().unwrap().sum_all().unwrap();
+            squares.to_scalar::<f32>().unwrap().sqrt()
+        };
+        let error = norm(&(&product - delta).unwrap()) / norm(delta);
+        assert!(error <= 1e-3, "{}: relative error {error}", layer.name);
+    }
 }
 
 /// The system allocator, counting the bytes in use and their peak (for the memory measurement).

@@ -427,12 +427,22 @@ impl RawTensor {
 /// Writes `tensors` converted to `dtype` as a safetensors file with the `{"format": "pt"}`
 /// metadata transformers checks for.
 pub fn write_safetensors(path: &Path, tensors: &Tensors, dtype: DType) -> Result<()> {
+    write_safetensors_with(path, tensors, dtype, HashMap::new())
+}
+
+/// [`write_safetensors`] with more metadata (e.g. a LoRA's rank for the tools that list it).
+pub fn write_safetensors_with(
+    path: &Path,
+    tensors: &Tensors,
+    dtype: DType,
+    mut metadata: HashMap<String, String>,
+) -> Result<()> {
     let mut raw: Vec<(String, RawTensor)> = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), RawTensor::new(t, dtype)?)))
         .collect::<Result<_>>()?;
     raw.sort_by(|a, b| a.0.cmp(&b.0));
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.insert("format".to_string(), "pt".to_string());
     safetensors::serialize_to_file(raw, Some(metadata), path)
         .map_err(|e| Error::weights(path, format!("cannot write safetensors: {e}")))
 }

@@ -18,6 +18,7 @@ use candle_nn::VarBuilder;
 pub mod export;
 pub mod folder;
 pub mod hub;
+pub mod lora;
 
 use crate::error::{read_json, Error, Result};
 
