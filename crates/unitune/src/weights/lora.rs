@@ -162,11 +162,11 @@ fn orthonormal(y: &Tensor) -> Result<Tensor> {
     let norm = |c: &[f64]| c.iter().map(|x| x * x).sum::<f64>().sqrt();
     for j in 0..p {
         let before = norm(&columns[j]);
-        for i in 0..j {
-            let dot: f64 = (0..m).map(|r| columns[i][r] * columns[j][r]).sum();
-            for r in 0..m {
-                columns[j][r] -= dot * columns[i][r];
-            }
+        let (done, rest) = columns.split_at_mut(j);
+        let column = &mut rest[0];
+        for basis in done.iter() {
+            let dot: f64 = basis.iter().zip(column.iter()).map(|(b, c)| b * c).sum();
+            column.iter_mut().zip(basis).for_each(|(c, b)| *c -= dot * b);
         }
         // What is left of a dependent column is the f32 input's rounding, not a direction.
         let after = norm(&columns[j]);
@@ -208,15 +208,16 @@ fn symmetric_eigen(mut a: Vec<Vec<f64>>) -> (Vec<f64>, Vec<Vec<f64>>) {
                 let t = sign / (theta.abs() + (theta * theta + 1.0).sqrt());
                 let c = 1.0 / (t * t + 1.0).sqrt();
                 let s = t * c;
-                for k in 0..n {
-                    let (akp, akq) = (a[k][p], a[k][q]);
-                    a[k][p] = c * akp - s * akq;
-                    a[k][q] = s * akp + c * akq;
+                for row in a.iter_mut() {
+                    let (akp, akq) = (row[p], row[q]);
+                    row[p] = c * akp - s * akq;
+                    row[q] = s * akp + c * akq;
                 }
-                for k in 0..n {
-                    let (apk, aqk) = (a[p][k], a[q][k]);
-                    a[p][k] = c * apk - s * aqk;
-                    a[q][k] = s * apk + c * aqk;
+                let (upper, lower) = a.split_at_mut(q);
+                for (apk, aqk) in upper[p].iter_mut().zip(lower[0].iter_mut()) {
+                    let (x, y) = (*apk, *aqk);
+                    *apk = c * x - s * y;
+                    *aqk = s * x + c * y;
                 }
                 for row in v.iter_mut() {
                     let (vp, vq) = (row[p], row[q]);
