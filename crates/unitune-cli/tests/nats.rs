@@ -425,3 +425,39 @@ fn client(addr: &str) -> Vec<(f64, Events)> {
     }
     done
 }
+
+/// With two idle workers, the edits of a session go to the one that tuned it, which has its
+/// UNet loaded (`loaded {cached: true}`), every time.
+#[test]
+fn edits_go_to_the_worker_that_has_their_session_loaded() {
+    let dir = temp_dir("affinity");
+    let nats = Nats::start(&dir.join("js"));
+    let (_front, addr) = front_end(&nats);
+    let _workers: Vec<Process> = (0..2)
+        .map(|i| worker(&nats, &dir.join(format!("worker-{i}.log"))))
+        .collect();
+    let answer = tune_with(&addr, 2, "");
+    let tune_events = events(&addr, answer["job"]["id"].as_str().unwrap());
+    let started = |events: &Events| {
+        let (_, _, data) = events.iter().find(|e| e.1 == "started").unwrap();
+        data["worker"].as_str().unwrap().to_string()
+    };
+    let tuner = started(&tune_events);
+    let session = answer["session"].as_str().unwrap();
+    for prompt in ["a red circle", "a blue square", "a green star"] {
+        let body = json!({ "prompt": prompt, "steps": 2 }).to_string();
+        let (status, text) = http(
+            &addr,
+            "POST",
+            &format!("/api/sessions/{session}/edits"),
+            "application/json",
+            body.as_bytes(),
+        );
+        assert_eq!(status, 202, "{text}");
+        let job: Value = serde_json::from_str(&text).unwrap();
+        let edit_events = events(&addr, job["job"]["id"].as_str().unwrap());
+        assert_eq!(started(&edit_events), tuner, "{:?}", kinds(&edit_events));
+        let loaded = edit_events.iter().find(|e| e.1 == "loaded").unwrap();
+        assert_eq!(loaded.2["cached"], true);
+    }
+}

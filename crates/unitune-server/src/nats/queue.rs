@@ -72,7 +72,8 @@ impl NatsQueue {
         records
     }
 
-    /// A worker that has `session` loaded and is alive, if any.
+    /// A live worker that has `session` loaded and runs nothing, if any: an edit sent to it
+    /// starts at once. (A busy one would hold the edit while others are free.)
     async fn worker_with(&self, session: &str) -> Option<String> {
         let keys = self.nats.workers.keys().await.ok()?;
         let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
@@ -83,7 +84,7 @@ impl NatsQueue {
             let Ok(info) = serde_json::from_slice::<WorkerInfo>(&value) else {
                 continue;
             };
-            if info.sessions.iter().any(|s| s == session) {
+            if info.job.is_none() && info.sessions.iter().any(|s| s == session) {
                 return Some(key);
             }
         }
@@ -92,9 +93,6 @@ impl NatsQueue {
 
     async fn submit_async(&self, new: NewJob) -> Result<Value, SubmitError> {
         let unavailable = |e: String| SubmitError::Unavailable(e);
-        if self.queued().await.map_err(unavailable)? >= self.capacity {
-            return Err(SubmitError::Full { retry_after: 5 });
-        }
         let job = new.job;
         let key = new
             .key
@@ -116,6 +114,13 @@ impl NatsQueue {
                 let put = self.nats.jobs.put(key, job.id.clone().into()).await;
                 put.map_err(|e| unavailable(e.to_string()))?;
             }
+        }
+        // After the key: a repeated submission gets its job even when the queue is full.
+        if self.queued().await.map_err(unavailable)? >= self.capacity {
+            if let Some(key) = &key {
+                let _ = self.nats.jobs.purge(key).await;
+            }
+            return Err(SubmitError::Full { retry_after: 5 });
         }
         let mut message = JobMessage {
             id: job.id.clone(),

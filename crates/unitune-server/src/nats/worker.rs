@@ -93,6 +93,10 @@ pub fn run(
         };
         job.handle(&mut worker, message);
         *lock(&loaded) = worker.loaded();
+        // Said at once, so that the session's next edit can be sent here.
+        if let Err(e) = nats.block(beat(&nats, &id, &current, &loaded)) {
+            eprintln!("warning: {e}");
+        }
     }
     let _ = nats.block(nats.workers.purge(&id));
     let _ = nats.block(async {

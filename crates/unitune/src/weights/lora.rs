@@ -166,7 +166,10 @@ fn orthonormal(y: &Tensor) -> Result<Tensor> {
         let column = &mut rest[0];
         for basis in done.iter() {
             let dot: f64 = basis.iter().zip(column.iter()).map(|(b, c)| b * c).sum();
-            column.iter_mut().zip(basis).for_each(|(c, b)| *c -= dot * b);
+            column
+                .iter_mut()
+                .zip(basis)
+                .for_each(|(c, b)| *c -= dot * b);
         }
         // What is left of a dependent column is the f32 input's rounding, not a direction.
         let after = norm(&columns[j]);
