@@ -22,8 +22,11 @@ use unitune::tokenizer::ClipTokenizer;
 use unitune::weights::folder::check_model_index;
 use unitune::weights::WeightStore;
 
+/// A fuzz target: its name, and the function that reads one input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target, by the name the harness and the corpus folders use.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
     ("shard_index", shard_index),
     ("unet_config", unet_config),
