@@ -118,6 +118,23 @@ impl Nats {
     }
 }
 
+/// Waits (up to 10 s) for the job stream to be empty: a job's record says `done` a moment
+/// before its message is acknowledged.
+fn until_empty(nats: &Nats) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = nats.queued_messages();
+        if left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} job messages left in the stream"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("unitune-nats-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -225,7 +242,7 @@ fn a_killed_worker_s_tune_is_redelivered_and_finishes_once_elsewhere() {
     let listed = sessions(&addr);
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["id"], summary["session"]);
-    assert_eq!(nats.queued_messages(), 0);
+    until_empty(&nats);
 }
 
 #[test]
@@ -261,7 +278,7 @@ fn a_restarted_nats_server_loses_no_acknowledged_job() {
     // And the front end, reconnected, still queues.
     let after = tune(&addr, 2);
     assert_eq!(until_finished(&addr, &after, 120)["state"], "done");
-    assert_eq!(nats.queued_messages(), 0);
+    until_empty(&nats);
 }
 
 #[test]
@@ -299,7 +316,7 @@ fn poison_jobs_fail_once_with_a_clear_error_and_duplicates_run_once() {
     assert_eq!(error.1, "error");
     let message = error.2["message"].as_str().unwrap();
     assert!(message.contains("upload.png"), "{message}");
-    assert_eq!(nats.queued_messages(), 0);
+    until_empty(&nats);
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("dropped a job message"), "{logged}");
 
@@ -388,7 +405,7 @@ fn sixty_jobs_from_twenty_clients_over_three_workers() {
         }
     }
     assert!(get_json(&addr, "/api/jobs").as_array().unwrap().is_empty());
-    assert_eq!(nats.queued_messages(), 0);
+    until_empty(&nats);
     latencies.sort_by(f64::total_cmp);
     eprintln!(
         "60 jobs in {seconds:.1} s: {:.2} jobs/s; latency (submit to done) median {:.2} s, p90 {:.2} s, max {:.2} s",
@@ -460,4 +477,101 @@ fn edits_go_to_the_worker_that_has_their_session_loaded() {
         let loaded = edit_events.iter().find(|e| e.1 == "loaded").unwrap();
         assert_eq!(loaded.2["cached"], true);
     }
+}
+
+/// A worker stopped with SIGTERM mid-tune gives the job back at once (`requeued`), and another
+/// worker finishes it; no session is written twice.
+#[test]
+fn a_stopped_worker_gives_its_job_back() {
+    let dir = temp_dir("stop");
+    let nats = Nats::start(&dir.join("js"));
+    let (_front, addr) = front_end(&nats);
+    let mut first = worker(&nats, &dir.join("first.log"));
+    let job = tune(&addr, 400);
+    common::until_running(&addr, &job);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(first.0.id() as i32, libc::SIGTERM) };
+    let status = first.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _second = worker(&nats, &dir.join("second.log"));
+    assert_eq!(until_finished(&addr, &job, 240)["state"], "done");
+    let events = events(&addr, &job);
+    assert_eq!(count(&events, "requeued"), 1, "{:?}", kinds(&events));
+    assert_eq!(count(&events, "started"), 2);
+    assert_eq!(sessions(&addr).as_array().unwrap().len(), 1);
+}
+
+/// An edit routed to a worker that has just died (its registry entry not yet expired) is moved
+/// back to the shared subject by another worker once the entry expires, and finishes there.
+#[test]
+fn an_edit_routed_to_a_dead_worker_is_moved_to_a_live_one() {
+    let dir = temp_dir("reap");
+    let nats = Nats::start(&dir.join("js"));
+    let (_front, addr) = front_end(&nats);
+    let mut workers: Vec<Option<Process>> = (0..2)
+        .map(|i| Some(worker(&nats, &dir.join(format!("worker-{i}.log")))))
+        .collect();
+    let answer = tune_with(&addr, 2, "");
+    let tune_events = events(&addr, answer["job"]["id"].as_str().unwrap());
+    let (_, _, data) = tune_events.iter().find(|e| e.1 == "started").unwrap();
+    let tuner = data["worker"].as_str().unwrap().to_string();
+    let session = answer["session"].as_str().unwrap().to_string();
+    // Kill the worker that tuned: which process it is, its log says.
+    let index = (0..2)
+        .find(|i| {
+            std::fs::read_to_string(dir.join(format!("worker-{i}.log")))
+                .unwrap()
+                .contains(&tuner)
+        })
+        .unwrap();
+    // Once its registry entry says it is idle with the session loaded, SIGKILL: the entry
+    // outlives it (until it expires), so the front end still routes the edit to it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entry = nats.request(
+            "$JS.API.STREAM.MSG.GET.KV_unitune-workers",
+            json!({ "last_by_subj": format!("$KV.unitune-workers.{tuner}") })
+                .to_string()
+                .as_bytes(),
+        );
+        let info = entry["message"]["data"].as_str().map(|data| {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        });
+        if info.is_some_and(|i| i["job"].is_null() && i["sessions"].to_string().contains(&session))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tuner never said it was idle: {entry}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(workers[index].take());
+    let (status, text) = http(
+        &addr,
+        "POST",
+        &format!("/api/sessions/{session}/edits"),
+        "application/json",
+        br#"{"prompt": "a red circle", "steps": 2}"#,
+    );
+    assert_eq!(status, 202, "{text}");
+    let job: Value = serde_json::from_str(&text).unwrap();
+    let job = job["job"]["id"].as_str().unwrap();
+    let routed = Instant::now();
+    assert_eq!(until_finished(&addr, job, 90)["state"], "done");
+    // It waited for the dead worker's entry to expire (10 s after its last heartbeat).
+    assert!(
+        routed.elapsed() > Duration::from_secs(3),
+        "{:?}",
+        routed.elapsed()
+    );
+    let events = events(&addr, job);
+    let (_, _, data) = events.iter().find(|e| e.1 == "started").unwrap();
+    assert_ne!(data["worker"].as_str().unwrap(), tuner);
+    until_empty(&nats);
 }

@@ -90,13 +90,9 @@ pub fn run(
             stop: &stop,
             cancel: cancel.clone(),
             current: &current,
+            loaded: &loaded,
         };
         job.handle(&mut worker, message);
-        *lock(&loaded) = worker.loaded();
-        // Said at once, so that the session's next edit can be sent here.
-        if let Err(e) = nats.block(beat(&nats, &id, &current, &loaded)) {
-            eprintln!("warning: {e}");
-        }
     }
     let _ = nats.block(nats.workers.purge(&id));
     let _ = nats.block(async {
@@ -165,6 +161,7 @@ struct Handling<'a> {
     stop: &'a AtomicBool,
     cancel: Arc<AtomicBool>,
     current: &'a Mutex<Current>,
+    loaded: &'a Mutex<Vec<String>>,
 }
 
 /// The job's events go to its subject; it is cancelled by the user, or by the worker stopping.
@@ -247,6 +244,15 @@ impl Handling<'_> {
         let result = self.run(worker, &running, &job);
         keep_alive.store(true, Ordering::SeqCst);
         lock(self.current).job = None;
+        // The registry says this worker is idle with the session loaded before the job's last
+        // event: a client that then asks for an edit of it gets it routed here.
+        *lock(self.loaded) = worker.loaded();
+        if let Err(e) = self
+            .nats
+            .block(beat(self.nats, self.worker_id, self.current, self.loaded))
+        {
+            eprintln!("warning: {e}");
+        }
         let by_stop =
             matches!(result, Err(Error::Interrupted)) && !self.cancel.load(Ordering::SeqCst);
         if by_stop {
