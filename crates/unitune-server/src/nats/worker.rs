@@ -94,12 +94,16 @@ pub fn run(
         };
         job.handle(&mut worker, message);
     }
+    // Gone from the registry first, so that no more edits are routed here; then whatever was
+    // routed here in the meantime goes to the other workers.
     let _ = nats.block(nats.workers.purge(&id));
-    let _ = nats.block(async {
+    let handed = nats.block(async {
         let stream = nats.js.get_stream(JOBS_STREAM).await?;
-        stream.delete_consumer(&format!("worker-{id}")).await?;
-        Ok::<_, async_nats::Error>(())
+        hand_over(&nats, &stream, &format!("worker-{id}")).await
     });
+    if let Err(e) = handed {
+        eprintln!("warning: jobs sent to this worker wait for another worker's clean-up: {e}");
+    }
     Ok(())
 }
 
@@ -417,22 +421,33 @@ async fn reap(nats: &Nats, me: &str) -> Result<(), async_nats::Error> {
         if worker == me || nats.workers.get(worker).await?.is_some() {
             continue;
         }
-        let mut consumer: PullConsumer = stream.get_consumer(&name).await?;
-        let mut batch = consumer.fetch().max_messages(16).messages().await?;
-        while let Some(Ok(message)) = batch.next().await {
-            let id = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("moved-{id}").as_str());
-            nats.js
-                .publish_with_headers(ANY_SUBJECT, headers, message.payload.clone())
-                .await?
-                .await?;
-            message.double_ack().await?;
-        }
-        let info = consumer.info().await?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            stream.delete_consumer(&name).await?;
-        }
+        hand_over(nats, &stream, &name).await?;
+    }
+    Ok(())
+}
+
+/// Moves the jobs waiting on the worker consumer `name` to the shared subject, and removes the
+/// consumer once it holds nothing (a job its worker had taken waits for its ack deadline).
+async fn hand_over(
+    nats: &Nats,
+    stream: &async_nats::jetstream::stream::Stream,
+    name: &str,
+) -> Result<(), async_nats::Error> {
+    let mut consumer: PullConsumer = stream.get_consumer(name).await?;
+    let mut batch = consumer.fetch().max_messages(16).messages().await?;
+    while let Some(Ok(message)) = batch.next().await {
+        let id = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("moved-{id}").as_str());
+        nats.js
+            .publish_with_headers(ANY_SUBJECT, headers, message.payload.clone())
+            .await?
+            .await?;
+        message.double_ack().await?;
+    }
+    let info = consumer.info().await?;
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        stream.delete_consumer(name).await?;
     }
     Ok(())
 }
