@@ -116,19 +116,6 @@ fn tune_then_sweep_edits() {
     assert!(!ok && err.contains("another model"), "{err}");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
-}
-
 /// A model folder's `unitune.json` gives `tune` and `edit` their defaults; flags still win, and
 /// a typo in it is an error naming the file.
 #[test]
@@ -137,7 +124,7 @@ fn a_model_folder_s_unitune_json_sets_the_defaults() {
     let dir = std::env::temp_dir().join(format!("unitune-cli-defaults-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let model = dir.join("model");
-    copy_dir(&fixtures.join("tiny-sd1"), &model);
+    unitune::weights::export::copy_tree(&fixtures.join("tiny-sd1"), &model, &|_| true).unwrap();
     std::fs::write(
         model.join("unitune.json"),
         r#"{"tune": {"steps": 2, "batch_size": 1, "learning_rate": 0.0005},

@@ -608,11 +608,7 @@ async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
     let model = data.with_extension("model");
     let _ = std::fs::remove_dir_all(&model);
     let fixture = repo().join("tests/fixtures/tiny-sd1");
-    for entry in walk(&fixture) {
-        let target = model.join(entry.strip_prefix(&fixture).unwrap());
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &target).unwrap();
-    }
+    unitune::weights::export::copy_tree(&fixture, &model, &|_| true).unwrap();
     std::fs::write(
         model.join("unitune.json"),
         r#"{"tune": {"steps": 3, "batch_size": 1}, "edit": {"num_inference_steps": 2, "start": 0.5}}"#,
@@ -659,17 +655,4 @@ async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
         (Some(2), Some(0.5))
     );
     assert_eq!(params["guidance"], 4.0);
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = vec![];
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

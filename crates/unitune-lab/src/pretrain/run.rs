@@ -267,7 +267,9 @@ impl<'a> Run<'a> {
         }
         let current = self.output.to_path_buf();
         atomic::replace_dir(self.output, |tmp| {
-            copy_except(&current, tmp, &["vae", STATE_FILE])?;
+            export::copy_tree(&current, tmp, &|rel: &Path| {
+                !rel.starts_with("vae") && rel != Path::new(STATE_FILE)
+            })?;
             if !tmp.join("tokenizer").is_dir() {
                 self.tokenizer.write(&tmp.join("tokenizer"))?;
             }
@@ -305,34 +307,6 @@ impl<'a> Run<'a> {
             state.write(tmp)
         })
     }
-}
-
-/// Copies the folder `from` into `to`, but for the top-level entries named in `skip`.
-fn copy_except(from: &Path, to: &Path, skip: &[&str]) -> Result<()> {
-    let entries = std::fs::read_dir(from).map_err(|e| Error::io(from, e))?;
-    for entry in entries {
-        let path = entry.map_err(|e| Error::io(from, e))?.path();
-        let name = path.file_name().unwrap_or_default();
-        if skip.iter().any(|s| name == *s) {
-            continue;
-        }
-        copy_tree(&path, &to.join(name))?;
-    }
-    Ok(())
-}
-
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    if from.is_dir() {
-        std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
-        for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-            let path = entry.map_err(|e| Error::io(from, e))?.path();
-            copy_tree(&path, &to.join(path.file_name().unwrap_or_default()))?;
-        }
-        return Ok(());
-    }
-    std::fs::copy(from, to)
-        .map(|_| ())
-        .map_err(|e| Error::io(from, e))
 }
 
 /// A checkpoint is due every `every` steps, except at the last (the phase's end writes one).

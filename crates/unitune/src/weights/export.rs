@@ -471,7 +471,7 @@ pub fn write_with_unet(model: &Path, unet: &Tensors, out: &Path) -> Result<()> {
 }
 
 /// Copies the files of `from` under `to` whose path relative to `from` passes `keep`.
-fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
+pub fn copy_tree(from: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
     fn walk(root: &Path, dir: &Path, to: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<()> {
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let path = entry.map_err(|e| Error::io(dir, e))?.path();
