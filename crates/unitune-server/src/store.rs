@@ -95,6 +95,15 @@ pub trait Records: Send + Sync {
     fn delete_edit(&self, session: &str, edit: &str) -> Result<bool>;
 }
 
+/// `image` as PNG bytes, in memory.
+pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
+    let mut png = vec![];
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("PNG encoding into memory");
+    png
+}
+
 /// Newest first, ties by id, as both stores list.
 pub fn newest_first<T>(items: &mut [T], key: impl Fn(&T) -> (u64, &str)) {
     items.sort_by(|a, b| key(b).cmp(&key(a)));

@@ -5,7 +5,6 @@
 //! NATS (`crate::nats::worker`), through the same [`Worker::tune`] and [`Worker::edit`].
 
 use std::cell::Cell;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,7 +20,7 @@ use unitune::{Error, Result};
 use crate::config::WorkerConfig;
 use crate::params::EditParams;
 use crate::queue::{Job, JobState, Queue, Work};
-use crate::store::{now, EditImage, EditMeta, Records, SessionMeta};
+use crate::store::{now, png_bytes, EditImage, EditMeta, Records, SessionMeta};
 
 /// Longest side of a preview image sent to the page.
 const PREVIEW_SIDE: u32 = 256;
@@ -366,12 +365,8 @@ fn data_url(image: &RgbImage) -> String {
         ((w as f64 * scale) as u32).max(1),
         ((h as f64 * scale) as u32).max(1),
     );
-    let mut png = vec![];
-    small
-        .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("PNG encoding into memory");
     format!(
         "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(png)
+        base64::engine::general_purpose::STANDARD.encode(png_bytes(&small))
     )
 }

@@ -10,13 +10,13 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::store::{png_bytes, NatsStore};
+use super::store::NatsStore;
 use super::{
     events_subject, worker_subject, JobMessage, JobRecord, Nats, WorkerInfo, ANY_SUBJECT,
     EVENTS_STREAM, JOBS_STREAM, MAX_INLINE_MESSAGE,
 };
 use crate::queue::{summary, Event, EventStream, JobQueue, JobState, NewJob, SubmitError, Work};
-use crate::store::now;
+use crate::store::{now, png_bytes};
 
 pub struct NatsQueue {
     nats: Arc<Nats>,

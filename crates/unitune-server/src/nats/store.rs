@@ -12,7 +12,7 @@ use unitune::session::{DeltaEncoding, Session};
 use unitune::{Error, Result};
 
 use super::Nats;
-use crate::store::{newest_first, valid_id, EditMeta, Records, SessionMeta};
+use crate::store::{newest_first, png_bytes, valid_id, EditMeta, Records, SessionMeta};
 
 pub struct NatsStore {
     nats: Arc<Nats>,
@@ -28,14 +28,6 @@ fn edit_key(session: &str, edit: &str) -> String {
 
 fn fail(what: &str, e: impl std::fmt::Display) -> Error {
     Error::io(Path::new(what), std::io::Error::other(e.to_string()))
-}
-
-pub fn png_bytes(image: &RgbImage) -> Vec<u8> {
-    let mut png = vec![];
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .expect("PNG encoding into memory");
-    png
 }
 
 impl NatsStore {
