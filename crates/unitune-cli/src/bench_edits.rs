@@ -52,6 +52,10 @@ pub struct BenchEditsArgs {
     /// Most objects per scene [default: the model's pretraining setting, else 2].
     #[arg(long)]
     max_objects: Option<usize>,
+    /// Keep every tune's session in this folder and reuse it when a later run asks for the same
+    /// tune (model, scene and settings), to sweep edit settings without retuning.
+    #[arg(long, value_name = "DIR")]
+    sessions: Option<PathBuf>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -82,6 +86,7 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         strengths: args.strengths,
         baseline_guidance: args.baseline_guidance,
         max_objects: args.max_objects,
+        sessions: args.sessions,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

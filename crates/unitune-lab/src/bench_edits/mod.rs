@@ -12,7 +12,8 @@
 //!   as `unitune edit` makes them with no flags (with the caption as baseline prompt where the
 //!   model recommends prompt guidance);
 //! - SDEdit: img2img from the picture at each of `strengths`, no tuning;
-//! - plain: txt2img from the edit prompt alone;
+//! - plain: txt2img from the edit prompt alone; its pictures also measure the model's
+//!   caption-following, attribute by attribute ([`crate::world::follow`]);
 //! - and three references: the unchanged picture (identity), the ground truth itself (which
 //!   checks the checks: its success rate must be 100%), and the picture's autoencoder round trip
 //!   (vae: how much of the scene any method working in latents can keep).
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use image::{GrayImage, Luma, RgbImage};
+use sha2::{Digest, Sha256};
 use unitune::image_io::{image_to_tensor, tensor_to_image};
 use unitune::jobs::{ModelDefaults, TuneJob};
 use unitune::noise::Noise;
@@ -34,11 +36,13 @@ use unitune::pipelines::{
     edit, generate, AutoMask, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions,
     NoProgress, StableDiffusion,
 };
+use unitune::session::{DeltaEncoding, Session};
 use unitune::train::tune::{default_token, tune, TuneSettings};
 use unitune::{Error, Result};
 
 pub use self::report::{to_json, to_tables, write_grid};
 use crate::pretrain::TrainingState;
+use crate::world::follow::{caption_followed, Following};
 use crate::world::score::{edit_happened, edit_kind, psnr, Part};
 use crate::world::{EditSample, SceneConfig, World};
 
@@ -78,6 +82,9 @@ pub struct BenchEditsConfig {
     pub baseline_guidance: f64,
     /// Most objects per scene; `None`: the model's pretraining setting, else 2.
     pub max_objects: Option<usize>,
+    /// Keeps each tune's session in this folder and reuses it when a later run asks for the same
+    /// tune (same model, scene and settings), so edit settings can be swept without retuning.
+    pub sessions: Option<PathBuf>,
 }
 
 impl Default for BenchEditsConfig {
@@ -96,6 +103,7 @@ impl Default for BenchEditsConfig {
             strengths: vec![0.5, 0.7, 0.9],
             baseline_guidance: 8.0,
             max_objects: None,
+            sessions: None,
         }
     }
 }
@@ -107,6 +115,9 @@ pub struct Row {
     pub psnr_in: Vec<Option<f64>>,
     pub psnr_out: Vec<Option<f64>>,
     pub success: Vec<bool>,
+    /// How far each picture follows the edit prompt (the edited scene's caption), attribute by
+    /// attribute: for plain generation, the model's caption-following.
+    pub following: Vec<Following>,
     /// Seconds per edit (sampling only).
     pub seconds: Vec<f64>,
     pub images: Vec<RgbImage>,
@@ -175,6 +186,7 @@ impl Bench<'_> {
                     psnr_in: vec![],
                     psnr_out: vec![],
                     success: vec![],
+                    following: vec![],
                     seconds: vec![],
                     images: vec![],
                 });
@@ -187,6 +199,8 @@ impl Bench<'_> {
             .push(psnr(&image, &sample.after, &sample.region, Part::Outside)?);
         row.success
             .push(edit_happened(sample, &image, &self.config)?);
+        row.following
+            .push(caption_followed(&sample.edited, &image, &self.config)?);
         row.seconds.push(seconds);
         row.images.push(image);
         Ok(())
@@ -203,11 +217,6 @@ impl Bench<'_> {
         record: &mut TuneRecord,
     ) -> Result<()> {
         let args = self.args;
-        let options = LoadOptions {
-            trainable: Some(plan.job.trainable()),
-            ..LoadOptions::default()
-        };
-        let tuned = StableDiffusion::load(&args.model, &options)?;
         let job = &plan.job;
         let settings = TuneSettings {
             steps: job.steps,
@@ -217,16 +226,43 @@ impl Bench<'_> {
             layers: job.layers,
             ..TuneSettings::new(token, args.seed)
         };
-        let t0 = Instant::now();
-        let session = tune(
-            &tuned,
-            &sample.before,
-            settings,
-            &mut self.noise(i),
-            &mut NoProgress,
-            &mut |_, _| Ok(()),
-        )?;
-        record.seconds.push(t0.elapsed().as_secs_f64());
+        let cached = args
+            .sessions
+            .as_ref()
+            .map(|dir| dir.join(session_name(i, &settings)));
+        let mut tuned = StableDiffusion::load(&args.model, &LoadOptions::default())?;
+        let reuse = cached
+            .as_deref()
+            .filter(|path| path.exists())
+            .and_then(|path| Session::load(path).ok())
+            .filter(|s| s.settings == settings && s.image == sample.before)
+            .filter(|s| tuned.apply_session(s).is_ok());
+        let session = match reuse {
+            Some(session) => session,
+            None => {
+                let options = LoadOptions {
+                    trainable: Some(job.trainable()),
+                    ..LoadOptions::default()
+                };
+                tuned = StableDiffusion::load(&args.model, &options)?;
+                let t0 = Instant::now();
+                let session = tune(
+                    &tuned,
+                    &sample.before,
+                    settings,
+                    &mut self.noise(i),
+                    &mut NoProgress,
+                    &mut |_, _| Ok(()),
+                )?;
+                record.seconds.push(t0.elapsed().as_secs_f64());
+                if let Some(path) = &cached {
+                    std::fs::create_dir_all(path.parent().expect("a file in the folder"))
+                        .map_err(|e| Error::io(path, e))?;
+                    session.save(path, DeltaEncoding::F32)?;
+                }
+                session
+            }
+        };
         let tail = &session.losses[session.losses.len() * 3 / 4..];
         record
             .final_loss
@@ -307,6 +343,15 @@ impl Bench<'_> {
                 .wrapping_add(scene as u64),
         )
     }
+}
+
+/// The session file of scene `scene`'s tune with `settings` in the `sessions` folder: the
+/// settings' hash names it, and the model is checked when it is applied.
+fn session_name(scene: usize, settings: &TuneSettings) -> String {
+    let json = serde_json::to_string(settings).expect("settings serialize");
+    let hash = Sha256::digest(json.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("scene{scene}-{hex}.unitune")
 }
 
 /// The world's scene settings: the model's pretraining size and object count when its folder
@@ -526,6 +571,7 @@ mod tests {
             .all(|r| r.success.len() == 2 && r.images.len() == 2));
         let (identity, truth) = (&m.rows[0], &m.rows[1]);
         assert_eq!(truth.success, [true, true]);
+        assert!(truth.following.iter().all(|f| f.all()));
         assert_eq!(identity.success, [false, false]);
         assert!(truth.psnr_in.iter().all(|&p| p == Some(PSNR_MAX)));
         // The base keeps everything outside the region, and differs inside it.
@@ -540,5 +586,48 @@ mod tests {
         assert_eq!(json["scenes"][1]["index"], HELD_OUT_START + 1);
         assert_eq!(truth.kept(), 2);
         assert!(to_tables(&args, &m).contains("| truth | - | 60.0 | "));
+    }
+
+    #[test]
+    fn a_kept_session_is_reused_and_gives_the_same_edits() {
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd1");
+        let dir =
+            std::env::temp_dir().join(format!("unitune-bench-sessions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let args = BenchEditsConfig {
+            model: fixture.into(),
+            scenes: 1,
+            tune_steps: 2,
+            steps: 2,
+            guidance: vec![4.0],
+            start: vec![1.0],
+            strengths: vec![],
+            sessions: Some(dir.clone()),
+            ..BenchEditsConfig::default()
+        };
+        let first = measure(&args).unwrap();
+        // One file per recipe: the paper's tune at lr 1e-4 and 2 steps, and the model's defaults.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        assert_eq!(first.tunes[0].seconds.len(), 1);
+        let second = measure(&args).unwrap();
+        assert!(
+            second.tunes.iter().all(|t| t.seconds.is_empty()),
+            "no tune ran again"
+        );
+        let unitune = |m: &Measurement| {
+            m.rows
+                .iter()
+                .find(|r| r.method == "unitune")
+                .unwrap()
+                .images[0]
+                .clone()
+        };
+        assert_eq!(unitune(&first), unitune(&second));
+        assert_eq!(
+            first.tunes[0].reconstruction,
+            second.tunes[0].reconstruction
+        );
+        assert_eq!(first.tunes[0].final_loss, second.tunes[0].final_loss);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,6 +9,7 @@ use unitune::image_io::{contact_sheet, save_png};
 use unitune::Result;
 
 use super::{mean, BenchEditsConfig, Measurement, Row, HELD_OUT_START, KEPT_DB};
+use crate::world::follow::Following;
 use crate::world::score::edit_kind;
 
 /// The row of `method` that did best: highest success rate, then highest mean PSNR (in + out).
@@ -162,7 +163,36 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
             .collect();
         let _ = writeln!(s, "| {method} | {} | {} |", row.setting, cells.join(" | "));
     }
+    let _ = writeln!(
+        s,
+        "\nCaption-following (the picture shows the edit prompt's background, object colours, object shapes, object count; all four):\n\n| method | setting | background | colour | shape | count | all |\n|---|---|---|---|---|---|---|"
+    );
+    for row in m.rows.iter().filter(|r| r.method == "plain") {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            row.method,
+            row.setting,
+            following_cells(row)
+        );
+    }
     s
+}
+
+/// `hits/n` of each attribute of [`Following`], and of all four.
+fn following_cells(row: &Row) -> String {
+    let n = row.following.len();
+    let count = |f: fn(&Following) -> bool| -> String {
+        format!("{}/{n}", row.following.iter().filter(|x| f(x)).count())
+    };
+    [
+        count(|f| f.background),
+        count(|f| f.colour),
+        count(|f| f.shape),
+        count(|f| f.count),
+        count(Following::all),
+    ]
+    .join(" | ")
 }
 
 /// One JSON object with every number of the run.
@@ -208,6 +238,12 @@ pub fn to_json(a: &BenchEditsConfig, m: &Measurement) -> serde_json::Value {
                 "psnr_in": opts(&r.psnr_in),
                 "psnr_out": opts(&r.psnr_out),
                 "success": r.success,
+                "following": r.following.iter().map(|f| json!({
+                    "background": f.background,
+                    "colour": f.colour,
+                    "shape": f.shape,
+                    "count": f.count,
+                })).collect::<Vec<_>>(),
                 "seconds": r.seconds.iter().map(|&x| finite(x)).collect::<Vec<_>>(),
             })
         })

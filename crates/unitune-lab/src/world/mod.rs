@@ -16,6 +16,7 @@
 
 mod caption;
 mod edits;
+pub mod follow;
 mod render;
 mod scene;
 pub mod score;
