@@ -60,6 +60,10 @@ pub struct PretrainArgs {
     /// Peak learning rate of phase two (AdamW; warmup, then cosine decay to a tenth).
     #[arg(long)]
     lr: Option<f64>,
+    /// Extra loss weight of the latents an object touches (world data; 0: all the same). May be
+    /// changed on --resume.
+    #[arg(long)]
+    object_weight: Option<f64>,
     /// The text encoder's context in tokens, bos and eos included.
     #[arg(long)]
     max_tokens: Option<usize>,
@@ -121,6 +125,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.learning_rate = args.lr.unwrap_or(settings.learning_rate);
     settings.seed = args.seed.unwrap_or(settings.seed);
     settings.offset_noise = args.offset_noise.unwrap_or(settings.offset_noise);
+    settings.object_weight = args.object_weight.unwrap_or(settings.object_weight);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
     let device = crate::common::parse_device(&args.device)?;

@@ -7,7 +7,9 @@
 //! The methods:
 //! - UniTune: tune on the picture (the paper's settings, at each `tune_lr`), then edit at each
 //!   guidance x start (x auto-mask with `auto_mask`, x prompt guidance against the picture's
-//!   caption at each of `prompt_guidance`: the paper's prompt-to-prompt setting);
+//!   caption at each of `prompt_guidance`: the paper's prompt-to-prompt setting); what a row
+//!   does not sweep (feather, the automatic mask's settings, interpolation) is the model's
+//!   recommendation (`unitune.json`), else the library's default;
 //! - UniTune with the model's defaults (`unitune.json`, else the paper's): one tune and one edit
 //!   as `unitune edit` makes them with no flags (with the caption as baseline prompt where the
 //!   model recommends prompt guidance);
@@ -33,8 +35,8 @@ use unitune::image_io::{image_to_tensor, tensor_to_image};
 use unitune::jobs::{ModelDefaults, TuneJob};
 use unitune::noise::Noise;
 use unitune::pipelines::{
-    edit, generate, AutoMask, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions,
-    NoProgress, StableDiffusion,
+    edit, generate, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions, NoProgress,
+    StableDiffusion,
 };
 use unitune::session::{DeltaEncoding, Session};
 use unitune::train::tune::{default_token, tune, TuneSettings};
@@ -409,6 +411,11 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
     let weights: Vec<Option<f64>> = std::iter::once(None)
         .chain(args.prompt_guidance.iter().map(|&w| Some(w)))
         .collect();
+    // Everything a row does not sweep (feather, the automatic mask's settings, ...) is the
+    // model's recommendation: at 64 px the library's 16 px feather and dilation would be a
+    // quarter of the picture.
+    let defaults = ModelDefaults::read(&args.model)?;
+    let auto_mask = defaults.auto_mask();
     for &lr in &args.tune_lr {
         let job = TuneJob {
             steps: args.tune_steps,
@@ -420,13 +427,14 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
             for &start in &args.start {
                 for &masked in masks {
                     for &weight in &weights {
-                        let mut request = EditRequest::new("", "");
+                        let mut request = defaults.edit_request("", "");
                         request.guidance_scale = g;
+                        request.mask = EditMask::None;
                         request.start = start;
                         request.num_inference_steps = args.steps;
                         let mut setting = format!("{} g={g} start={start}", lr_label(lr));
                         if masked {
-                            request.mask = EditMask::Auto(AutoMask::default());
+                            request.mask = EditMask::Auto(auto_mask);
                             setting.push_str(" auto-mask");
                         }
                         if let Some(w) = weight {
@@ -446,7 +454,6 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
         records.push(record(lr_label(lr), &job));
         plans.push(TunePlan { job, edits });
     }
-    let defaults = ModelDefaults::read(&args.model)?;
     let job = defaults.tune_job();
     let request = defaults.edit_request("", "");
     let caption_baseline = defaults.edit.prompt_guidance.is_some();

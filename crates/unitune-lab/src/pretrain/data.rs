@@ -99,6 +99,23 @@ impl Dataset {
         }
     }
 
+    /// The share of each pixel of picture `index` that an object covers (0 to 255), where the
+    /// data knows its objects (world scenes); `None` for a folder.
+    pub fn objects(&self, index: usize) -> Option<image::GrayImage> {
+        let Dataset::World { world, .. } = self else {
+            return None;
+        };
+        let config = world.config();
+        let scene = world.scene(index as u64);
+        let mut union = image::GrayImage::new(config.width, config.height);
+        for object in &scene.objects {
+            for (u, m) in union.pixels_mut().zip(object.mask(config).pixels()) {
+                u.0[0] = u.0[0].max(m.0[0]);
+            }
+        }
+        Some(union)
+    }
+
     /// Pictures `indices` as one batch `[b, 3, size, size]` in `[-1, 1]`.
     pub fn images(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
         let images = indices

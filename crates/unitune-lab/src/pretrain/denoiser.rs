@@ -51,6 +51,9 @@ pub(super) struct LatentCache {
     /// `[n, c, h, w]` unscaled latent means and standard deviations.
     mean: Tensor,
     std: Tensor,
+    /// `[n, 1, h, w]` weight of each latent in the loss: 1, plus the object weight where an
+    /// object touches the latent's pixels; `None` when every latent weighs the same.
+    focus: Option<Tensor>,
     /// `[n, max_length]` u32 token ids of the captions, and `[max_length]` of the empty prompt.
     ids: Tensor,
     empty_ids: Tensor,
@@ -59,21 +62,28 @@ pub(super) struct LatentCache {
 }
 
 impl LatentCache {
-    /// Encodes every picture and caption of `data`, `batch` pictures at a time.
+    /// Encodes every picture and caption of `data`, `batch` pictures at a time; with an
+    /// `object_weight` above 0 and data that knows its objects, also their latents' loss weights.
     pub fn build(
         vae: &AutoencoderKl,
         tokenizer: &ClipTokenizer,
         data: &Dataset,
         batch: usize,
+        object_weight: f64,
         device: &Device,
     ) -> Result<Self> {
         let (mut means, mut stds, mut ids, mut truncated) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut focus = Vec::new();
         for start in (0..data.len()).step_by(batch.max(1)) {
             let indices: Vec<usize> = (start..(start + batch).min(data.len())).collect();
             let posterior = vae.encode(&data.images(&indices, device)?)?;
             means.push(posterior.mean.detach());
             stds.push(posterior.std()?.detach());
+            let (h, w) = posterior.mean.dims4().map(|(_, _, h, w)| (h, w))?;
             for &i in &indices {
+                if let Some(objects) = data.objects(i).filter(|_| object_weight > 0.0) {
+                    focus.push(focus_map(&objects, h, w, object_weight, device)?);
+                }
                 let encoding = tokenizer.encode(&data.caption(i));
                 truncated += encoding.truncated.is_some() as usize;
                 ids.push(Tensor::new(encoding.ids, device)?);
@@ -83,6 +93,10 @@ impl LatentCache {
             // `cat` of one tensor returns it as it is: a narrow of the encoder's moments.
             mean: Tensor::cat(&means, 0)?.contiguous()?,
             std: Tensor::cat(&stds, 0)?.contiguous()?,
+            focus: match focus.is_empty() {
+                true => None,
+                false => Some(Tensor::stack(&focus, 0)?),
+            },
             ids: Tensor::stack(&ids, 0)?,
             empty_ids: Tensor::new(tokenizer.encode("").ids, device)?,
             truncated,
@@ -92,6 +106,25 @@ impl LatentCache {
     pub fn len(&self) -> usize {
         self.ids.dims()[0]
     }
+}
+
+/// `[1, h, w]`: 1 + `weight` at each latent whose pixels an object covers (any share), else 1.
+fn focus_map(
+    objects: &image::GrayImage,
+    h: usize,
+    w: usize,
+    weight: f64,
+    device: &Device,
+) -> Result<Tensor> {
+    let (cw, ch) = (objects.width() as usize / w, objects.height() as usize / h);
+    let mut values = vec![1f32; h * w];
+    for (x, y, p) in objects.enumerate_pixels() {
+        let (lx, ly) = ((x as usize / cw).min(w - 1), (y as usize / ch).min(h - 1));
+        if p.0[0] > 0 {
+            values[ly * w + lx] = 1.0 + weight as f32;
+        }
+    }
+    Ok(Tensor::from_vec(values, (1, h, w), device)?)
 }
 
 /// What a step draws: which pictures, which captions are dropped, timesteps and noise.
@@ -213,7 +246,17 @@ impl DenoiserTrainer {
             }
             PredictionType::Sample => latents.clone(),
         };
-        let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?; // [b]
+        let error = (pred - target)?.sqr()?; // [b, c, h, w]
+        let per_sample = match &cache.focus {
+            None => error.flatten_from(1)?.mean(1)?,
+            // The weighted mean: objects count more, the loss keeps its scale.
+            Some(focus) => {
+                let focus = focus.index_select(&indices, 0)?; // [b, 1, h, w]
+                let c = error.dim(1)? as f64;
+                let total = error.broadcast_mul(&focus)?.flatten_from(1)?.sum(1)?;
+                (total / (focus.flatten_from(1)?.sum(1)? * c)?)?
+            }
+        }; // [b]
         let weights = Tensor::new(self.snr_weights(&draw.timesteps)?, device)?;
         Ok((per_sample * weights)?.mean_all()?)
     }
@@ -295,7 +338,8 @@ mod tests {
         })
         .unwrap();
         let data = Dataset::open(&DataSource::World, 16, 0, 4, 2).unwrap();
-        let cache = LatentCache::build(&vae, &tokenizer, &data, 4, &device).unwrap();
+        let cache = LatentCache::build(&vae, &tokenizer, &data, 4, 4.0, &device).unwrap();
+        assert!(cache.focus.is_some());
         let scheduler = super::super::scheduler_config();
         let trainer =
             DenoiserTrainer::new(text, text_vars, unet, unet_vars, &scheduler, 1.0, 1e-3).unwrap();
@@ -320,5 +364,23 @@ mod tests {
                 assert!(max > 0.0, "zero gradient for `{name}`");
             }
         }
+    }
+
+    #[test]
+    fn object_latents_weigh_more_in_the_loss() {
+        let mut objects = image::GrayImage::new(16, 16);
+        // An object over pixels (4..8, 0..3): latent cells (1, 0) at a 4-pixel cell.
+        for y in 0..3 {
+            for x in 4..8 {
+                objects.put_pixel(x, y, image::Luma([200]));
+            }
+        }
+        objects.put_pixel(15, 15, image::Luma([1])); // an anti-aliased edge counts too
+        let focus = focus_map(&objects, 4, 4, 4.0, &Device::Cpu).unwrap();
+        let values = focus.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut expected = vec![1f32; 16];
+        expected[1] = 5.0;
+        expected[15] = 5.0;
+        assert_eq!(values, expected);
     }
 }
