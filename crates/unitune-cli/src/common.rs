@@ -53,6 +53,7 @@ impl ModelArgs {
             device,
             variant: self.variant.clone(),
             trainable,
+            single_file: Default::default(),
         };
         let dir = self.dir()?;
         StableDiffusion::load(&dir, &options)

@@ -95,6 +95,14 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, text: 
     serde_path_to_error::deserialize(&mut json).map_err(|err| json_error(path, err))
 }
 
+/// [`read_json`] on a JSON value (a config made in memory); `path` names it in errors.
+pub fn from_json_value<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    value: serde_json::Value,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|err| json_error(path, err))
+}
+
 /// A field's type error names the field; a syntax error is a plain JSON error.
 fn json_error(path: &std::path::Path, err: serde_path_to_error::Error<serde_json::Error>) -> Error {
     let field = err.path().to_string();

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{from_json_value, read_json, Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -85,7 +85,13 @@ fn side<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D:
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let file: File = read_json(path)?;
+        Self::from_json(path, read_json(path)?)
+    }
+
+    /// Checks a config given as JSON (e.g. one inferred from a single-file checkpoint); `path`
+    /// names where it came from in errors.
+    pub fn from_json(path: &Path, json: serde_json::Value) -> Result<Self> {
+        let file: File = from_json_value(path, json)?;
         if let Some(class) = file.class_name.filter(|c| c != "AutoencoderKL") {
             return Err(Error::config(
                 path,
