@@ -83,13 +83,16 @@ impl Default for RawConfig {
 impl ClipTextConfig {
     /// Reads and validates a text encoder's `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(path, read_json(path)?)
+        Self::check(path, read_json(path)?)
     }
 
     /// Validates a config given as JSON (e.g. one inferred from a single-file checkpoint);
     /// `path` names where it came from in errors.
     pub fn from_json(path: &Path, json: serde_json::Value) -> Result<Self> {
-        let raw: RawConfig = from_json_value(path, json)?;
+        Self::check(path, from_json_value(path, json)?)
+    }
+
+    fn check(path: &Path, raw: RawConfig) -> Result<Self> {
         let hidden_act = match raw.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,

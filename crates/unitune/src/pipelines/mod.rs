@@ -30,7 +30,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::weights::export::{write_pipeline, PipelineParts, SpecialTokenIds};
 use crate::weights::folder::check_model_index;
 use crate::weights::single_file::convert::Component;
-use crate::weights::single_file::{SingleFile, SingleFileOptions};
+use crate::weights::single_file::{is_single_file, SingleFile, SingleFileOptions};
 use crate::weights::{TrainableFilter, WeightStore};
 
 /// How to load a model.
@@ -96,7 +96,7 @@ impl StableDiffusion {
     /// folder of another pipeline (SDXL, SD3, ...) is refused by name rather than by a missing
     /// tensor; or, when `dir` is a file, the single-file checkpoint it is.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        if dir.is_file() {
+        if is_single_file(dir) {
             return Self::load_single_file(dir, options);
         }
         options.single_file.refuse_for(dir)?;

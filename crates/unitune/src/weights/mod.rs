@@ -264,6 +264,15 @@ impl WeightStore {
         self
     }
 
+    /// What the network's architecture came from, as messages name it: a component's
+    /// `config.json`, or the configs of a single file (inferred, or from `--config`).
+    fn config_name(&self) -> &'static str {
+        match self.inner.file_names.is_empty() {
+            true => "config.json",
+            false => "the model's config",
+        }
+    }
+
     /// `name` as messages show it: quoted, with its name in the file when that differs.
     fn describe(&self, name: &str) -> String {
         match self.inner.file_names.get(name) {
@@ -326,9 +335,10 @@ impl WeightStore {
         Err(Error::weights(
             &self.inner.origin,
             format!(
-                "{} unexpected tensor(s) the model does not use, e.g. {}: does the config match these weights?",
+                "{} unexpected tensor(s) the model does not use, e.g. {}: does {} match these weights?",
                 extra.len(),
-                shown.join(", ")
+                shown.join(", "),
+                self.config_name()
             ),
         ))
     }
@@ -351,10 +361,11 @@ impl candle_nn::var_builder::SimpleBackend for WeightStore {
         let tensor = self.get_unchecked(name, dtype, device)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
-                "{}: tensor {} has shape {:?}, but the model's config implies {:?}",
+                "{}: tensor {} has shape {:?}, but {} implies {:?}",
                 self.inner.origin.display(),
                 self.describe(name),
                 tensor.dims(),
+                self.config_name(),
                 shape.dims()
             );
         }

@@ -184,13 +184,16 @@ impl Default for File {
 impl UNet2DConditionConfig {
     /// Reads and checks `unet/config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        Self::from_json(path, read_json(path)?)
+        Self::check(path, read_json(path)?)
     }
 
     /// Checks a config given as JSON (e.g. one inferred from a single-file checkpoint); `path`
     /// names where it came from in errors.
     pub fn from_json(path: &Path, json: Value) -> Result<Self> {
-        let f: File = from_json_value(path, json)?;
+        Self::check(path, from_json_value(path, json)?)
+    }
+
+    fn check(path: &Path, f: File) -> Result<Self> {
         let bad = |field: &str, message: String| Error::config(path, field, message);
         if let Some(class) = f
             .class_name

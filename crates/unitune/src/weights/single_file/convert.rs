@@ -60,8 +60,9 @@ pub fn target(path: &Path, layout: &Layout, key: &str) -> Result<Option<Target>>
         Error::weights(
             path,
             format!(
-                "tensor `{key}` has no place in a Stable Diffusion {} {network}: another \
-                 architecture, or other networks merged into the file?",
+                "tensor `{key}` has no place in a Stable Diffusion {} {network} of this layout: \
+                 another architecture, a --config of another model, or other networks merged \
+                 into the file?",
                 match layout.family {
                     Family::Sd1 => "1.x",
                     Family::Sd2 => "2.x",

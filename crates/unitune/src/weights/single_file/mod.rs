@@ -55,6 +55,16 @@ pub struct SingleFileOptions {
     pub image_size: Option<usize>,
 }
 
+/// Whether `model` names a single-file checkpoint: a file, or a missing path with a checkpoint's
+/// extension (so that a mistyped file name is reported as a missing file, not as a folder).
+pub fn is_single_file(model: &Path) -> bool {
+    let checkpoint = model
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "safetensors" || PICKLE_EXTENSIONS.contains(&e));
+    model.is_file() || (checkpoint && !model.exists())
+}
+
 impl SingleFileOptions {
     /// Fails when any option is set, for a model that is not a single file.
     pub fn refuse_for(&self, model: &Path) -> Result<()> {
@@ -123,11 +133,14 @@ impl SingleFile {
             vae_levels: configs.vae.block_out_channels.len(),
             text_layers: configs.text_encoder.num_hidden_layers,
         };
+        // In name order, so that the first bad tensor reported is the same on every run.
+        let mut names = file.names();
+        names.sort();
         let mut targets = Vec::new();
-        for (key, _) in file.tensors() {
-            match convert::target(path, &layout, &key)? {
+        for key in names {
+            match convert::target(path, &layout, key)? {
                 Some(target) if components.contains(&target.component()) => {
-                    targets.push((key, target))
+                    targets.push((key.to_string(), target))
                 }
                 _ => {}
             }
