@@ -11,7 +11,7 @@ seconds=${1:-600}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(safetensors shard_index unet_config vae_config text_encoder_config scheduler_config
+  targets=(safetensors single_file shard_index unet_config vae_config text_encoder_config scheduler_config
            model_index tokenizer session image mask prompts init_noise)
 fi
 CARGO_TARGET_DIR=target/afl nice cargo afl build --release -p unitune-fuzz --features afl

@@ -20,6 +20,7 @@ use unitune::schedulers::{build, SchedulerConfig, SchedulerKind};
 use unitune::session::Session;
 use unitune::tokenizer::ClipTokenizer;
 use unitune::weights::folder::check_model_index;
+use unitune::weights::single_file::{SingleFile, SingleFileOptions};
 use unitune::weights::WeightStore;
 
 /// A fuzz target: its name, and the function that reads one input.
@@ -28,6 +29,7 @@ pub type Target = (&'static str, fn(&[u8]));
 /// Every target, by the name the harness and the corpus folders use.
 pub const TARGETS: &[Target] = &[
     ("safetensors", safetensors),
+    ("single_file", single_file),
     ("shard_index", shard_index),
     ("unet_config", unet_config),
     ("vae_config", vae_config),
@@ -96,6 +98,19 @@ pub fn safetensors(data: &[u8]) {
             let _ = tensor.to_dtype(DType::F32);
         }
     }
+}
+
+/// A single-file checkpoint: its configs inferred from its header, then its tensors converted
+/// with the tiny SD 1.x folder's configs (`--config`).
+pub fn single_file(data: &[u8]) {
+    let path = scratch("single_file").join("model.safetensors");
+    write(&path, data);
+    let _ = SingleFile::configs(&path, &SingleFileOptions::default());
+    let options = SingleFileOptions {
+        config: Some(fixture("")),
+        ..Default::default()
+    };
+    let _ = SingleFile::open(&path, &options, &Device::Cpu);
 }
 
 /// A sharded index over two small valid shards beside it.

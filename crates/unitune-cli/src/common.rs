@@ -7,7 +7,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use unitune::pipelines::{LoadOptions, StableDiffusion};
+use unitune::schedulers::PredictionType;
 use unitune::weights::hub::resolve_model;
+use unitune::weights::single_file::SingleFileOptions;
 use unitune::weights::TrainableFilter;
 
 /// The device named by `--device`: cpu, cuda or cuda:N.
@@ -25,10 +27,24 @@ pub fn parse_device(name: &str) -> Result<Device> {
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Stable Diffusion 1.x/2.x folder in the diffusers layout, or a Hugging Face repo id
+    /// Stable Diffusion 1.x/2.x: a folder in the diffusers layout, a single-file checkpoint
+    /// (`.safetensors` as the AUTOMATIC1111 web UI and ComfyUI load it), or a Hugging Face repo id
     /// (`owner/name`) already in the local cache [default: the built-in model].
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// With a single-file --model: a diffusers model folder whose configs, tokenizer and
+    /// scheduler are used instead of those inferred from the file (diffusers' `config=`).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
+    /// With a single-file --model: what its UNet predicts, epsilon or v_prediction [default:
+    /// epsilon for SD 1.x; for SD 2.x v_prediction, unless the file records 2.x-base's
+    /// global_step 875000].
+    #[arg(long, value_parser = parse_prediction_type)]
+    pub prediction_type: Option<PredictionType>,
+    /// With a single-file --model: the picture size it was trained at, in pixels [default: 768
+    /// for SD 2.x v_prediction, else 512].
+    #[arg(long, value_name = "PIXELS")]
+    pub image_size: Option<usize>,
     /// With a repo id: the branch, tag or commit of the cached snapshot [default: main].
     #[arg(long)]
     pub revision: Option<String>,
@@ -53,14 +69,24 @@ impl ModelArgs {
             device,
             variant: self.variant.clone(),
             trainable,
+            single_file: self.single_file(),
         };
         let dir = self.dir()?;
         StableDiffusion::load(&dir, &options)
             .with_context(|| format!("loading model {}", dir.display()))
     }
 
-    /// The model's folder: `--model` (a repo id resolved in the Hugging Face cache), or the
-    /// built-in model, unpacked.
+    /// How to read a single-file `--model` (the library refuses these flags for a folder).
+    pub fn single_file(&self) -> SingleFileOptions {
+        SingleFileOptions {
+            config: self.config.clone(),
+            prediction_type: self.prediction_type,
+            image_size: self.image_size,
+        }
+    }
+
+    /// The model's folder or single file: `--model` (a repo id resolved in the Hugging Face
+    /// cache), or the built-in model, unpacked.
     pub fn dir(&self) -> Result<PathBuf> {
         match &self.model {
             Some(model) => Ok(resolve_model(
@@ -83,6 +109,15 @@ impl ModelArgs {
             (Some("bf16"), false) => Ok(DType::BF16),
             (Some(other), _) => bail!("--dtype {other}: expected f32, f16 or bf16"),
         }
+    }
+}
+
+/// `--prediction-type`: the values of diffusers' `prediction_type` a single file may need.
+fn parse_prediction_type(value: &str) -> Result<PredictionType, String> {
+    match value {
+        "epsilon" => Ok(PredictionType::Epsilon),
+        "v_prediction" => Ok(PredictionType::VPrediction),
+        other => Err(format!("`{other}`: expected epsilon or v_prediction")),
     }
 }
 

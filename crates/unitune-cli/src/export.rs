@@ -39,23 +39,31 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let session = Session::load(&args.session)
         .with_context(|| format!("loading session {}", args.session.display()))?;
     let model = args.model.dir()?;
+    let config = args.model.config.as_deref();
     refuse_inputs(
         "--output",
         &args.output,
         &[
-            ("model folder", Some(&model)),
+            ("model", Some(&model)),
+            ("config folder", config),
             ("session", Some(&args.session)),
         ],
     )?;
-    if args
-        .output
-        .canonicalize()
-        .is_ok_and(|out| model.canonicalize().is_ok_and(|m| m.starts_with(&out)))
-    {
-        bail!(
-            "--output {} holds the model folder; choose another folder",
-            args.output.display()
-        );
+    // The output folder is replaced whole: it must not hold anything the export reads.
+    for (what, input) in [
+        ("the model", Some(model.as_path())),
+        ("the --config folder", config),
+    ] {
+        let inside = |input: &std::path::Path| {
+            let out = args.output.canonicalize();
+            out.is_ok_and(|out| input.canonicalize().is_ok_and(|i| i.starts_with(&out)))
+        };
+        if input.is_some_and(inside) {
+            bail!(
+                "--output {} holds {what}; choose another folder",
+                args.output.display()
+            );
+        }
     }
     if args.format == "lora" {
         return write_lora(&args, &session);

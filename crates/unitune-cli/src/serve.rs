@@ -39,6 +39,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let device = crate::common::parse_device(&args.model.device)?;
     let config = ServeConfig {
         model: args.model.dir()?,
+        single_file: args.model.single_file(),
         model_name: match &args.model.model {
             Some(dir) => dir.display().to_string(),
             None => "the built-in shapes-64".into(),

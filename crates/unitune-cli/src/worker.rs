@@ -40,6 +40,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = crate::common::parse_device(&args.model.device)?;
     let config = WorkerConfig {
         model: args.model.dir()?,
+        single_file: args.model.single_file(),
         dtype: args.model.dtype(&device)?,
         device,
         limits: Limits {

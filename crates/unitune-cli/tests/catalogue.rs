@@ -470,6 +470,34 @@ fn tampered_session_image(d: &Path) {
     std::fs::write(&path, bytes).unwrap();
 }
 
+// ---- single-file checkpoints ----
+
+fn pickle_checkpoint(d: &Path) {
+    std::fs::write(d.join("model.ckpt"), b"PK\x03\x04 as torch.save writes").unwrap();
+}
+fn sdxl_file(d: &Path) {
+    let name = "conditioner.embedders.1.model.positional_embedding";
+    safetensors_file(&d.join("sdxl.safetensors"), name, "F32", &[77, 4], 1232);
+}
+/// The tiny SD 1.x single file with one more tensor, under the UNet's prefix.
+fn stray_tensor_file(d: &Path) {
+    let bytes = std::fs::read(fixtures().join("tiny-sd1.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let end = bytes.len() - 8 - n;
+    header.insert(
+        "model.diffusion_model.input_blocks.1.1.lora_up.weight".into(),
+        serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]}),
+    );
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out.extend_from_slice(&[0; 4]);
+    std::fs::write(d.join("merged.safetensors"), out).unwrap();
+}
+
 // ---- the catalogue ----
 
 #[rustfmt::skip]
@@ -571,6 +599,14 @@ const CATALOGUE: &[Case] = &[
     case("edit whose session would replace its --image", image_named_session, &["edit", "--model", "{d}/model", "--image", "{d}/same.session", "--prompt", "a", "-o", "{d}/same.png"], &["same.session", "input image"]),
     case("output that is not PNG", none, &["generate", "--model", "{d}/model", "--prompt", "a", "-o", "{d}/out.jpg"], &["out.jpg", "only PNG"]),
     case("output folder that does not exist", none, &["generate", "--model", "{d}/model", "--prompt", "a", "-o", "{d}/no/such/out.png"], &["no/such", "does not exist"]),
+    // Single-file checkpoints (`--model FILE`).
+    case("pickle checkpoint as --model", pickle_checkpoint, &["generate", "--model", "{d}/model.ckpt", "--prompt", "a", "-o", "{d}/out.png"], &["model.ckpt", "pickle", "safetensors only"]),
+    case("single file of an SDXL model", sdxl_file, &["generate", "--model", "{d}/sdxl.safetensors", "--prompt", "a", "-o", "{d}/out.png"], &["sdxl.safetensors", "SDXL", "conditioner.embedders."]),
+    case("single file with another network's tensor merged in", stray_tensor_file, &["generate", "--model", "{d}/merged.safetensors", "--config", "{f}/tiny-sd1", "--prompt", "a", "-o", "{d}/out.png"], &["merged.safetensors", "input_blocks.1.1.lora_up.weight", "unexpected"]),
+    case("single file with another model's --config", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--config", "{f}/tiny-sd2", "--prompt", "a", "-o", "{d}/out.png"], &["tiny-sd1.safetensors", "no place"]),
+    case("single file without --config, shapes SD's defaults do not fit", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--prompt", "a", "-o", "{d}/out.png"], &["tiny-sd1.safetensors", "--config"]),
+    case("--image-size not a multiple of 8", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--config", "{f}/tiny-sd1", "--image-size", "100", "--prompt", "a", "-o", "{d}/out.png"], &["image_size", "100"]),
+    case("--config with a model folder", none, &["generate", "--model", "{d}/model", "--config", "{f}/tiny-sd1", "--prompt", "a", "-o", "{d}/out.png"], &["config", "single-file", "folder"]),
 ];
 
 fn copy_dir(from: &Path, to: &Path) {

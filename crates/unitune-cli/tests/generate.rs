@@ -219,3 +219,78 @@ fn builtin_model_draws_the_captions_background() {
         );
     }
 }
+
+/// `--model` a single-file checkpoint, with `--config` the folder it was made from: the folder's
+/// picture, byte for byte; a pickle, and the single-file flags with a folder, are refused by name.
+#[test]
+fn single_file_model_gives_the_folders_picture() {
+    let dir = tempdir("single-file");
+    let run = |model: &Path, extra: &[&str], out: &Path| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "--prompt",
+            "a photo of a red circle on a blue background",
+            "--steps",
+            "4",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            "3",
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        unitune(&args)
+    };
+    for name in ["tiny-sd1", "tiny-sd2"] {
+        let folder = fixtures().join(name);
+        let file = fixtures().join(format!("{name}.safetensors"));
+        let (a, b) = (
+            dir.join(format!("{name}-folder.png")),
+            dir.join(format!("{name}-file.png")),
+        );
+        let (ok, stderr) = run(&folder, &[], &a);
+        assert!(ok, "{stderr}");
+        let (ok, stderr) = run(&file, &["--config", folder.to_str().unwrap()], &b);
+        assert!(ok, "{stderr}");
+        let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+        assert_eq!(pixels(&a), pixels(&b), "{name}");
+    }
+
+    let ckpt = dir.join("model.ckpt");
+    std::fs::write(&ckpt, b"PK\x03\x04").unwrap();
+    let (ok, stderr) = run(&ckpt, &[], &dir.join("ckpt.png"));
+    assert!(
+        !ok && stderr.contains("model.ckpt") && stderr.contains("safetensors only"),
+        "{stderr}"
+    );
+    let folder = fixtures().join("tiny-sd1");
+    let (ok, stderr) = run(
+        &folder,
+        &["--prediction-type", "epsilon"],
+        &dir.join("flag.png"),
+    );
+    assert!(
+        !ok && stderr.contains("prediction_type") && stderr.contains("single-file"),
+        "{stderr}"
+    );
+    let (ok, stderr) = run(
+        &folder,
+        &["--prediction-type", "sample"],
+        &dir.join("flag.png"),
+    );
+    assert!(
+        !ok && stderr.contains("--prediction-type") && stderr.contains("v_prediction"),
+        "{stderr}"
+    );
+    let missing = dir.join("missing.safetensors");
+    let (ok, stderr) = run(&missing, &[], &dir.join("missing.png"));
+    assert!(
+        !ok && stderr.contains("missing.safetensors") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    assert!(!dir.join("ckpt.png").exists() && !dir.join("flag.png").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

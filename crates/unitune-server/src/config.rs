@@ -4,13 +4,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use unitune::weights::single_file::SingleFileOptions;
 
 /// The server's settings. [`ServeConfig::check`] refuses a setting that would expose the
 /// server without a token.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The model folder (diffusers layout) every session is tuned on.
+    /// The model every session is tuned on: a diffusers-layout folder or a single-file checkpoint.
     pub model: PathBuf,
+    /// How to read `model` when it is a single file.
+    pub single_file: SingleFileOptions,
     /// The model's name on the page.
     pub model_name: String,
     pub listen: SocketAddr,
@@ -30,8 +33,10 @@ pub struct ServeConfig {
 /// What a worker runs jobs with.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// The model folder (diffusers layout) every session is tuned on.
+    /// The model every session is tuned on: a diffusers-layout folder or a single-file checkpoint.
     pub model: PathBuf,
+    /// How to read `model` when it is a single file.
+    pub single_file: SingleFileOptions,
     pub device: Device,
     pub dtype: DType,
     pub limits: Limits,
@@ -80,6 +85,7 @@ impl ServeConfig {
     pub fn worker(&self) -> WorkerConfig {
         WorkerConfig {
             model: self.model.clone(),
+            single_file: self.single_file.clone(),
             device: self.device.clone(),
             dtype: self.dtype,
             limits: self.limits.clone(),

@@ -57,7 +57,7 @@ impl Server {
                 (store, queue as Arc<dyn queue::JobQueue>, Some(worker), size)
             }
             Some(url) => {
-                let size = native_size(&config.model)
+                let size = native_size(&config.model, &config.single_file)
                     .map_err(|e| format!("--model {}: {e}", config.model.display()))?;
                 let nats = Arc::new(nats::Nats::connect(url)?);
                 let store: Arc<dyn store::Records> = Arc::new(nats::NatsStore::new(nats.clone()));
@@ -182,12 +182,24 @@ async fn signalled() {
 }
 
 /// The picture size a model's configs give (`unet` sample size times the autoencoder's
-/// factor), read without loading its weights.
-fn native_size(model: &std::path::Path) -> unitune::Result<(usize, usize)> {
+/// factor), read without loading its weights (of a single file: its header).
+fn native_size(
+    model: &std::path::Path,
+    single_file: &unitune::weights::single_file::SingleFileOptions,
+) -> unitune::Result<(usize, usize)> {
     use unitune::models::unet::UNet2DConditionConfig;
     use unitune::models::vae::VaeConfig;
-    let unet = UNet2DConditionConfig::from_file(&model.join("unet/config.json"))?;
-    let vae = VaeConfig::from_file(&model.join("vae/config.json"))?;
+    use unitune::weights::single_file::{is_single_file, SingleFile};
+    let (unet, vae) = match is_single_file(model) {
+        true => {
+            let c = SingleFile::configs(model, single_file)?;
+            (c.unet, c.vae)
+        }
+        false => (
+            UNet2DConditionConfig::from_file(&model.join("unet/config.json"))?,
+            VaeConfig::from_file(&model.join("vae/config.json"))?,
+        ),
+    };
     let side = unet.sample_size.ok_or_else(|| {
         unitune::Error::argument("model", "its unet/config.json has no sample_size")
     })? * vae.scale_factor();

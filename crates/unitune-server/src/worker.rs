@@ -273,6 +273,7 @@ fn load_options(config: &WorkerConfig, tune: Option<&TuneJob>) -> LoadOptions {
         dtype: config.dtype,
         variant: None,
         trainable: tune.map(TuneJob::trainable),
+        single_file: config.single_file.clone(),
     }
 }
 

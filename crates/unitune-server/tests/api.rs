@@ -656,3 +656,32 @@ async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
     );
     assert_eq!(params["guidance"], 4.0);
 }
+
+/// A single-file model (`--model tiny-sd1.safetensors --config tiny-sd1`): the server reports its
+/// size, tunes on it, and edits the session.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_file_model_serves_tunes_and_edits() {
+    let data = data_dir("single-file");
+    let mut config = config(&data, None, Limits::default());
+    config.model = repo().join("tests/fixtures/tiny-sd1.safetensors");
+    config.single_file.config = Some(repo().join("tests/fixtures/tiny-sd1"));
+    config.single_file.image_size = Some(48);
+    let server = unitune_server::Server::start(config).unwrap();
+    let client = reqwest::Client::new();
+    let info: Value = get_json(&client, &server, "/api/info").await;
+    assert_eq!(info["size"], json!([48, 48]));
+    let (job, session) =
+        queue_tune(&client, &server, r#"{"steps": 2, "batch": 1, "seed": 2}"#).await;
+    let events = job_events(&client, &server, &job).await;
+    assert_eq!(events.last().unwrap().0, "done", "{:?}", kinds(&events));
+    let response = client
+        .post(url(&server, &format!("/api/sessions/{session}/edits")))
+        .json(&json!({"prompt": "a cat", "steps": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let answer: Value = response.json().await.unwrap();
+    let events = job_events(&client, &server, answer["job"]["id"].as_str().unwrap()).await;
+    assert_eq!(events.last().unwrap().0, "done", "{:?}", kinds(&events));
+}

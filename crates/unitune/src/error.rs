@@ -86,21 +86,36 @@ pub const MAX_TEXT_FILE_BYTES: u64 = 64 << 20;
 /// Reads a JSON file into `T`, with the path in any error, and the field (e.g.
 /// `block_out_channels[1]`) when a value has the wrong type.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = read_text(path, MAX_TEXT_FILE_BYTES)?;
-    let mut json = serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(&mut json).map_err(|err| {
-        let field = err.path().to_string();
-        let source = err.into_inner();
-        let typed = source.classify() == serde_json::error::Category::Data;
-        if field == "." || !typed {
-            Error::Json {
-                path: path.into(),
-                source,
-            }
-        } else {
-            Error::config(path, field, source.to_string())
+    parse_json(path, &read_text(path, MAX_TEXT_FILE_BYTES)?)
+}
+
+/// [`read_json`] on text already read (or made in memory); `path` names it in errors.
+pub fn parse_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, text: &str) -> Result<T> {
+    let mut json = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut json).map_err(|err| json_error(path, err))
+}
+
+/// [`read_json`] on a JSON value (a config made in memory); `path` names it in errors.
+pub fn from_json_value<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    value: serde_json::Value,
+) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|err| json_error(path, err))
+}
+
+/// A field's type error names the field; a syntax error is a plain JSON error.
+fn json_error(path: &std::path::Path, err: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let field = err.path().to_string();
+    let source = err.into_inner();
+    let typed = source.classify() == serde_json::error::Category::Data;
+    if field == "." || !typed {
+        Error::Json {
+            path: path.into(),
+            source,
         }
-    })
+    } else {
+        Error::config(path, field, source.to_string())
+    }
 }
 
 /// Reads a UTF-8 text file of at most `limit` bytes; a larger one (or a device that never ends)

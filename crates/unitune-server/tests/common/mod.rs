@@ -24,6 +24,7 @@ pub fn data_dir(name: &str) -> PathBuf {
 pub fn config(data: &Path, token: Option<&str>, limits: Limits) -> ServeConfig {
     ServeConfig {
         model: repo().join("tests/fixtures/tiny-sd1"),
+        single_file: Default::default(),
         model_name: "tiny-sd1".into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         data: data.to_path_buf(),

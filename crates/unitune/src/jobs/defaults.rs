@@ -64,7 +64,8 @@ pub struct EditDefaults {
 }
 
 impl ModelDefaults {
-    /// Reads `model/unitune.json`; a folder without one has the library's defaults.
+    /// Reads `model/unitune.json`; a folder without one, or a single-file checkpoint, has the
+    /// library's defaults.
     pub fn read(model: &Path) -> Result<Self> {
         let path = model.join(MODEL_DEFAULTS_FILE);
         if !path.is_file() {

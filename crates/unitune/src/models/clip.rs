@@ -17,7 +17,7 @@ use super::activations::Activation;
 use super::linear::{self, Linear};
 use super::norm::LayerNorm;
 use super::ops::{attention, merge_heads, split_heads};
-use crate::error::{read_json, Error, Result};
+use crate::error::{from_json_value, read_json, Error, Result};
 use crate::weights::WeightStore;
 
 /// The fields of `text_encoder/config.json` the network needs (transformers' `CLIPTextConfig`).
@@ -83,7 +83,16 @@ impl Default for RawConfig {
 impl ClipTextConfig {
     /// Reads and validates a text encoder's `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let raw: RawConfig = read_json(path)?;
+        Self::check(path, read_json(path)?)
+    }
+
+    /// Validates a config given as JSON (e.g. one inferred from a single-file checkpoint);
+    /// `path` names where it came from in errors.
+    pub fn from_json(path: &Path, json: serde_json::Value) -> Result<Self> {
+        Self::check(path, from_json_value(path, json)?)
+    }
+
+    fn check(path: &Path, raw: RawConfig) -> Result<Self> {
         let hidden_act = match raw.hidden_act.as_str() {
             "quick_gelu" => Activation::QuickGelu,
             "gelu" => Activation::Gelu,

@@ -1,5 +1,5 @@
-//! Pipelines: a loaded Stable Diffusion folder ([`StableDiffusion`]) and the pipelines built on
-//! it: [`generate`] (txt2img, img2img) and [`edit`] (UniTune's editing stage), both made of the
+//! Pipelines: a loaded Stable Diffusion model ([`StableDiffusion`], from a diffusers folder or a
+//! single-file checkpoint) and the pipelines built on it: [`generate`] (txt2img, img2img) and [`edit`] (UniTune's editing stage), both made of the
 //! stages in [`denoising`], named as in diffusers (`encode_prompt`, `prepare_latents`, the
 //! denoising loop, `decode_latents`).
 
@@ -27,10 +27,13 @@ use crate::noise::Noise;
 use crate::schedulers::SchedulerConfig;
 use crate::session::Session;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::export::{write_pipeline, PipelineParts, SpecialTokenIds};
 use crate::weights::folder::check_model_index;
+use crate::weights::single_file::convert::Component;
+use crate::weights::single_file::{is_single_file, SingleFile, SingleFileOptions};
 use crate::weights::{TrainableFilter, WeightStore};
 
-/// How to load a model folder.
+/// How to load a model.
 #[derive(Clone)]
 pub struct LoadOptions {
     pub device: Device,
@@ -41,6 +44,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// UNet tensors to load as trainable `Var`s (for tuning); `None` loads all frozen.
     pub trainable: Option<TrainableFilter>,
+    /// How to read a single-file checkpoint (refused for a folder when any is set).
+    pub single_file: SingleFileOptions,
 }
 
 impl Default for LoadOptions {
@@ -50,13 +55,25 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             variant: None,
             trainable: None,
+            single_file: SingleFileOptions::default(),
         }
     }
 }
 
-/// A Stable Diffusion 1.x / 2.x model loaded from a diffusers-layout folder.
+/// What a model was loaded from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A diffusers-layout folder.
+    Folder,
+    /// A single-file checkpoint, read with these options.
+    SingleFile(SingleFileOptions),
+}
+
+/// A Stable Diffusion 1.x / 2.x model loaded from a diffusers-layout folder or a single file.
 pub struct StableDiffusion {
+    /// The folder, or the single file, the model was loaded from.
     pub dir: PathBuf,
+    pub source: ModelSource,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub vae: AutoencoderKl,
@@ -76,8 +93,13 @@ pub const MAX_WORK_PIXELS: usize = 4096 * 4096;
 
 impl StableDiffusion {
     /// Loads every component of the folder `dir`, checking `model_index.json` first so that a
-    /// folder of another pipeline (SDXL, SD3, ...) is refused by name rather than by a missing tensor.
+    /// folder of another pipeline (SDXL, SD3, ...) is refused by name rather than by a missing
+    /// tensor; or, when `dir` is a file, the single-file checkpoint it is.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        if is_single_file(dir) {
+            return Self::load_single_file(dir, options);
+        }
+        options.single_file.refuse_for(dir)?;
         check_model_index(dir)?;
         let variant = options.variant.as_deref();
         let (device, dtype) = (&options.device, options.dtype);
@@ -86,7 +108,17 @@ impl StableDiffusion {
             ClipTextModel::load(&dir.join("text_encoder"), variant, dtype, device)?;
         let (vae, vae_config) = AutoencoderKl::load(&dir.join("vae"), variant, dtype, device)?;
         let unet_config = UNet2DConditionConfig::from_file(&dir.join("unet/config.json"))?;
-        check_components_fit(dir, &tokenizer, &text_config, &vae_config, &unet_config)?;
+        let config_paths = (
+            dir.join("text_encoder/config.json"),
+            dir.join("unet/config.json"),
+        );
+        check_components_fit(
+            &config_paths,
+            &tokenizer,
+            &text_config,
+            &vae_config,
+            &unet_config,
+        )?;
         let mut unet_store = WeightStore::open(&dir.join("unet"), variant, device)?;
         if let Some(filter) = &options.trainable {
             unet_store = unet_store.with_trainable(filter.clone());
@@ -96,6 +128,7 @@ impl StableDiffusion {
             SchedulerConfig::from_file(&dir.join("scheduler/scheduler_config.json"))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            source: ModelSource::Folder,
             tokenizer,
             text_encoder,
             vae,
@@ -104,6 +137,48 @@ impl StableDiffusion {
             unet_config,
             unet_store,
             scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The single-file checkpoint `path`: its networks converted in memory (see
+    /// [`crate::weights::single_file`]).
+    fn load_single_file(path: &Path, options: &LoadOptions) -> Result<Self> {
+        if options.variant.is_some() {
+            return Err(Error::argument(
+                "variant",
+                "applies to model folders; a single file holds one set of weights",
+            ));
+        }
+        let (device, dtype) = (&options.device, options.dtype);
+        let SingleFile {
+            configs: c,
+            unet: mut unet_store,
+            vae,
+            text_encoder,
+        } = SingleFile::open(path, &options.single_file, device)?;
+        let tokenizer = ClipTokenizer::from_files(&c.tokenizer_source, &c.tokenizer)?;
+        let text_encoder =
+            text_encoder.build(dtype, device, |vb| ClipTextModel::new(vb, &c.text_encoder))?;
+        let vae = vae.build(dtype, device, |vb| AutoencoderKl::new(vb, &c.vae))?;
+        let config_paths = (c.text_encoder_source.clone(), c.unet_source.clone());
+        check_components_fit(&config_paths, &tokenizer, &c.text_encoder, &c.vae, &c.unet)?;
+        if let Some(filter) = &options.trainable {
+            unet_store = unet_store.with_trainable(filter.clone());
+        }
+        let unet = UNet2DConditionModel::from_store(&unet_store, &c.unet, dtype, device)?;
+        Ok(Self {
+            dir: path.to_path_buf(),
+            source: ModelSource::SingleFile(options.single_file.clone()),
+            tokenizer,
+            text_encoder,
+            vae,
+            vae_config: c.vae,
+            unet,
+            unet_config: c.unet,
+            unet_store,
+            scheduler_config: c.scheduler,
             device: device.clone(),
             dtype,
         })
@@ -192,12 +267,33 @@ impl StableDiffusion {
         self.vae.decode(&self.vae_config.unscale_latents(latents)?)
     }
 
-    /// Writes the model with `session` applied as a diffusers folder at `out` (see
-    /// [`crate::weights::export::write_with_unet`]): the tuned model, for the tools people already
-    /// use.
+    /// Writes the model with `session` applied as a diffusers folder at `out`: the tuned model,
+    /// for the tools people already use. A folder is copied with its UNet's weights replaced (see
+    /// [`crate::weights::export::write_with_unet`]); a single file's networks are written whole,
+    /// in the UNet's dtype, its text encoder and VAE read from the file again rather than kept in
+    /// memory for an export.
     pub fn export_tuned(&self, session: &Session, out: &Path) -> Result<()> {
         let tuned = session.apply(self.unet_store.tensors(), self.unet_store.origin())?;
-        crate::weights::export::write_with_unet(&self.dir, &tuned, out)
+        let ModelSource::SingleFile(options) = &self.source else {
+            return crate::weights::export::write_with_unet(&self.dir, &tuned, out);
+        };
+        let others = [Component::Vae, Component::TextEncoder];
+        let file = SingleFile::open_only(&self.dir, options, &Device::Cpu, &others)?;
+        let c = &file.configs;
+        let parts = PipelineParts {
+            text_encoder: (&c.text_encoder, file.text_encoder.tensors()),
+            special_tokens: SpecialTokenIds {
+                bos: self.tokenizer.bos_id(),
+                eos: self.tokenizer.eos_id(),
+                pad: self.tokenizer.pad_id(),
+            },
+            vae: (&self.vae_config, file.vae.tensors()),
+            unet: (&self.unet_config, &tuned),
+            scheduler: &self.scheduler_config,
+            tokenizer: &c.tokenizer,
+        };
+        let dtype = tuned.values().next().map_or(DType::F32, |t| t.dtype());
+        crate::atomic::replace_dir(out, |tmp| write_pipeline(tmp, &parts, dtype))
     }
 
     /// Replaces the UNet with `base + deltas` of a tuned session (tune once, edit many).
@@ -212,21 +308,20 @@ impl StableDiffusion {
 
 /// Components of different models in one folder (a text encoder from SD 2 beside an SD 1 UNet,
 /// an inpainting UNet) each load fine on their own; this names the mismatch before the first
-/// step fails deep inside a layer with a bare shape error.
+/// step fails deep inside a layer with a bare shape error. `config_paths` are where the text
+/// encoder's and the UNet's configs came from.
 fn check_components_fit(
-    dir: &Path,
+    (text_path, unet_path): &(PathBuf, PathBuf),
     tokenizer: &ClipTokenizer,
     text: &ClipTextConfig,
     vae: &VaeConfig,
     unet: &UNet2DConditionConfig,
 ) -> Result<()> {
-    let text_path = dir.join("text_encoder/config.json");
-    let unet_path = dir.join("unet/config.json");
     let mismatch =
         |path: &Path, field: &str, message: String| Err(Error::config(path, field, message));
     if tokenizer.max_id() as usize >= text.vocab_size {
         return mismatch(
-            &text_path,
+            text_path,
             "vocab_size",
             format!(
                 "{} is too small for tokenizer/vocab.json (ids up to {}): the tokenizer and text encoder come from different models",
@@ -237,7 +332,7 @@ fn check_components_fit(
     }
     if tokenizer.max_length() > text.max_position_embeddings {
         return mismatch(
-            &text_path,
+            text_path,
             "max_position_embeddings",
             format!(
                 "{} is less than the tokenizer's model_max_length {}",
@@ -248,7 +343,7 @@ fn check_components_fit(
     }
     if unet.cross_attention_dim != text.hidden_size {
         return mismatch(
-            &unet_path,
+            unet_path,
             "cross_attention_dim",
             format!(
                 "{} does not match the text encoder's hidden_size {} ({}): the components come from different models",
@@ -264,7 +359,7 @@ fn check_components_fit(
     ] {
         if channels != vae.latent_channels {
             return mismatch(
-                &unet_path,
+                unet_path,
                 field,
                 format!(
                     "{channels} does not match the VAE's latent_channels {} (an inpainting or \

@@ -1,12 +1,14 @@
-//! Reading a diffusers `tokenizer/` folder: `vocab.json`, `merges.txt` and the special tokens of
-//! `tokenizer_config.json` / `special_tokens_map.json`, resolved the way transformers 5 does it.
+//! Reading a diffusers `tokenizer/` folder's files: `vocab.json`, `merges.txt` and the special
+//! tokens of `tokenizer_config.json` / `special_tokens_map.json`, resolved the way transformers 5
+//! does it. The files are parsed from memory (read from a folder, or made by [`super::embedded`]);
+//! errors name the file they would have in their folder.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use crate::error::read_json;
+use crate::error::parse_json;
 use crate::{Error, Result};
 
 /// A merge rule: the pair of token ids it joins, and (rank, id of the joined token).
@@ -59,14 +61,17 @@ pub(super) struct SpecialTokens {
     pub normalized: Vec<(String, u32)>,
 }
 
-pub(super) fn read_vocab(path: &Path) -> Result<HashMap<String, u32>> {
-    read_json(path)
+pub(super) fn parse_vocab(path: &Path, text: &str) -> Result<HashMap<String, u32>> {
+    parse_json(path, text)
 }
 
 /// Parses `merges.txt` as the `tokenizers` crate does: lines starting with `#version` are skipped,
 /// every other line is `left right` separated by one space; a merge's rank is its position.
-pub(super) fn read_merges(path: &Path, vocab: &HashMap<String, u32>) -> Result<Merges> {
-    let text = crate::error::read_text(path, crate::error::MAX_TEXT_FILE_BYTES)?;
+pub(super) fn parse_merges(
+    path: &Path,
+    text: &str,
+    vocab: &HashMap<String, u32>,
+) -> Result<Merges> {
     let mut merges = Merges::new();
     let mut rank = 0u32;
     for (i, line) in text.lines().enumerate() {
@@ -98,18 +103,22 @@ pub(super) fn read_merges(path: &Path, vocab: &HashMap<String, u32>) -> Result<M
     Ok(merges)
 }
 
-/// Resolves the special tokens and `model_max_length` from the two optional JSON files.
+/// Resolves the special tokens and `model_max_length` from the two optional JSON files of `dir`
+/// (`config` is `tokenizer_config.json`'s text, `map` is `special_tokens_map.json`'s).
 ///
 /// transformers reads `tokenizer_config.json`; without an `added_tokens_decoder` there, each
 /// token given in `special_tokens_map.json` overrides the config's. A special token written as a
 /// plain string is matched in the raw prompt; a `{"content": ..}` object may say `normalized`.
-pub(super) fn read_special_tokens(
+pub(super) fn parse_special_tokens(
     dir: &Path,
+    config: Option<&str>,
+    map: Option<&str>,
     vocab: &HashMap<String, u32>,
 ) -> Result<SpecialTokens> {
     let config_path = dir.join("tokenizer_config.json");
     let map_path = dir.join("special_tokens_map.json");
-    let config = read_optional_object(&config_path)?;
+    let map_text = map;
+    let config = parse_optional_object(&config_path, config)?;
     let decoder = match config.get("added_tokens_decoder") {
         None => None,
         Some(Value::Object(entries)) => Some(entries),
@@ -123,7 +132,7 @@ pub(super) fn read_special_tokens(
     };
     let map = match decoder {
         Some(_) => Map::new(),
-        None => read_optional_object(&map_path)?,
+        None => parse_optional_object(&map_path, map_text)?,
     };
 
     // Every added token by content; named special tokens registered last override flags.
@@ -222,12 +231,12 @@ fn clip_default(key: &str) -> Option<&'static str> {
     }
 }
 
-/// A JSON object from a file that may be absent.
-fn read_optional_object(path: &Path) -> Result<Map<String, Value>> {
-    if !path.exists() {
+/// A JSON object from a file that may be absent (`None`).
+fn parse_optional_object(path: &Path, text: Option<&str>) -> Result<Map<String, Value>> {
+    let Some(text) = text else {
         return Ok(Map::new());
-    }
-    match read_json::<Value>(path)? {
+    };
+    match parse_json::<Value>(path, text)? {
         Value::Object(map) => Ok(map),
         _ => Err(Error::config(path, "(root)", "expected a JSON object")),
     }

@@ -2,10 +2,12 @@
 //! the way diffusers' StableDiffusionPipeline calls it: `<|startoftext|>`, the prompt's tokens cut
 //! to `model_max_length - 2`, `<|endoftext|>`, then the pad token up to `model_max_length`.
 //!
-//! Reads a diffusers `tokenizer/` folder. SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`; the
-//! folder's special tokens are also cut out of the prompt whole, as transformers does.
+//! Reads a diffusers `tokenizer/` folder, or the same files in memory ([`embedded`] makes CLIP's
+//! for single-file checkpoints). SD 1.x pads with `<|endoftext|>`, SD 2.x with `!`; the folder's
+//! special tokens are also cut out of the prompt whole, as transformers does.
 
 mod bpe;
+pub mod embedded;
 mod files;
 mod pretokenize;
 
@@ -18,7 +20,15 @@ use std::path::Path;
 use bpe::{Bpe, END_OF_WORD};
 use pretokenize::{split_added, PreTokenizer, Segment};
 
-use crate::Result;
+use crate::error::{read_text, MAX_TEXT_FILE_BYTES};
+use crate::weights::export::TokenizerFiles;
+use crate::{Error, Result};
+
+/// The files a tokenizer is made of; the last two are optional.
+const VOCAB: &str = "vocab.json";
+const MERGES: &str = "merges.txt";
+const CONFIG: &str = "tokenizer_config.json";
+const SPECIAL_MAP: &str = "special_tokens_map.json";
 
 /// A prompt's token ids, ready for the text encoder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +70,38 @@ impl ClipTokenizer {
     /// Loads `vocab.json`, `merges.txt` and the special tokens and `model_max_length` (77 when
     /// absent) of `tokenizer_config.json` / `special_tokens_map.json` (both optional).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let vocab_path = dir.join("vocab.json");
-        let vocab = files::read_vocab(&vocab_path)?;
-        let merges = files::read_merges(&dir.join("merges.txt"), &vocab)?;
-        let special = files::read_special_tokens(dir, &vocab)?;
+        let mut files = Vec::new();
+        for name in [VOCAB, MERGES, CONFIG, SPECIAL_MAP] {
+            let path = dir.join(name);
+            if [VOCAB, MERGES].contains(&name) || path.exists() {
+                files.push((
+                    name.into(),
+                    read_text(&path, MAX_TEXT_FILE_BYTES)?.into_bytes(),
+                ));
+            }
+        }
+        Self::from_files(dir, &TokenizerFiles(files))
+    }
+
+    /// [`Self::from_dir`] on the folder's files in memory; errors name them as files of `dir`.
+    pub fn from_files(dir: &Path, files: &TokenizerFiles) -> Result<Self> {
+        let text = |name: &str| -> Result<Option<&str>> {
+            let Some((_, bytes)) = files.0.iter().find(|(n, _)| n == name) else {
+                return Ok(None);
+            };
+            std::str::from_utf8(bytes).map(Some).map_err(|e| {
+                let source = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                Error::io(dir.join(name), source)
+            })
+        };
+        let required = |name: &str| -> Result<&str> {
+            text(name)?
+                .ok_or_else(|| Error::io(dir.join(name), std::io::ErrorKind::NotFound.into()))
+        };
+        let vocab_path = dir.join(VOCAB);
+        let vocab = files::parse_vocab(&vocab_path, required(VOCAB)?)?;
+        let merges = files::parse_merges(&dir.join(MERGES), required(MERGES)?, &vocab)?;
+        let special = files::parse_special_tokens(dir, text(CONFIG)?, text(SPECIAL_MAP)?, &vocab)?;
         let bpe = Bpe::new(merges, &vocab, &vocab_path)?;
         let id_to_token = vocab
             .iter()

@@ -286,3 +286,75 @@ fn accessors_and_decode() {
     let end = ids.iter().position(|&id| id == tok.eos_id()).unwrap();
     assert_eq!(tok.decode(&ids[1..end]), "hello , wörld ! 🐱");
 }
+
+/// dev/ref_clip_vocab.py: transformers' CLIPTokenizer on CLIP's full vocabulary, both layouts.
+#[derive(Deserialize)]
+struct ClipReference {
+    pad_id: u32,
+    bos_id: u32,
+    eos_id: u32,
+    vocab_size: usize,
+    cases: Vec<ClipCase>,
+}
+
+#[derive(Deserialize)]
+struct ClipCase {
+    prompt: String,
+    ids: Vec<u32>,
+    dropped: Option<String>,
+}
+
+#[test]
+fn embedded_clip_tokenizer_matches_transformers_in_both_layouts() {
+    use super::embedded::{clip_tokenizer_files, SD1_PAD, SD2_PAD};
+    let refs: std::collections::HashMap<String, ClipReference> =
+        crate::error::read_json(&fixture("ref/clip_tokenizer_ids.json")).unwrap();
+    for (layout, pad) in [("sd1", SD1_PAD), ("sd2", SD2_PAD)] {
+        let reference = &refs[layout];
+        let files = clip_tokenizer_files(pad);
+        let tok = ClipTokenizer::from_files(Path::new("embedded"), &files).unwrap();
+        assert_eq!(
+            (tok.pad_id(), tok.bos_id(), tok.eos_id(), tok.vocab_size()),
+            (
+                reference.pad_id,
+                reference.bos_id,
+                reference.eos_id,
+                reference.vocab_size
+            ),
+            "{layout}"
+        );
+        assert_eq!((tok.vocab_size(), tok.max_length()), (49408, 77));
+        assert!(reference.cases.len() >= 40);
+        for case in &reference.cases {
+            let enc = tok.encode(&case.prompt);
+            assert_eq!(enc.ids, case.ids, "{layout}: ids of {:?}", case.prompt);
+            assert_eq!(enc.truncated, case.dropped, "{layout}: {:?}", case.prompt);
+        }
+    }
+}
+
+#[test]
+fn embedded_vocabulary_gives_the_fixtures_tokens_their_ids() {
+    // The fixtures' vocabulary is CLIP's cut after its first merges (ids kept) plus the two
+    // special tokens renumbered: every other entry must have the same id in the full one.
+    let files = super::embedded::clip_tokenizer_files(super::embedded::SD1_PAD);
+    let full = ClipTokenizer::from_files(Path::new("embedded"), &files).unwrap();
+    let small: std::collections::HashMap<String, u32> =
+        crate::error::read_json(&fixture("tiny-sd1/tokenizer/vocab.json")).unwrap();
+    let mut checked = 0;
+    for (token, id) in small.iter().filter(|(t, _)| !t.starts_with("<|")) {
+        assert_eq!(full.token_to_id(token), Some(*id), "{token}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4512);
+    assert_eq!(full.token_to_id("<|startoftext|>"), Some(49406));
+    // Written out, the files are a tokenizer folder like any other.
+    let dir = std::env::temp_dir().join(format!("unitune-clip-vocab-{}", std::process::id()));
+    files.write(&dir).unwrap();
+    let read = ClipTokenizer::from_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        read.encode("a photo of a cat").ids,
+        full.encode("a photo of a cat").ids
+    );
+}

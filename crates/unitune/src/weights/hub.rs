@@ -9,16 +9,16 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-/// The folder `model` names: an existing path as it is, else a Hugging Face repo id
-/// (`owner/name`) in the cache at `revision` (a branch or tag, whose ref names the commit, or a
-/// commit hash; default `main`).
+/// The folder or file `model` names: an existing path or a single-file checkpoint's name as it
+/// is, else a Hugging Face repo id (`owner/name`) in the cache at `revision` (a branch or tag,
+/// whose ref names the commit, or a commit hash; default `main`).
 pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(model);
-    if path.exists() || !is_repo_id(model) {
+    if path.exists() || !is_repo_id(model) || super::single_file::is_single_file(path) {
         if revision.is_some() {
             return Err(Error::argument(
                 "revision",
-                format!("`{model}` is a folder, not a Hugging Face repo id; --revision applies to repo ids"),
+                format!("`{model}` is a path, not a Hugging Face repo id; --revision applies to repo ids"),
             ));
         }
         return Ok(path.to_path_buf());
@@ -139,10 +139,14 @@ mod tests {
         ] {
             assert!(!is_repo_id(not), "{not}");
         }
-        // An existing folder is taken as it is, even when it looks like a repo id.
+        // An existing folder is taken as it is, even when it looks like a repo id, and so is a
+        // single file's name, there or not (a missing one is then a missing file).
         let here = cache.join("owner/name");
         std::fs::create_dir_all(&here).unwrap();
         assert_eq!(resolve_model(here.to_str().unwrap(), None).unwrap(), here);
         assert!(resolve_model(here.to_str().unwrap(), Some("main")).is_err());
+        let file = "models/sd15.safetensors";
+        assert!(is_repo_id(file));
+        assert_eq!(resolve_model(file, None).unwrap(), Path::new(file));
     }
 }

@@ -1,7 +1,8 @@
 //! Weights and model folders. This file reads the weights of one pipeline component (`unet/`,
 //! `vae/`, `text_encoder/`) from safetensors files; [`folder`] checks a folder's
-//! `model_index.json`, [`hub`] finds a repo id in the Hugging Face cache (offline), and [`export`]
-//! writes a whole pipeline folder (diffusers' `save_pretrained`).
+//! `model_index.json`, [`hub`] finds a repo id in the Hugging Face cache (offline),
+//! [`single_file`] reads a whole pipeline from one checkpoint file in the original Stable
+//! Diffusion layout, and [`export`] writes a whole pipeline folder (diffusers' `save_pretrained`).
 //!
 //! A [`WeightStore`] is handed to a network's constructor through candle's `VarBuilder`. It checks
 //! every request against the file (a missing tensor or a wrong shape is an error naming the file and
@@ -19,12 +20,13 @@ pub mod export;
 pub mod folder;
 pub mod hub;
 pub mod lora;
+pub mod single_file;
 
 use crate::error::{read_json, Error, Result};
 
 /// File stems diffusers and transformers use for a component's weights.
 const STEMS: [&str; 2] = ["diffusion_pytorch_model", "model"];
-const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
+pub(crate) const PICKLE_EXTENSIONS: [&str; 4] = ["bin", "ckpt", "pt", "pth"];
 
 /// The safetensors files holding one component's weights, in `dir`.
 ///
@@ -151,7 +153,11 @@ pub fn read_safetensors(files: &[PathBuf], device: &Device) -> Result<HashMap<St
 }
 
 /// The dtype of a float tensor of finite values; any other is refused (see [`read_safetensors`]).
-fn float_dtype(path: &Path, name: &str, view: &safetensors::tensor::TensorView) -> Result<DType> {
+pub(crate) fn float_dtype(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView,
+) -> Result<DType> {
     use safetensors::Dtype;
     let data = view.data();
     let dtype = match view.dtype() {
@@ -206,6 +212,9 @@ struct Inner {
     /// Where the tensors came from, for error messages.
     origin: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// The name a tensor has in its file, where that differs (a single-file checkpoint's names
+    /// are converted to diffusers'), for error messages.
+    file_names: HashMap<String, String>,
     used: Mutex<HashSet<String>>,
     trainable: Option<TrainableFilter>,
     vars: Mutex<Vec<(String, Var)>>,
@@ -231,6 +240,7 @@ impl WeightStore {
             inner: Arc::new(Inner {
                 origin: origin.into(),
                 tensors,
+                file_names: HashMap::new(),
                 used: Mutex::default(),
                 trainable: None,
                 vars: Mutex::default(),
@@ -244,6 +254,31 @@ impl WeightStore {
             .expect("with_trainable is called on a fresh store, before any VarBuilder shares it")
             .trainable = Some(filter);
         self
+    }
+
+    /// Records the name each tensor has in its file (see `Inner::file_names`), for messages.
+    pub fn with_file_names(mut self, names: HashMap<String, String>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_file_names is called on a fresh store, before any VarBuilder shares it")
+            .file_names = names;
+        self
+    }
+
+    /// What the network's architecture came from, as messages name it: a component's
+    /// `config.json`, or the configs of a single file (inferred, or from `--config`).
+    fn config_name(&self) -> &'static str {
+        match self.inner.file_names.is_empty() {
+            true => "config.json",
+            false => "the model's config",
+        }
+    }
+
+    /// `name` as messages show it: quoted, with its name in the file when that differs.
+    fn describe(&self, name: &str) -> String {
+        match self.inner.file_names.get(name) {
+            Some(in_file) => format!("`{name}` (`{in_file}` in the file)"),
+            None => format!("`{name}`"),
+        }
     }
 
     pub fn origin(&self) -> &Path {
@@ -296,13 +331,14 @@ impl WeightStore {
             return Ok(());
         }
         extra.sort();
-        let shown: Vec<String> = extra.iter().take(5).map(|k| format!("`{k}`")).collect();
+        let shown: Vec<String> = extra.iter().take(5).map(|k| self.describe(k)).collect();
         Err(Error::weights(
             &self.inner.origin,
             format!(
-                "{} unexpected tensor(s) the model does not use, e.g. {}: does config.json match these weights?",
+                "{} unexpected tensor(s) the model does not use, e.g. {}: does {} match these weights?",
                 extra.len(),
-                shown.join(", ")
+                shown.join(", "),
+                self.config_name()
             ),
         ))
     }
@@ -325,9 +361,11 @@ impl candle_nn::var_builder::SimpleBackend for WeightStore {
         let tensor = self.get_unchecked(name, dtype, device)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
-                "{}: tensor `{name}` has shape {:?}, but config.json implies {:?}",
+                "{}: tensor {} has shape {:?}, but {} implies {:?}",
                 self.inner.origin.display(),
+                self.describe(name),
                 tensor.dims(),
+                self.config_name(),
                 shape.dims()
             );
         }

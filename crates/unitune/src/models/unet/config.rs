@@ -14,7 +14,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{from_json_value, read_json, Error, Result};
 use crate::models::activations::Activation;
 
 /// A down block, by its diffusers class name.
@@ -184,7 +184,16 @@ impl Default for File {
 impl UNet2DConditionConfig {
     /// Reads and checks `unet/config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let f: File = read_json(path)?;
+        Self::check(path, read_json(path)?)
+    }
+
+    /// Checks a config given as JSON (e.g. one inferred from a single-file checkpoint); `path`
+    /// names where it came from in errors.
+    pub fn from_json(path: &Path, json: Value) -> Result<Self> {
+        Self::check(path, from_json_value(path, json)?)
+    }
+
+    fn check(path: &Path, f: File) -> Result<Self> {
         let bad = |field: &str, message: String| Error::config(path, field, message);
         if let Some(class) = f
             .class_name

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::Deserialize;
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{from_json_value, read_json, Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -85,7 +85,16 @@ fn side<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D:
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let file: File = read_json(path)?;
+        Self::check(path, read_json(path)?)
+    }
+
+    /// Checks a config given as JSON (e.g. one inferred from a single-file checkpoint); `path`
+    /// names where it came from in errors.
+    pub fn from_json(path: &Path, json: serde_json::Value) -> Result<Self> {
+        Self::check(path, from_json_value(path, json)?)
+    }
+
+    fn check(path: &Path, file: File) -> Result<Self> {
         if let Some(class) = file.class_name.filter(|c| c != "AutoencoderKL") {
             return Err(Error::config(
                 path,
@@ -104,6 +113,14 @@ impl VaeConfig {
             return err(
                 "block_out_channels",
                 "must be a non-empty list of positive sizes".into(),
+            );
+        }
+        // Each block but the last halves the picture: past 16, no picture is left to encode
+        // (and the scale factor 2^(n-1) would overflow).
+        if n > 16 {
+            return err(
+                "block_out_channels",
+                format!("{n} blocks; an autoencoder has at most 16"),
             );
         }
         for (field, types, wanted) in [
