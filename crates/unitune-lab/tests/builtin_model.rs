@@ -29,9 +29,8 @@ fn plain_generation_draws_the_asked_background_and_colours() {
     let world = World::new(SceneConfig::default(), 0).unwrap();
     let scenes = 12;
     let f = caption_following(&model(), &world, scenes, 8.0, 30, 0).unwrap();
-    let count = |p: fn(&unitune_lab::world::follow::Following) -> bool| {
-        f.iter().filter(|x| p(x)).count()
-    };
+    let count =
+        |p: fn(&unitune_lab::world::follow::Following) -> bool| f.iter().filter(|x| p(x)).count();
     let (background, colour) = (count(|x| x.background), count(|x| x.colour));
     assert!(background >= 11, "background {background}/{scenes}: {f:?}");
     assert!(colour >= 6, "colour {colour}/{scenes}: {f:?}");

@@ -20,9 +20,9 @@ use std::collections::VecDeque;
 use image::RgbImage;
 
 use super::scene::BOUND;
-use super::score::{nearest_colour, PATTERN_TOLERANCE};
+use super::score::{check_size, nearest_colour, PATTERN_TOLERANCE};
 use super::{Colour, Object, ObjectDesc, Scene, SceneConfig, Shape, Size};
-use unitune::{Error, Result};
+use unitune::Result;
 
 /// Least area of a blob that counts as an object, as a share of the smallest object's (a small
 /// star's or triangle's).
@@ -73,17 +73,7 @@ pub fn caption_followed(
     config: &SceneConfig,
 ) -> Result<Following> {
     let (w, h) = (config.width as usize, config.height as usize);
-    if image.dimensions() != (config.width, config.height) {
-        return Err(Error::argument(
-            "score",
-            format!(
-                "image {:?} is not the world's {}x{}",
-                image.dimensions(),
-                config.width,
-                config.height
-            ),
-        ));
-    }
+    check_size(image, config)?;
     let bg = scene.background.colour;
     let classes: Vec<(Colour, bool)> = image.pixels().map(|p| nearest_colour(p.0, true)).collect();
     let is_background: Vec<bool> = classes.iter().map(|(c, _)| *c == bg).collect();

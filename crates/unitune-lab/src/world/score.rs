@@ -198,8 +198,8 @@ fn iou(a: &[bool], b: &[bool]) -> f64 {
     }
 }
 
-/// Whether `image` shows the change `sample.edit` asks for (see the module doc for each kind).
-pub fn edit_happened(sample: &EditSample, image: &RgbImage, config: &SceneConfig) -> Result<bool> {
+/// Refuses a picture of another size than the world's.
+pub(super) fn check_size(image: &RgbImage, config: &SceneConfig) -> Result<()> {
     if image.dimensions() != (config.width, config.height) {
         return Err(Error::argument(
             "score",
@@ -211,6 +211,12 @@ pub fn edit_happened(sample: &EditSample, image: &RgbImage, config: &SceneConfig
             ),
         ));
     }
+    Ok(())
+}
+
+/// Whether `image` shows the change `sample.edit` asks for (see the module doc for each kind).
+pub fn edit_happened(sample: &EditSample, image: &RgbImage, config: &SceneConfig) -> Result<bool> {
+    check_size(image, config)?;
     let (scene, edited) = (&sample.scene, &sample.edited);
     Ok(match sample.edit {
         Edit::ColourChange { object, to } => {
