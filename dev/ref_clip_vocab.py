@@ -30,29 +30,17 @@ GZ = os.path.join(ROOT, "crates", "unitune", "src", "tokenizer", "bpe_simple_voc
 OUT = os.path.join(ROOT, "tests", "fixtures", "ref", "clip_tokenizer_ids.json")
 
 sys.path.insert(0, HERE)
+from make_tiny_pipelines import bytes_to_unicode  # noqa: E402
 from ref_tokenizer import PROMPTS  # noqa: E402
 
 PADS = {"sd1": "<|endoftext|>", "sd2": "!"}
-
-
-def bytes_to_unicode():
-    """GPT-2's byte table, in CLIP's order (printable bytes first)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def hf_files(d, pad):
     """The tokenizer folder as the SD repos on the hub lay it out."""
     lines = gzip.open(GZ).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(line.split()) for line in lines]
-    symbols = bytes_to_unicode()
+    symbols = list(bytes_to_unicode().values())  # CLIP's order: printable bytes first
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
