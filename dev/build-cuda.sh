@@ -6,19 +6,40 @@
 #
 # The bundle holds bin/unitune and tests/<name> (stripped), unpacked and run by dev/gpu-check.sh.
 # CUDA_COMPUTE_CAP (default 90: H100/H200; candle-kernels then targets sm_90a, which runs only on
-# compute capability 9.0) and UNITUNE_CUDA_FEATURES (default cuda; or cudnn) choose the build.
-# About 9 min from scratch on 2 quiet cores, 17 under load; later runs rebuild only what changed.
+# compute capability 9.0) and UNITUNE_CUDA_FEATURES (default cudnn: the `cuda` build plus cuDNN
+# convolutions; or cuda) choose the build; the bundle always goes to target/cuda-bundle, the build
+# to $CARGO_TARGET_DIR (default target). About 9 min from scratch on 2 quiet cores, 17 under load
+# (40 with the release test executables on a busy machine); later runs rebuild what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source dev/cuda-env.sh
-features="${UNITUNE_CUDA_FEATURES:-cuda}"
+features="${UNITUNE_CUDA_FEATURES:-cudnn}"
+target="${CARGO_TARGET_DIR:-target}"
 bundle=target/cuda-bundle
+if [[ "$features" == *cudnn* ]]; then
+    # cuDNN is linked (candle turns on cudarc's dynamic-linking) but no CUDA 13 wheel of it is
+    # needed here: as for libcuda, a link stub with the SONAME of cuDNN 9 and every function
+    # cudarc's bindings name satisfies the linker; the GPU machine loads torch's libcudnn.so.9.
+    # Each returns CUDNN_STATUS_NOT_INITIALIZED (1001 in cuDNN 9).
+    stub="$CUDA_PATH/lib/stubs/libcudnn.so"
+    if [[ ! -e "$stub" ]]; then
+        cudarc="$(cargo metadata --format-version 1 --locked --all-features |
+            python3 -c 'import json, sys
+print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')"
+        mkdir -p "$(dirname "$stub")"
+        grep -oE 'load::<_F>\("cudnn[A-Za-z0-9_]*"\)' "$(dirname "$cudarc")/src/cudnn/sys/mod.rs" |
+            sed -E 's/.*"(cudnn[A-Za-z0-9_]*)".*/int \1(void) { return 1001; }/' | sort -u \
+            >"$CUDA_PATH/lib/stubs/libcudnn.c"
+        gcc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$stub.part" "$CUDA_PATH/lib/stubs/libcudnn.c"
+        mv "$stub.part" "$stub"
+    fi
+fi
 rm -rf "$bundle/stage"
 mkdir -p "$bundle/stage/bin" "$bundle/stage/tests"
 
 cargo build --release --locked -p unitune-cli --features "$features"
-cp target/release/unitune "$bundle/stage/bin/"
+cp "$target/release/unitune" "$bundle/stage/bin/"
 
 # The test targets compiled only with the `cuda` feature; cargo names their executables in its
 # JSON messages. The binary's package is selected too, so that features unify as in its build

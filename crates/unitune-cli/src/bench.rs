@@ -56,6 +56,10 @@ pub struct TuneStepArgs {
     /// Recompute each resnet and transformer in the backward pass instead of keeping its insides.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// With --dtype f16 or bf16: train through f32 master copies of the weights, with loss
+    /// scaling in f16, as `unitune tune` does (dev/bench_torch.py: f32 weights under autocast).
+    #[arg(long)]
+    master_weights: bool,
 }
 
 impl CommonArgs {
@@ -87,6 +91,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 optimizer: args.optimizer,
                 lr: args.lr,
                 gradient_checkpointing: args.gradient_checkpointing,
+                master_weights: args.master_weights,
             };
             (speed::bench_tune_step(&config)?, args.common.json)
         }

@@ -49,7 +49,8 @@ pub struct TuneArgs {
     height: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
-    /// Write one JSON object per step ({"step", "loss"}) to this file.
+    /// Write one JSON object per step ({"step", "loss", "seconds" since the tune started}) to
+    /// this file.
     #[arg(long)]
     log_json: Option<PathBuf>,
     /// Recompute each UNet block's activations in the backward pass instead of keeping them:
@@ -129,9 +130,13 @@ pub fn tune_and_save(
         )),
         None => None,
     };
+    // Seconds since the tune started (the image's and prompt's encoding included), so that a
+    // log shows the speed of each step too.
+    let start = std::time::Instant::now();
     let mut on_step = |step: usize, loss: f32| -> unitune::Result<()> {
         if let (Some(log), Some(path)) = (log.as_mut(), log_json) {
-            let line = serde_json::json!({"step": step, "loss": loss});
+            let seconds = (start.elapsed().as_secs_f64() * 1e3).round() / 1e3;
+            let line = serde_json::json!({"step": step, "loss": loss, "seconds": seconds});
             writeln!(log, "{line}")
                 .and_then(|()| log.flush())
                 .map_err(|e| unitune::Error::io(path, e))?;

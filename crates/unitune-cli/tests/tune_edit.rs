@@ -56,6 +56,15 @@ fn tune_then_sweep_edits() {
     assert!(lines
         .iter()
         .all(|l| l["loss"].as_f64().is_some_and(|v| v > 0.0)));
+    // Seconds since the tune started, rising step by step.
+    let seconds: Vec<f64> = lines
+        .iter()
+        .map(|l| l["seconds"].as_f64().unwrap())
+        .collect();
+    assert!(
+        seconds[0] >= 0.0 && seconds.windows(2).all(|w| w[0] <= w[1]),
+        "{seconds:?}"
+    );
 
     let out = dir.join("edit.png");
     let (ok, err) = unitune(&[

@@ -22,6 +22,11 @@
 //! single-threaded gemm: threads never wait on a nested parallel gemm, and batches smaller than
 //! the thread count still use every thread. Column matrices live in per-thread scratch buffers
 //! reused across calls, so that a training step does not fault in fresh pages for them.
+//!
+//! With the `cudnn` feature the same op, and the same gradient ops, run on CUDA tensors through
+//! cuDNN ([`cuda_supports`]; `conv/cudnn.rs`): the backward then never reaches candle's CUDA
+//! conv2d backward (a generic transposed-convolution kernel for the input gradient, a convolution
+//! of transposed copies for the weight's).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -36,6 +41,12 @@ use rayon::prelude::*;
 use crate::cpu::{contiguous, uninit_vec, unsupported, zeroed, Arg};
 use crate::layer::{self, Layer};
 use crate::matmul::{chunks, gemm_into, gemm_uninit, pieces, zero, Mat, Shared};
+#[cfg(feature = "cudnn")]
+mod cudnn;
+#[cfg(feature = "cudnn")]
+use candle_core::CudaStorage;
+#[cfg(feature = "cudnn")]
+pub(crate) use cudnn::CudaArg;
 
 /// The name in the errors.
 const OP: &str = "conv2d";
@@ -49,9 +60,9 @@ const SCRATCH_LIMIT: usize = 1 << 22;
 /// zero `padding` on every side and the same `stride` in both directions (groups 1, dilation 1),
 /// giving `[n, o, oh, ow]` as `Tensor::conv2d`. The bias is `[o]`, or `[n, o]` for a bias per
 /// image (added over each image's pixels as `bias[:, :, None, None]`). Differentiable with
-/// respect to all three inputs (first order). CPU tensors of dtype f32 (or f64), any layout
-/// (non-contiguous ones are copied first); on another device the op returns candle's "no cuda
-/// implementation" error.
+/// respect to all three inputs (first order). CPU tensors of dtype f32 (or f64), or with the
+/// `cudnn` feature CUDA tensors that [`cuda_supports`]; any layout (non-contiguous ones are copied
+/// first). Elsewhere the op returns candle's "no cuda implementation" error or a dtype error.
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -77,6 +88,34 @@ pub fn conv2d(
         per_image_bias,
     };
     layer::apply(op, x, weight, bias)
+}
+
+/// Whether [`conv2d`] runs `conv2d(x, weight) + bias` on the GPU: with the `cudnn` feature, f32,
+/// f16 or bf16 tensors of one dtype on one CUDA device, of valid shapes, each under cuDNN's 2³¹
+/// elements. Always false without the feature.
+pub fn cuda_supports(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> bool {
+    #[cfg(feature = "cudnn")]
+    {
+        let tensors = std::iter::once(weight).chain(bias);
+        let same = tensors
+            .into_iter()
+            .all(|t| t.device().same_device(x.device()) && t.dtype() == x.dtype());
+        x.device().is_cuda()
+            && same
+            && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && Geometry::new(x.dims(), weight.dims(), padding, stride).is_ok_and(|g| g.fits_cudnn())
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = (x, weight, bias, padding, stride);
+        false
+    }
 }
 
 /// The element types the kernels run on, each with its own per-thread scratch buffer.
@@ -108,7 +147,7 @@ element!(f32);
 element!(f64);
 
 /// The sizes of one convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Geometry {
     n: usize,
     c: usize,
@@ -187,6 +226,23 @@ impl Geometry {
             0
         };
         lo..hi.max(lo)
+    }
+
+    /// Whether input, weight and output each have fewer than 2³¹ elements, the most cuDNN's
+    /// legacy convolution API takes (an SD VAE decoder reaches it at 4096 x 4096 pixels).
+    #[cfg(any(test, feature = "cudnn"))]
+    fn fits_cudnn(&self) -> bool {
+        let limit = i32::MAX as usize;
+        let sizes = [
+            [self.n, self.c, self.h, self.w],
+            [self.o, self.c, self.kh, self.kw],
+            [self.n, self.o, self.oh, self.ow],
+        ];
+        sizes.iter().all(|dims| {
+            dims.iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .is_some_and(|len| len <= limit)
+        })
     }
 
     /// How many output rows fit in the scratch buffer when each takes `rows_of_k` rows of the
@@ -497,6 +553,25 @@ struct Conv2dOp {
 }
 
 impl Conv2dOp {
+    /// The sizes of a call, after checking the bias's shape.
+    fn geometry(&self, x: &Layout, w: &Layout, bias: Option<&Layout>) -> Result<Geometry> {
+        let g = Geometry::new(x.dims(), w.dims(), self.padding, self.stride)?;
+        if let Some(bias) = bias {
+            let expected: &[usize] = if self.per_image_bias {
+                &[g.n, g.o]
+            } else {
+                &[g.o]
+            };
+            if bias.dims() != expected {
+                bail!(
+                    "conv2d: bias of shape {:?}, expected {expected:?}",
+                    bias.dims()
+                )
+            }
+        }
+        Ok(g)
+    }
+
     fn run<T: Element>(g: &Geometry, x: Arg, w: Arg, bias: Option<Arg>) -> Result<CpuStorage> {
         let x = contiguous::<T>(OP, x, "input")?;
         let w = contiguous::<T>(OP, w, "weight")?;
@@ -511,26 +586,20 @@ impl Layer for Conv2dOp {
     const NAMES: [&'static str; 2] = ["unitune-conv2d", "unitune-conv2d-bias"];
 
     fn cpu(&self, x: Arg, w: Arg, bias: Option<Arg>) -> Result<(CpuStorage, Shape)> {
-        let g = Geometry::new(x.1.dims(), w.1.dims(), self.padding, self.stride)?;
-        if let Some((_, bias)) = bias {
-            let expected: &[usize] = if self.per_image_bias {
-                &[g.n, g.o]
-            } else {
-                &[g.o]
-            };
-            if bias.dims() != expected {
-                bail!(
-                    "conv2d: bias of shape {:?}, expected {expected:?}",
-                    bias.dims()
-                )
-            }
-        }
+        let g = self.geometry(x.1, w.1, bias.map(|b| b.1))?;
         let storage = match x.0.dtype() {
             DType::F32 => Self::run::<f32>(&g, x, w, bias)?,
             DType::F64 => Self::run::<f64>(&g, x, w, bias)?,
             dtype => unsupported(OP, dtype)?,
         };
         Ok((storage, Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda(&self, x: CudaArg, w: CudaArg, bias: Option<CudaArg>) -> Result<(CudaStorage, Shape)> {
+        let g = self.geometry(x.1, w.1, bias.map(|b| b.1))?;
+        let out = cudnn::forward(&g, x, w, bias, self.per_image_bias)?;
+        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
     fn input_grad(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
@@ -587,6 +656,15 @@ struct InputGrad {
 }
 
 impl InputGrad {
+    /// The sizes of the convolution whose input gradient this is, from `dy` and the weight.
+    fn geometry(&self, dy: &Layout, w: &Layout) -> Result<Geometry> {
+        let (n, _, _, _) = dy.shape().dims4()?;
+        let (_, c, _, _) = w.shape().dims4()?;
+        let g = Geometry::new(&[n, c, self.h, self.w], w.dims(), self.padding, self.stride)?;
+        check_output(&g, dy)?;
+        Ok(g)
+    }
+
     fn run<T: Element>(g: &Geometry, dy: Arg, w: Arg) -> Result<CpuStorage> {
         let dy = contiguous::<T>(OP, dy, "output gradient")?;
         let w = contiguous::<T>(OP, w, "weight")?;
@@ -606,21 +684,26 @@ impl CustomOp2 for InputGrad {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, _, _, _) = dyl.shape().dims4()?;
-        let (_, c, _, _) = wl.shape().dims4()?;
-        let g = Geometry::new(
-            &[n, c, self.h, self.w],
-            wl.dims(),
-            self.padding,
-            self.stride,
-        )?;
-        check_output(&g, dyl)?;
+        let g = self.geometry(dyl, wl)?;
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(&g, (dys, dyl), (ws, wl))?,
             DType::F64 => Self::run::<f64>(&g, (dys, dyl), (ws, wl))?,
             dtype => unsupported(OP, dtype)?,
         };
-        Ok((storage, Shape::from((n, c, self.h, self.w))))
+        Ok((storage, Shape::from((g.n, g.c, g.h, g.w))))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        dys: &CudaStorage,
+        dyl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = self.geometry(dyl, wl)?;
+        let dx = cudnn::input_grad(&g, (dys, dyl), (ws, wl))?;
+        Ok((dx, Shape::from((g.n, g.c, g.h, g.w))))
     }
 }
 
@@ -633,6 +716,20 @@ struct WeightGrad {
 }
 
 impl WeightGrad {
+    /// The sizes of the convolution whose weight gradient this is, from `dy` and the input.
+    fn geometry(&self, dy: &Layout, x: &Layout) -> Result<Geometry> {
+        let (_, o, _, _) = dy.shape().dims4()?;
+        let (_, c, _, _) = x.shape().dims4()?;
+        let g = Geometry::new(
+            x.dims(),
+            &[o, c, self.kh, self.kw],
+            self.padding,
+            self.stride,
+        )?;
+        check_output(&g, dy)?;
+        Ok(g)
+    }
+
     fn run<T: Element>(g: &Geometry, dy: Arg, x: Arg) -> Result<CpuStorage> {
         let dy = contiguous::<T>(OP, dy, "output gradient")?;
         let x = contiguous::<T>(OP, x, "input")?;
@@ -652,21 +749,26 @@ impl CustomOp2 for WeightGrad {
         xs: &CpuStorage,
         xl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, o, _, _) = dyl.shape().dims4()?;
-        let (_, c, _, _) = xl.shape().dims4()?;
-        let g = Geometry::new(
-            xl.dims(),
-            &[o, c, self.kh, self.kw],
-            self.padding,
-            self.stride,
-        )?;
-        check_output(&g, dyl)?;
+        let g = self.geometry(dyl, xl)?;
         let storage = match dys.dtype() {
             DType::F32 => Self::run::<f32>(&g, (dys, dyl), (xs, xl))?,
             DType::F64 => Self::run::<f64>(&g, (dys, dyl), (xs, xl))?,
             dtype => unsupported(OP, dtype)?,
         };
-        Ok((storage, Shape::from((o, c, self.kh, self.kw))))
+        Ok((storage, Shape::from((g.o, g.c, g.kh, g.kw))))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        dys: &CudaStorage,
+        dyl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = self.geometry(dyl, xl)?;
+        let dw = cudnn::weight_grad(&g, (dys, dyl), (xs, xl))?;
+        Ok((dw, Shape::from((g.o, g.c, g.kh, g.kw))))
     }
 }
 
@@ -677,6 +779,16 @@ struct BiasGrad {
 }
 
 impl BiasGrad {
+    /// `[o]`, or `[n, o]` per image, for `dy: [n, o, oh, ow]`.
+    fn shape(&self, dy: &Layout) -> Result<Shape> {
+        let (n, o, _, _) = dy.shape().dims4()?;
+        Ok(if self.per_image {
+            Shape::from((n, o))
+        } else {
+            Shape::from(o)
+        })
+    }
+
     fn run<T: WithDType>(&self, dy: Arg) -> Result<CpuStorage> {
         let (n, o, oh, ow) = dy.1.shape().dims4()?;
         let dy = contiguous::<T>(OP, dy, "output gradient")?;
@@ -696,13 +808,13 @@ impl CustomOp1 for BiasGrad {
             DType::F64 => self.run::<f64>((dys, dyl))?,
             dtype => unsupported(OP, dtype)?,
         };
-        let (n, o) = (dyl.dims()[0], dyl.dims()[1]);
-        let shape = if self.per_image {
-            Shape::from((n, o))
-        } else {
-            Shape::from(o)
-        };
-        Ok((storage, shape))
+        Ok((storage, self.shape(dyl)?))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(&self, dys: &CudaStorage, dyl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let shape = self.shape(dyl)?;
+        Ok((cudnn::bias_grad((dys, dyl), self.per_image)?, shape))
     }
 }
 
@@ -948,6 +1060,24 @@ mod tests {
         let store = out.and_then(|o| o.sum_all()?.backward()).expect("backward");
         assert!(store.get(w_var.as_tensor()).is_some());
         assert_eq!(store.get_ids().count(), 1);
+    }
+
+    #[test]
+    fn cuda_path_takes_only_what_cudnn_can() {
+        // CPU tensors stay on the gemm kernels, with or without the `cudnn` feature.
+        let [x, w, b, _] = inputs(CASES[0], DType::F32, false);
+        assert!(!cuda_supports(&x, &w, Some(&b), 1, 1));
+        // cuDNN takes fewer than 2³¹ elements per tensor: a VAE decoder's last 3x3 convolution
+        // (128 channels) fits at 2048 x 2048 pixels, not at 4096 x 4096 (exactly 2³¹ outputs),
+        // where the model falls back to candle's convolution.
+        let g = |side: usize| Geometry::new(&[1, 128, side, side], &[128, 128, 3, 3], 1, 1);
+        assert!(g(2048).expect("g").fits_cudnn());
+        assert!(!g(4096).expect("g").fits_cudnn());
+        // SD 1.5's largest training convolutions, and sizes whose product overflows usize.
+        let sd = Geometry::new(&[4, 320, 64, 64], &[320, 320, 3, 3], 1, 1).expect("g");
+        assert!(sd.fits_cudnn());
+        let huge = Geometry::new(&[1 << 40, 1 << 30, 1, 1], &[1, 1 << 30, 1, 1], 0, 1);
+        assert!(!huge.expect("g").fits_cudnn());
     }
 
     #[test]

@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+#[cfg(feature = "cudnn")]
+use crate::conv::CudaArg;
 use crate::cpu::Arg;
+#[cfg(feature = "cudnn")]
+use candle_core::CudaStorage;
 
 /// A layer: its forward on CPU storages and its three gradients as tensor ops.
 pub(crate) trait Layer: Send + Sync + 'static {
@@ -14,6 +18,13 @@ pub(crate) trait Layer: Send + Sync + 'static {
     const NAMES: [&'static str; 2];
 
     fn cpu(&self, x: Arg, w: Arg, bias: Option<Arg>) -> Result<(CpuStorage, Shape)>;
+
+    /// Its forward on CUDA storages, for the layers that have one (the convolution, on cuDNN).
+    #[cfg(feature = "cudnn")]
+    fn cuda(&self, x: CudaArg, w: CudaArg, bias: Option<CudaArg>) -> Result<(CudaStorage, Shape)> {
+        let _ = (x, w, bias);
+        candle_core::bail!("{}: no CUDA kernel", Self::NAMES[0])
+    }
 
     /// The input's gradient from that of the output `dy` (contiguous).
     fn input_grad(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor>;
@@ -79,6 +90,17 @@ impl<L: Layer> CustomOp2 for LayerOp<L> {
         self.0.cpu((xs, xl), (ws, wl), None)
     }
 
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda((xs, xl), (ws, wl), None)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -106,6 +128,19 @@ impl<L: Layer> CustomOp3 for LayerOp<L> {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.0.cpu((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.0.cuda((xs, xl), (ws, wl), Some((bs, bl)))
     }
 
     fn bwd(

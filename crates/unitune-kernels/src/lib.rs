@@ -3,8 +3,10 @@
 //! a training step in scalar loops, single-threaded reductions, page faults and intermediate
 //! tensors, each of which also costs a gradient in the backward (see `BENCHMARKS.md`). Each op
 //! takes f32 CPU tensors; the callers in `unitune::models` fall back to candle's composite ops
-//! elsewhere (CUDA, other dtypes), except attention, which with the `cuda` feature has CUDA kernels
-//! too (`cuda/attention.cu`): on a GPU the composite would store every head's `[n, n]` scores.
+//! elsewhere (CUDA, other dtypes), except two: attention, which with the `cuda` feature has CUDA
+//! kernels too (`cuda/attention.cu`: on a GPU the composite would store every head's `[n, n]`
+//! scores), and the convolution, which with the `cudnn` feature runs its forward and gradients on
+//! cuDNN (`conv/cudnn.rs`: candle's CUDA backward takes a generic transposed convolution).
 //! Kept in a crate of its own so that it is optimised even in test builds.
 
 pub mod adafactor;

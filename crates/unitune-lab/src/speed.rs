@@ -16,6 +16,7 @@ use unitune::models::unet::{
     CheckpointGrads, DownBlockType, UNet2DConditionConfig, UNet2DConditionModel, UpBlockType,
 };
 use unitune::noise::Noise;
+use unitune::train::master::MasterWeights;
 use unitune::train::OptimizerKind;
 use unitune::{Error, Result};
 
@@ -56,6 +57,10 @@ pub struct TuneStepConfig {
     pub lr: f64,
     /// Recompute each resnet and transformer in the backward pass instead of keeping its insides.
     pub gradient_checkpointing: bool,
+    /// Train f16/bf16 weights as `unitune tune` does: the optimizer updates f32 master copies,
+    /// written back rounded after each step, and f16 losses are scaled (mixed precision, as
+    /// PyTorch's autocast with a GradScaler on f32 weights).
+    pub master_weights: bool,
 }
 
 impl Default for TuneStepConfig {
@@ -65,6 +70,7 @@ impl Default for TuneStepConfig {
             optimizer: OptimizerKind::Adafactor,
             lr: 1e-4,
             gradient_checkpointing: false,
+            master_weights: false,
         }
     }
 }
@@ -318,7 +324,18 @@ pub fn bench_tune_step(args: &TuneStepConfig) -> Result<Report> {
     setup
         .unet
         .set_gradient_checkpointing(args.gradient_checkpointing);
-    let mut optimizer = args.optimizer.build(setup.varmap.all_vars(), args.lr)?;
+    let vars = setup.varmap.all_vars();
+    let mut master = match args.master_weights {
+        true => Some(MasterWeights::new(&vars)?.ok_or_else(|| {
+            Error::argument(
+                "master-weights",
+                "needs half-precision weights (--dtype f16 or bf16)",
+            )
+        })?),
+        false => None,
+    };
+    let trained = master.as_ref().map_or(vars, MasterWeights::masters);
+    let mut optimizer = args.optimizer.build(trained, args.lr)?;
     let device = setup.sample.device();
     let names = ["forward_s", "backward_s", "optimizer_s", "step_s"];
     setup.time("tune-step", &args.common, &names, || {
@@ -326,10 +343,24 @@ pub fn bench_tune_step(args: &TuneStepConfig) -> Result<Report> {
         let (loss, checkpoints) = setup.loss()?;
         device.synchronize()?;
         let t1 = Instant::now();
-        let grads = checkpoints.backward(&loss)?;
+        // With master weights, as in `Tuner::step`: the scaled loss's gradients move onto the
+        // master copies, and a step whose gradients overflowed is skipped (as by a GradScaler).
+        let (grads, finite) = match master.as_mut() {
+            None => (checkpoints.backward(&loss)?, true),
+            Some(master) => {
+                let mut grads = checkpoints.backward(&(&loss * master.loss_scale())?)?;
+                let finite = master.take_grads(&mut grads)?;
+                (grads, finite)
+            }
+        };
         device.synchronize()?;
         let t2 = Instant::now();
-        optimizer.step(&grads)?;
+        if finite {
+            optimizer.step(&grads)?;
+            if let Some(master) = &master {
+                master.sync()?;
+            }
+        }
         // Freeing the gradients and the graph counts here, as torch's `zero_grad` does.
         drop((grads, loss, checkpoints));
         device.synchronize()?;
@@ -416,6 +447,41 @@ mod tests {
             );
         }
         assert!(report.peak_rss_mb.is_some_and(|m| m > 0.0));
+    }
+
+    #[test]
+    fn master_weights_train_half_precision_weights() {
+        let half = SpeedConfig {
+            preset: Preset::Tiny,
+            batch: 1,
+            iters: 1,
+            warmup: 1,
+            dtype: DType::F16,
+            ..SpeedConfig::default()
+        };
+        let args = TuneStepConfig {
+            common: half.clone(),
+            master_weights: true,
+            ..TuneStepConfig::default()
+        };
+        let report = bench_tune_step(&args).unwrap();
+        for key in ["forward_s", "backward_s", "optimizer_s", "step_s"] {
+            assert!(
+                report.phases[key].is_some_and(|s| s > 0.0),
+                "{key}: {report:?}"
+            );
+        }
+        // f32 weights have no master copies to keep: refused, naming the flag.
+        let f32_args = TuneStepConfig {
+            common: SpeedConfig {
+                dtype: DType::F32,
+                ..half
+            },
+            master_weights: true,
+            ..TuneStepConfig::default()
+        };
+        let err = bench_tune_step(&f32_args).unwrap_err().to_string();
+        assert!(err.contains("master-weights"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! A drop-in for `candle_nn::Conv2d` that runs f32 CPU convolutions on the gemm custom op of
 //! [`unitune_kernels::conv`]: candle's own CPU conv2d spends a training step in scalar loops
 //! (its backward above all), the custom op runs forward, input and weight gradients as large
-//! gemms. Weights are created and named exactly as `candle_nn::conv2d` does, so checkpoints load
-//! unchanged.
+//! gemms. With the `cudnn` feature the same op takes CUDA convolutions too (f32, f16, bf16), all
+//! three passes on cuDNN, where candle's CUDA backward would run its generic transposed
+//! convolution. Weights are created and named exactly as `candle_nn::conv2d` does, so
+//! checkpoints load unchanged.
 
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -37,14 +39,19 @@ impl Conv2d {
         self.inner.bias()
     }
 
-    /// Whether the gemm custom op takes this convolution of `xs` (and of the other tensors).
+    /// Whether the custom op takes this convolution of `xs` (and of the other tensors): on the
+    /// CPU's gemm kernels, or on cuDNN.
     fn custom(&self, xs: &Tensor, others: &[&Tensor]) -> bool {
         let cfg = self.inner.config();
-        ops::kernel_ready(&[xs, self.inner.weight()])
-            && ops::kernel_ready(others)
-            && self.inner.bias().is_none_or(|b| ops::kernel_ready(&[b]))
-            && cfg.groups == 1
-            && cfg.dilation == 1
+        let weight = self.inner.weight();
+        let rest: Vec<&Tensor> = others.iter().copied().chain(self.inner.bias()).collect();
+        let on_cpu = ops::kernel_ready(&[xs, weight]) && ops::kernel_ready(&rest);
+        let on_gpu =
+            unitune_kernels::conv::cuda_supports(xs, weight, None, cfg.padding, cfg.stride)
+                && rest
+                    .iter()
+                    .all(|t| t.dtype() == xs.dtype() && t.device().same_device(xs.device()));
+        cfg.groups == 1 && cfg.dilation == 1 && (on_cpu || on_gpu)
     }
 
     /// `forward(xs) + extra[:, :, None, None]` for `xs: [b, c_in, h, w]` and `extra: [b, c_out]`
@@ -72,7 +79,8 @@ impl Conv2d {
                 cfg.stride,
             )
         } else {
-            // Off the custom op (CUDA, f16/bf16): the convolution plus its bias, then `extra`.
+            // Off the custom op (CUDA without cuDNN, f16/bf16 on the CPU): the convolution plus
+            // its bias, then `extra`.
             self.forward(xs)?
                 .broadcast_add(&extra.unsqueeze(2)?.unsqueeze(3)?)
         }
@@ -87,8 +95,8 @@ impl Module for Conv2d {
         if self.custom(xs, &[]) {
             unitune_kernels::conv::conv2d(xs, weight, self.inner.bias(), cfg.padding, cfg.stride)
         } else {
-            // The custom op has only a CPU kernel: CUDA (and f16/bf16, grouped or dilated
-            // convolutions) take candle's own conv2d plus bias, which work everywhere.
+            // Off the custom op (CUDA without cuDNN, f16/bf16 on the CPU, grouped or dilated
+            // convolutions): candle's own conv2d plus bias, which work everywhere.
             self.inner.forward(xs)
         }
     }
