@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use unitune::session::DeltaEncoding;
 use unitune_lab::bench_edits::{self, BenchEditsConfig};
 
 use crate::common::check_output;
@@ -56,6 +57,14 @@ pub struct BenchEditsArgs {
     /// tune (model, scene and settings), to sweep edit settings without retuning.
     #[arg(long, value_name = "DIR")]
     sessions: Option<PathBuf>,
+    /// How each tune's session is stored (see `tune --delta-encoding`); the edits use it as a
+    /// file in this code gives it back.
+    #[arg(long, default_value_t = DeltaEncoding::default())]
+    delta_encoding: DeltaEncoding,
+    /// The encoding the tunes train for [default: --delta-encoding]; another one measures what
+    /// rounding after the tune loses.
+    #[arg(long)]
+    tune_delta_encoding: Option<DeltaEncoding>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -87,6 +96,8 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         baseline_guidance: args.baseline_guidance,
         max_objects: args.max_objects,
         sessions: args.sessions,
+        delta_encoding: args.delta_encoding,
+        tune_delta_encoding: args.tune_delta_encoding,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

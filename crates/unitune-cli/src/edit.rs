@@ -20,7 +20,7 @@ use unitune::jobs::{
 use unitune::noise::random_seed;
 use unitune::pipelines::{EditMask, Mask};
 use unitune::schedulers::SchedulerKind;
-use unitune::session::{DeltaEncoding, Session};
+use unitune::session::Session;
 
 use crate::common::{check_output, refuse_inputs, suffixed, ModelArgs};
 use crate::progress::BarProgress;
@@ -166,13 +166,7 @@ pub fn run(args: EditArgs) -> Result<()> {
             // The edits are checked against the picture the tune will see before it runs, so
             // that a bad knob fails before the session is written.
             job.check(&groups, width as usize, height as usize)?;
-            let session = crate::tune::tune_and_save(
-                &mut sd,
-                prepared,
-                &out,
-                DeltaEncoding::default(),
-                None,
-            )?;
+            let session = crate::tune::tune_and_save(&mut sd, prepared, &out, None)?;
             (sd, session)
         }
     };

@@ -57,8 +57,9 @@ pub struct TuneArgs {
     /// about a third of the memory for a training step, at the cost of one more forward.
     #[arg(long)]
     gradient_checkpointing: bool,
-    /// How weight deltas are stored: q8 (int8 per-row, default), f16 or f32 (exact).
-    #[arg(long, default_value = "q8")]
+    /// How weight deltas are stored: q2, q3, q4 (a ±1, ±3, ±7 grid per row, deflated: about
+    /// 5%, 9%, 11% of the f32 delta), q8 (int8 per row), f16, or f32 (exact).
+    #[arg(long, default_value_t = DeltaEncoding::default())]
     delta_encoding: DeltaEncoding,
     /// The session file to write (safetensors).
     #[arg(long, short)]
@@ -87,27 +88,21 @@ pub fn run(args: TuneArgs) -> Result<()> {
         height: args.height,
         seed: args.seed,
         gradient_checkpointing: args.gradient_checkpointing,
+        delta_encoding: args.delta_encoding,
     };
     let image = image_io::load_image(&args.image)?;
     let mut sd = args.model.load(Some(job.trainable()))?;
     let prepared = job.prepare(&sd, image)?;
-    tune_and_save(
-        &mut sd,
-        prepared,
-        &args.output,
-        args.delta_encoding,
-        args.log_json.as_deref(),
-    )?;
+    tune_and_save(&mut sd, prepared, &args.output, args.log_json.as_deref())?;
     Ok(())
 }
 
 /// Runs a prepared tune on `sd` (loaded with its trainable tensors), reporting as it goes, and
-/// writes the session to `output`; `edit` uses it when it is given an image but no session.
+/// writes the session to `output` in the encoding it was tuned for; `edit` uses it when it is given an image but no session.
 pub fn tune_and_save(
     sd: &mut StableDiffusion,
     prepared: PreparedTune,
     output: &Path,
-    encoding: DeltaEncoding,
     log_json: Option<&Path>,
 ) -> Result<Session> {
     let trainable = sd.unet_store.trainable_vars();
@@ -144,7 +139,7 @@ pub fn tune_and_save(
         Ok(())
     };
     let session = prepared.run(sd, &mut BarProgress::new(), &mut on_step)?;
-    session.save(output, encoding)?;
+    session.save(output, session.settings.delta_encoding)?;
     let n = session.losses.len().clamp(1, 8) as f32;
     let first = session.losses.iter().take(8).sum::<f32>() / n;
     let last = session.losses.iter().rev().take(8).sum::<f32>() / n;

@@ -454,6 +454,18 @@ fn truncated_session(d: &Path) {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
 }
+/// The default session packs each matrix delta and records its shape in the `delta_shapes`
+/// metadata: change the first digit of the first shape there (the header keeps its length).
+fn damaged_packed_session(d: &Path) {
+    let path = d.join("photo.session");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let shapes = header.find("delta_shapes").expect("a packed session");
+    let digit = 8 + shapes + header[shapes..].find('[').unwrap() + 1;
+    bytes[digit] = if bytes[digit] == b'7' { b'5' } else { b'7' };
+    std::fs::write(&path, bytes).unwrap();
+}
 fn text_as_session(d: &Path) {
     std::fs::write(d.join("photo.session"), "{\"token\": \"beikkpic\"}").unwrap();
 }
@@ -607,6 +619,7 @@ const CATALOGUE: &[Case] = &[
     case("single file without --config, shapes SD's defaults do not fit", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--prompt", "a", "-o", "{d}/out.png"], &["tiny-sd1.safetensors", "--config"]),
     case("--image-size not a multiple of 8", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--config", "{f}/tiny-sd1", "--image-size", "100", "--prompt", "a", "-o", "{d}/out.png"], &["image_size", "100"]),
     case("--config with a model folder", none, &["generate", "--model", "{d}/model", "--config", "{f}/tiny-sd1", "--prompt", "a", "-o", "{d}/out.png"], &["config", "single-file", "folder"]),
+    case("session whose packed delta does not fit its recorded shape", damaged_packed_session, &["edit", "--model", "{d}/model", "--session", "{d}/photo.session", "--prompt", "a", "-o", "{d}/out.png"], &["photo.session", "packed bytes", "its shape needs"]),
 ];
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -21,7 +21,7 @@ use rand::Rng;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use unitune::atomic::write_atomic;
 use unitune::image_io::save_png;
-use unitune::session::{DeltaEncoding, Session};
+use unitune::session::Session;
 use unitune::train::tune::TuneSettings;
 use unitune::{Error, Result};
 
@@ -205,7 +205,10 @@ impl Records for Store {
     fn save_session(&self, meta: &SessionMeta, session: &Session) -> Result<()> {
         let dir = self.session_dir(&meta.id);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        session.save(&self.session_path(&meta.id), DeltaEncoding::default())?;
+        session.save(
+            &self.session_path(&meta.id),
+            session.settings.delta_encoding,
+        )?;
         save_png(&session.image, &self.source_path(&meta.id))?;
         write_json(&dir.join("meta.json"), meta)
     }

@@ -280,6 +280,7 @@ fn tune_in(dtype: DType, steps: usize) -> Session {
     let settings = TuneSettings {
         steps,
         learning_rate: 1e-3,
+        delta_encoding: DeltaEncoding::F32,
         ..TuneSettings::new("beikkpic", 0)
     };
     let image = image("tune-input.png");
@@ -370,6 +371,7 @@ fn session_reproduces_the_tuned_unet() {
     let settings = TuneSettings {
         steps: 4,
         learning_rate: 1e-3,
+        delta_encoding: DeltaEncoding::F32,
         ..TuneSettings::new("beikkpic", 3)
     };
     let source = image("tune-input.png");
@@ -687,4 +689,82 @@ fn a_tuner_needs_trainable_weights_and_the_optimizer_its_settings_name() {
         .unwrap()
         .to_string();
     assert!(err.contains("optimizer") && err.contains("0.0001"), "{err}");
+}
+
+/// The mean loss of `session` applied to tiny-sd1, over 16 fixed draws of noise and timesteps.
+fn fit(session: &Session) -> f64 {
+    let mut sd = load("tiny-sd1", Some(TrainableLayers::Most));
+    sd.apply_session(session).unwrap();
+    let pixels = image_io::image_to_tensor(&session.image, &Device::Cpu).unwrap();
+    let mut tuner = Tuner::new(&sd, &pixels, session.settings.clone()).unwrap();
+    let mut noise = Noise::seeded(99);
+    let losses: Vec<f64> = (0..16)
+        .map(|_| {
+            let inputs = tuner.draw_inputs(&mut noise).unwrap();
+            tuner.loss(&inputs).unwrap().to_scalar::<f32>().unwrap() as f64
+        })
+        .collect();
+    losses.iter().sum::<f64>() / losses.len() as f64
+}
+
+/// With a coarse grid (the default, q2), the last quarter of a tune trains through it: every
+/// matrix delta of the session is on a ±1 grid row by row, which its file then holds exactly, and
+/// the tuned model on that grid fits the picture better than the same tune rounded to the grid
+/// afterwards.
+#[test]
+fn a_coarse_grid_is_trained_through() {
+    let run = |delta_encoding| {
+        let sd = load("tiny-sd1", Some(TrainableLayers::Most));
+        let settings = TuneSettings {
+            steps: 32,
+            learning_rate: 1e-3,
+            delta_encoding,
+            ..TuneSettings::new("beikkpic", 5)
+        };
+        let image = image("tune-input.png");
+        tune(
+            &sd,
+            &image,
+            settings,
+            &mut Noise::seeded(5),
+            &mut NoProgress,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap()
+    };
+    assert_eq!(TuneSettings::new("t", 0).delta_encoding, DeltaEncoding::Q2);
+    let through = run(DeltaEncoding::Q2);
+    let dir = std::env::temp_dir().join(format!("unitune-grid-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("q2.session");
+    through.save(&path, DeltaEncoding::Q2).unwrap();
+    let stored = Session::load(&path).unwrap();
+    for (name, d) in &through.deltas {
+        if d.rank() >= 2 {
+            let rows = d.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+            for row in rows {
+                let top = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    row.iter()
+                        .all(|v| *v == 0.0 || (v.abs() - top).abs() <= 1e-6 * top),
+                    "{name}: a row off the ±1 grid"
+                );
+            }
+        }
+        let err = max_diff(d, &stored.deltas[name]) / max_abs(d).max(1e-30);
+        assert!(
+            err <= 1e-3,
+            "{name}: stored as q2 it moved by {err} of its largest value"
+        );
+    }
+
+    let exact = run(DeltaEncoding::F32);
+    exact.save(&path, DeltaEncoding::Q2).unwrap();
+    let rounded_after = Session::load(&path).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (f_exact, f_through, f_after) = (fit(&exact), fit(&stored), fit(&rounded_after));
+    println!(
+        "loss: exact {f_exact:.5}, trained through q2 {f_through:.5}, rounded after {f_after:.5}"
+    );
+    assert!(f_through < f_after, "{f_through} vs {f_after}");
 }

@@ -26,7 +26,7 @@
 
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::{GrayImage, Luma, RgbImage};
@@ -87,6 +87,12 @@ pub struct BenchEditsConfig {
     /// Keeps each tune's session in this folder and reuses it when a later run asks for the same
     /// tune (same model, scene and settings), so edit settings can be swept without retuning.
     pub sessions: Option<PathBuf>,
+    /// How each tune's session is stored before its edits: they use the session as it comes
+    /// back from a file in this code, as `unitune edit` would.
+    pub delta_encoding: DeltaEncoding,
+    /// The encoding the tunes train for (a coarse grid is trained through); `None`: the one
+    /// they are stored in. Another one shows what rounding after the tune loses.
+    pub tune_delta_encoding: Option<DeltaEncoding>,
 }
 
 impl Default for BenchEditsConfig {
@@ -106,6 +112,8 @@ impl Default for BenchEditsConfig {
             baseline_guidance: 8.0,
             max_objects: None,
             sessions: None,
+            delta_encoding: DeltaEncoding::default(),
+            tune_delta_encoding: None,
         }
     }
 }
@@ -152,6 +160,8 @@ pub struct TuneRecord {
     pub final_loss: Vec<f64>,
     /// PSNR of the token-only sample (guidance off, from noise) against the tuned picture.
     pub reconstruction: Vec<f64>,
+    /// The session file's size in the run's delta encoding, over the UNet's weights in f32.
+    pub session_share: Vec<f64>,
 }
 
 fn mean(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
@@ -226,6 +236,7 @@ impl Bench<'_> {
             learning_rate: job.learning_rate,
             optimizer: job.optimizer,
             layers: job.layers,
+            delta_encoding: args.tune_delta_encoding.unwrap_or(args.delta_encoding),
             ..TuneSettings::new(token, args.seed)
         };
         let cached = args
@@ -265,6 +276,21 @@ impl Bench<'_> {
                 session
             }
         };
+        // Edit with the session as a file in the run's encoding gives it back.
+        let name = Path::new("bench.unitune");
+        let bytes = session.to_bytes(name, args.delta_encoding)?;
+        let unet_f32: usize = tuned
+            .unet_store
+            .tensors()
+            .values()
+            .map(|t| t.elem_count() * 4)
+            .sum();
+        record
+            .session_share
+            .push(bytes.len() as f64 / unet_f32 as f64);
+        let session = Session::from_bytes(&bytes, name)?;
+        tuned = StableDiffusion::load(&args.model, &LoadOptions::default())?;
+        tuned.apply_session(&session)?;
         let tail = &session.losses[session.losses.len() * 3 / 4..];
         record
             .final_loss
@@ -402,6 +428,7 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
         seconds: vec![],
         final_loss: vec![],
         reconstruction: vec![],
+        session_share: vec![],
     };
     let masks: &[bool] = if args.auto_mask {
         &[false, true]

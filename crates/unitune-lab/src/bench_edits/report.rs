@@ -100,19 +100,26 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
             sample.instruction
         );
     }
+    let stored = match a.tune_delta_encoding {
+        Some(tuned) if tuned != a.delta_encoding => {
+            format!("tuned for {tuned}, stored as {}", a.delta_encoding)
+        }
+        _ => a.delta_encoding.to_string(),
+    };
     let _ = writeln!(
         s,
-        "\n| UniTune tune ({} steps unless said) | s per tune | final loss | reconstruction PSNR (dB) |\n|---|---|---|---|",
+        "\n| UniTune tune ({} steps unless said) | s per tune | final loss | reconstruction PSNR (dB) | session ({stored}, % of the UNet in f32) |\n|---|---|---|---|---|",
         a.tune_steps
     );
     for t in &m.tunes {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             t.label,
             fmt_opt(mean(t.seconds.iter().copied()), 1),
             fmt_opt(mean(t.final_loss.iter().copied()), 4),
-            fmt_opt(mean(t.reconstruction.iter().copied()), 1)
+            fmt_opt(mean(t.reconstruction.iter().copied()), 1),
+            fmt_opt(mean(t.session_share.iter().map(|x| 100.0 * x)), 1)
         );
     }
     let _ = writeln!(
@@ -224,6 +231,7 @@ pub fn to_json(a: &BenchEditsConfig, m: &Measurement) -> serde_json::Value {
                 "seconds": nums(&t.seconds),
                 "final_loss": nums(&t.final_loss),
                 "reconstruction_psnr": nums(&t.reconstruction),
+                "session_share": nums(&t.session_share),
             })
         })
         .collect();
@@ -257,6 +265,8 @@ pub fn to_json(a: &BenchEditsConfig, m: &Measurement) -> serde_json::Value {
         "max_objects": m.config.max_objects,
         "steps": a.steps,
         "tune_steps": a.tune_steps,
+        "delta_encoding": a.delta_encoding.name(),
+        "tune_delta_encoding": a.tune_delta_encoding.unwrap_or(a.delta_encoding).name(),
         "scenes": scenes,
         "tunes": tunes,
         "rows": rows,

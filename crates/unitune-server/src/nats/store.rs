@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use image::RgbImage;
 use serde::de::DeserializeOwned;
 use tokio::io::AsyncReadExt;
-use unitune::session::{DeltaEncoding, Session};
+use unitune::session::Session;
 use unitune::{Error, Result};
 
 use super::Nats;
@@ -130,7 +130,7 @@ impl Records for NatsStore {
 
     fn save_session(&self, meta: &SessionMeta, session: &Session) -> Result<()> {
         let file = format!("{}/session.safetensors", meta.id);
-        let bytes = session.to_bytes(Path::new(&file), DeltaEncoding::default())?;
+        let bytes = session.to_bytes(Path::new(&file), session.settings.delta_encoding)?;
         self.nats.block(async {
             self.put_file(&file, &bytes).await?;
             self.put_file(

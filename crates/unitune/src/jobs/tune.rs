@@ -5,7 +5,7 @@ use image::RgbImage;
 use crate::image_io::resize_and_center_crop;
 use crate::noise::{random_seed, Noise};
 use crate::pipelines::{Progress, StableDiffusion};
-use crate::session::Session;
+use crate::session::{DeltaEncoding, Session};
 use crate::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use crate::train::OptimizerKind;
 use crate::weights::TrainableFilter;
@@ -32,6 +32,8 @@ pub struct TuneJob {
     pub seed: Option<u64>,
     /// Recompute each UNet block in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// How the session will be stored (a coarse grid is trained through: [`TuneSettings`]).
+    pub delta_encoding: DeltaEncoding,
 }
 
 impl Default for TuneJob {
@@ -48,6 +50,7 @@ impl Default for TuneJob {
             height: None,
             seed: None,
             gradient_checkpointing: false,
+            delta_encoding: paper.delta_encoding,
         }
     }
 }
@@ -92,6 +95,7 @@ impl TuneJob {
             optimizer: self.optimizer,
             layers: self.layers,
             seed: self.seed.unwrap_or_else(random_seed),
+            delta_encoding: self.delta_encoding,
         };
         Ok(PreparedTune {
             image: resize_and_center_crop(image, width as u32, height as u32),

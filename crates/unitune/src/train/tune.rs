@@ -7,6 +7,12 @@
 //! schedule, the target chosen by `prediction_type`, an MSE loss, backward, optimizer step
 //! (tests/tune.rs checks it against diffusers and transformers' Adafactor).
 //!
+//! The last quarter of the steps trains through the grid the session will be stored in, when
+//! that is a coarse one (`q2`-`q4`, [`DeltaEncoding`]): the forward pass sees the base weights
+//! plus the delta rounded to the grid, and the gradient updates the unrounded delta (the
+//! straight-through estimator), so the tune ends on weights that the small file holds exactly
+//! instead of losing a third of the delta's norm to rounding after the fact.
+//!
 //! To tune in less memory, turn on the UNet's gradient checkpointing before building the [`Tuner`]
 //! (`sd.unet.set_gradient_checkpointing(true)`): the same updates, for about a third of the step's
 //! activation memory and some more compute. A model loaded in f16 or bf16 is tuned with f32
@@ -26,7 +32,7 @@ use crate::models::unet::CheckpointGrads;
 use crate::noise::Noise;
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::schedulers::{NoiseSchedule, PredictionType};
-use crate::session::{fingerprint, Session};
+use crate::session::{codec, fingerprint, DeltaEncoding, Session};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::TrainableFilter;
 use crate::{Error, Result};
@@ -94,6 +100,14 @@ pub struct TuneSettings {
     pub optimizer: OptimizerKind,
     pub layers: TrainableLayers,
     pub seed: u64,
+    /// How the session will be stored; a coarse grid is trained through in the last quarter.
+    /// Sessions written before this setting had none: q8, not trained through.
+    #[serde(default = "stored_before_grids")]
+    pub delta_encoding: DeltaEncoding,
+}
+
+fn stored_before_grids() -> DeltaEncoding {
+    DeltaEncoding::Q8
 }
 
 impl TuneSettings {
@@ -107,6 +121,7 @@ impl TuneSettings {
             optimizer: OptimizerKind::Adafactor,
             layers: TrainableLayers::Most,
             seed,
+            delta_encoding: DeltaEncoding::default(),
         }
     }
 }
@@ -156,6 +171,8 @@ pub struct Tuner<'a> {
     /// f32 copies of half-precision trainable weights, which the optimizer updates.
     master: Option<MasterWeights>,
     timestep_rng: rand_chacha::ChaCha8Rng,
+    /// Steps taken so far.
+    taken: usize,
 }
 
 impl<'a> Tuner<'a> {
@@ -213,6 +230,7 @@ impl<'a> Tuner<'a> {
             master,
             timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
             settings,
+            taken: 0,
         })
     }
 
@@ -260,9 +278,21 @@ impl<'a> Tuner<'a> {
     /// One optimisation step; returns the loss before the update. With f16 weights a step whose
     /// gradients overflow is skipped ([`MasterWeights::take_grads`]).
     pub fn step(&mut self, inputs: &StepInputs) -> Result<f32> {
+        let on_grid = self.taken >= self.settings.steps - self.settings.steps / 4;
+        let unrounded = match self.settings.delta_encoding.coarse_levels() {
+            Some(levels) if on_grid => self.round_to_grid(levels)?,
+            _ => vec![],
+        };
+        self.taken += 1;
         let (loss, backward) = self.forward_loss(inputs)?;
         match self.master.as_mut() {
-            None => self.optimizer.step(&backward.backward(&loss)?)?,
+            None => {
+                let grads = backward.backward(&loss)?;
+                for (var, weight) in unrounded {
+                    var.set(&weight)?;
+                }
+                self.optimizer.step(&grads)?
+            }
             Some(master) => {
                 let mut grads = backward.backward(&(&loss * master.loss_scale())?)?;
                 if master.take_grads(&mut grads)? {
@@ -272,6 +302,28 @@ impl<'a> Tuner<'a> {
             }
         }
         Ok(loss.to_scalar::<f32>()?)
+    }
+
+    /// Sets every trainable weight to the base plus its delta on the `levels` grid; returns the
+    /// unrounded weights of the vars the optimizer updates directly (none with master weights,
+    /// which keep them).
+    fn round_to_grid(&self, levels: i32) -> Result<Vec<(candle_core::Var, Tensor)>> {
+        let base = self.sd.unet_store.tensors();
+        let mut unrounded = vec![];
+        for (name, var) in self.sd.unet_store.trainable_vars() {
+            let base = base[&name].to_dtype(DType::F32)?;
+            let master = self.master.as_ref().and_then(|m| m.master_of(&var));
+            let weight = match master {
+                Some(master) => master.as_tensor().clone(),
+                None => var.as_tensor().copy()?,
+            };
+            let rounded = (&base + rounded_delta(&weight, &base, levels)?)?;
+            var.set(&rounded.to_dtype(var.dtype())?)?;
+            if master.is_none() {
+                unrounded.push((var, weight));
+            }
+        }
+        Ok(unrounded)
     }
 
     /// Steps skipped because f16 gradients overflowed (always 0 in f32 and bf16).
@@ -290,7 +342,11 @@ impl<'a> Tuner<'a> {
                 Some(master) => master.as_tensor().clone(),
                 None => var.as_tensor().to_dtype(DType::F32)?,
             };
-            let delta = (tuned - base[&name].to_dtype(DType::F32)?)?;
+            let base = base[&name].to_dtype(DType::F32)?;
+            let delta = match self.settings.delta_encoding.coarse_levels() {
+                Some(levels) => rounded_delta(&tuned, &base, levels)?,
+                None => (tuned - base)?,
+            };
             if delta.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
                 deltas.insert(name, delta);
             }
@@ -304,6 +360,16 @@ impl<'a> Tuner<'a> {
             deltas,
         })
     }
+}
+
+/// `weight - base` on the `levels` grid; vectors (biases, norms), which sessions keep in f16,
+/// as they are.
+fn rounded_delta(weight: &Tensor, base: &Tensor, levels: i32) -> Result<Tensor> {
+    let delta = (weight - base)?;
+    if delta.rank() < 2 {
+        return Ok(delta);
+    }
+    codec::on_grid(&delta, levels)
 }
 
 /// The UNet's trainable vars; none is an error (the model was loaded without a trainable filter,

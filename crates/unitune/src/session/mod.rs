@@ -4,17 +4,22 @@
 //! A session is not a copy of the model but the difference the tune made to it, in one
 //! safetensors file:
 //! - `delta.<unet tensor name>`: tuned minus base weight, for every tensor the tune changed.
-//!   Encoded per [`DeltaEncoding`]: `q8` (default) stores 2+-D deltas as int8 with one f32 scale
-//!   per output row (`delta.<name>.scale`, symmetric, `scale = max|row| / 127`) and 1-D ones as
-//!   f16; `f16` and `f32` store every delta in that float type.
+//!   Encoded per [`DeltaEncoding`]: the grid codes store each 2+-D delta as one scale per
+//!   output row (`delta.<name>.scale`) and a step of a symmetric grid per weight: `q8` as int8
+//!   (`scale = max|row| / 127`); `q4`, `q3` and `q2` (±7, ±3, ±1) with f16 scales and a u8
+//!   tensor holding the steps packed several to a byte and deflated (the delta's shape is in the
+//!   `delta_shapes` metadata); 1-D deltas are f16. `f16` and `f32` store every delta in that float type.
 //! - `source_image`: the image the tune saw (u8, `[height, width, 3]`, after resizing and
 //!   cropping), so edits start from exactly that picture.
 //! - metadata (`__metadata__`, strings): `format` = `unitune-session`, `version`, `token`,
-//!   `base_fingerprint`, `image_sha256`, `settings` (JSON), `losses` (JSON), `delta_encoding`.
+//!   `base_fingerprint`, `image_sha256`, `settings` (JSON), `losses` (JSON), `delta_encoding`,
+//!   `delta_shapes` (JSON, for the packed codes).
 //!
 //! The base fingerprint hashes every UNet tensor's name, shape and 64 evenly spaced values
 //! rounded to f16 (so the fp16 and fp32 files of one model agree); applying a session to another
 //! model is refused.
+
+pub(crate) mod codec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -29,16 +34,28 @@ use crate::train::tune::TuneSettings;
 use crate::{Error, Result};
 
 const FORMAT: &str = "unitune-session";
-const VERSION: &str = "1";
+const VERSION: &str = "2";
+/// Version 1 had no packed codes; it reads the same way.
+const READS: [&str; 2] = ["1", VERSION];
 const DELTA_PREFIX: &str = "delta.";
 const SCALE_SUFFIX: &str = ".scale";
 const SOURCE_IMAGE: &str = "source_image";
+/// The most weights one packed delta may claim (Stable Diffusion's largest has 15 M): bounds
+/// what a damaged file can make the reader inflate.
+const MAX_DELTA: usize = 1 << 28;
 
-/// How weight deltas are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How weight deltas are stored (sizes for a tune of the built-in model, in BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeltaEncoding {
-    /// int8 with a per-row scale: a quarter of f32, half of f16.
+    /// ±1 grid, a per-row scale, deflated: about 1.3 bits a weight.
     #[default]
+    Q2,
+    /// ±3 grid, deflated: about 2.8 bits a weight.
+    Q3,
+    /// ±7 grid, deflated: about 3.6 bits a weight.
+    Q4,
+    /// int8 with a per-row scale: a quarter of f32, half of f16.
     Q8,
     F16,
     /// Exact.
@@ -48,24 +65,53 @@ pub enum DeltaEncoding {
 impl std::str::FromStr for DeltaEncoding {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "q8" => Ok(Self::Q8),
-            "f16" => Ok(Self::F16),
-            "f32" => Ok(Self::F32),
-            _ => Err(Error::argument(
-                "delta-encoding",
-                format!("`{s}` is not one of: q8, f16, f32"),
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|e| e.name()).collect();
+                Error::argument(
+                    "delta-encoding",
+                    format!("`{s}` is not one of: {}", names.join(", ")),
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for DeltaEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
 impl DeltaEncoding {
-    fn name(self) -> &'static str {
+    pub const ALL: [Self; 6] = [Self::Q2, Self::Q3, Self::Q4, Self::Q8, Self::F16, Self::F32];
+
+    pub fn name(self) -> &'static str {
         match self {
+            Self::Q2 => "q2",
+            Self::Q3 => "q3",
+            Self::Q4 => "q4",
             Self::Q8 => "q8",
             Self::F16 => "f16",
             Self::F32 => "f32",
+        }
+    }
+
+    /// The coarse grids' steps each side of zero: the codes a tune trains through (see
+    /// [`crate::train::tune`]) because rounding to them afterwards would lose too much.
+    pub(crate) fn coarse_levels(self) -> Option<i32> {
+        self.levels().filter(|&l| l < 127)
+    }
+
+    /// The grid's steps each side of zero, for the grid codes.
+    fn levels(self) -> Option<i32> {
+        match self {
+            Self::Q2 => Some(1),
+            Self::Q3 => Some(3),
+            Self::Q4 => Some(7),
+            Self::Q8 => Some(127),
+            Self::F16 | Self::F32 => None,
         }
     }
 }
@@ -101,27 +147,35 @@ impl Session {
     /// The session file's bytes, as [`Session::save`] writes them (`path` names it in errors).
     pub fn to_bytes(&self, path: &Path, encoding: DeltaEncoding) -> Result<Vec<u8>> {
         let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut packed_shapes = BTreeMap::new();
         for (name, delta) in &self.deltas {
             let key = format!("{DELTA_PREFIX}{name}");
             let dims = delta.dims().to_vec();
             let delta = delta.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-            match encoding {
-                DeltaEncoding::Q8 if dims.len() >= 2 => {
-                    let (q, scales) = quantize_rows(&delta)?;
-                    buffers.push((
-                        format!("{key}{SCALE_SUFFIX}"),
-                        Dtype::F32,
-                        vec![dims[0]],
-                        f32_bytes(&scales),
-                    ));
-                    buffers.push((
-                        key,
-                        Dtype::I8,
-                        dims,
-                        q.into_iter().map(|v| v as u8).collect(),
-                    ));
+            match encoding.levels() {
+                Some(levels) if dims.len() >= 2 => {
+                    let (steps, scales) = codec::grid(&delta, levels)?;
+                    let steps: Vec<i8> = (steps.flatten_all()?.to_vec1::<f32>()?.into_iter())
+                        .map(|q| q as i8)
+                        .collect();
+                    let scales: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+                    let scale_key = format!("{key}{SCALE_SUFFIX}");
+                    let rows = vec![dims[0]];
+                    if encoding == DeltaEncoding::Q8 {
+                        buffers.push((scale_key, Dtype::F32, rows, f32_bytes(&scales)));
+                        let bytes = steps.into_iter().map(|v| v as u8).collect();
+                        buffers.push((key, Dtype::I8, dims, bytes));
+                    } else {
+                        // f16 scales: their rounding (5e-4 of a step) is far below the grid's.
+                        let scales = scales.iter().map(|&x| half::f16::from_f32(x));
+                        let scales = scales.flat_map(|x| x.to_le_bytes()).collect();
+                        buffers.push((scale_key, Dtype::F16, rows, scales));
+                        let bytes = codec::pack(&steps, levels);
+                        buffers.push((key, Dtype::U8, vec![bytes.len()], bytes));
+                        packed_shapes.insert(name.clone(), dims);
+                    }
                 }
-                DeltaEncoding::Q8 | DeltaEncoding::F16 => {
+                _ if encoding != DeltaEncoding::F32 => {
                     let v: Vec<half::f16> = delta.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
                     buffers.push((
                         key,
@@ -130,7 +184,7 @@ impl Session {
                         v.iter().flat_map(|x| x.to_le_bytes()).collect(),
                     ));
                 }
-                DeltaEncoding::F32 => {
+                _ => {
                     let v: Vec<f32> = delta.flatten_all()?.to_vec1()?;
                     buffers.push((key, Dtype::F32, dims, f32_bytes(&v)));
                 }
@@ -162,6 +216,10 @@ impl Session {
                 serde_json::to_string(&self.losses).expect("floats serialize"),
             ),
             ("delta_encoding".to_string(), encoding.name().to_string()),
+            (
+                "delta_shapes".to_string(),
+                serde_json::to_string(&packed_shapes).expect("shapes serialize"),
+            ),
         ]);
         let views = buffers
             .iter()
@@ -201,7 +259,7 @@ impl Session {
             return Err(bad("not a unitune session file".into()));
         }
         let version = field("version")?;
-        if version != VERSION {
+        if !READS.contains(&version.as_str()) {
             return Err(bad(format!(
                 "session format version {version} is not supported (this unitune reads {VERSION})"
             )));
@@ -238,36 +296,43 @@ impl Session {
             if name.ends_with(SCALE_SUFFIX) {
                 continue;
             }
-            let dims = view.shape().to_vec();
+            let mut dims = view.shape().to_vec();
             let values: Vec<f32> = match view.dtype() {
                 Dtype::F32 => bytes_f32(view.data()),
-                Dtype::F16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::I8 => {
-                    let scale_key = format!("{key}{SCALE_SUFFIX}");
+                Dtype::F16 => bytes_f16(view.data()),
+                Dtype::I8 | Dtype::U8 => {
+                    let (dims2, steps) = if view.dtype() == Dtype::I8 {
+                        (dims.clone(), view.data().iter().map(|&q| q as i8).collect())
+                    } else {
+                        packed_steps(name, view.data(), &meta).map_err(bad)?
+                    };
+                    dims = dims2;
                     let rows = match dims[..] {
                         [rows, _, ..] => rows,
-                        _ => return Err(bad(format!("`{key}` is int8 but not 2+-D: {dims:?}"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "`{key}` is a grid code but not 2+-D: {dims:?}"
+                            )))
+                        }
                     };
+                    let scale_key = format!("{key}{SCALE_SUFFIX}");
                     let scales = tensors
                         .tensor(&scale_key)
                         .map_err(|_| bad(format!("`{key}` has no `{scale_key}`")))?;
-                    if scales.dtype() != Dtype::F32 || scales.shape() != [rows] {
-                        return Err(bad(format!(
-                            "`{scale_key}` is {:?} {:?}, expected F32 [{rows}]",
-                            scales.dtype(),
-                            scales.shape()
-                        )));
-                    }
-                    let scales = bytes_f32(scales.data());
-                    let row = view.data().len() / rows.max(1);
-                    view.data()
+                    let scales = match (scales.dtype(), scales.shape()) {
+                        (Dtype::F32, [n]) if *n == rows => bytes_f32(scales.data()),
+                        (Dtype::F16, [n]) if *n == rows => bytes_f16(scales.data()),
+                        (dtype, shape) => {
+                            return Err(bad(format!(
+                                "`{scale_key}` is {dtype:?} {shape:?}, expected F32 or F16 [{rows}]"
+                            )))
+                        }
+                    };
+                    let row = steps.len() / rows.max(1);
+                    steps
                         .iter()
                         .enumerate()
-                        .map(|(i, &q)| q as i8 as f32 * scales[i / row])
+                        .map(|(i, &q)| q as f32 * scales[i / row])
                         .collect()
                 }
                 other => return Err(bad(format!("`{key}` has unsupported dtype {other:?}"))),
@@ -367,26 +432,35 @@ pub fn fingerprint(tensors: &HashMap<String, Tensor>) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Symmetric int8 quantization with one scale per row (dim 0).
-fn quantize_rows(delta: &Tensor) -> Result<(Vec<i8>, Vec<f32>)> {
-    let rows = delta.dim(0)?;
-    let flat: Vec<f32> = delta.flatten_all()?.to_vec1()?;
-    let row_len = flat.len() / rows.max(1);
-    let mut q = Vec::with_capacity(flat.len());
-    let mut scales = Vec::with_capacity(rows);
-    for row in flat.chunks(row_len.max(1)) {
-        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = max / 127.0;
-        scales.push(scale);
-        q.extend(row.iter().map(|v| {
-            if scale == 0.0 {
-                0
-            } else {
-                (v / scale).round().clamp(-127.0, 127.0) as i8
-            }
-        }));
-    }
-    Ok((q, scales))
+/// The shape and grid steps of a packed delta, from the metadata's `delta_shapes` and
+/// `delta_encoding`.
+fn packed_steps(
+    name: &str,
+    bytes: &[u8],
+    meta: &HashMap<String, String>,
+) -> std::result::Result<(Vec<usize>, Vec<i8>), String> {
+    let encoding: DeltaEncoding = meta
+        .get("delta_encoding")
+        .ok_or("packed deltas but no `delta_encoding` metadata")?
+        .parse()
+        .map_err(|e: Error| format!("`delta_encoding` metadata: {e}"))?;
+    let levels = encoding
+        .levels()
+        .filter(|_| encoding != DeltaEncoding::Q8)
+        .ok_or_else(|| format!("`delta.{name}` is packed, but `delta_encoding` is {encoding}"))?;
+    let shapes: BTreeMap<String, Vec<usize>> =
+        serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
+            .map_err(|e| format!("bad `delta_shapes` metadata: {e}"))?;
+    let dims = shapes
+        .get(name)
+        .ok_or_else(|| format!("`delta_shapes` metadata has no shape for `{name}`"))?;
+    let count = dims
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_DELTA)
+        .ok_or_else(|| format!("`delta_shapes` gives `{name}` the impossible shape {dims:?}"))?;
+    let steps = codec::unpack(bytes, count, levels).map_err(|e| format!("`delta.{name}` {e}"))?;
+    Ok((dims.clone(), steps))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -396,6 +470,12 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bytes_f16(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect()
 }
 
@@ -456,18 +536,37 @@ mod tests {
             .unwrap()
     }
 
+    fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        (norm(&(a - b).unwrap()) / norm(a)).sqrt()
+    }
+
     #[test]
     fn round_trips_in_every_encoding() {
         let (s, base) = session();
         let dir = std::env::temp_dir().join(format!("unitune-session-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for (encoding, tol) in [
-            (DeltaEncoding::F32, 0.0),
-            (DeltaEncoding::F16, 2e-6),
-            (DeltaEncoding::Q8, 3e-5),
+        let mut sizes = Vec::new();
+        // Relative error of the 2-D delta; the 1-D one is f16 in every code but f32. The ±1
+        // grid zeroes a band (`codec`) and loses 0.263 of a Gaussian's energy (0.513 of the norm).
+        for (encoding, matrix_tol, vector_tol) in [
+            (DeltaEncoding::F32, 0.0, 0.0),
+            (DeltaEncoding::F16, 1e-3, 1e-3),
+            (DeltaEncoding::Q8, 1e-2, 1e-3),
+            (DeltaEncoding::Q4, 0.12, 1e-3),
+            (DeltaEncoding::Q3, 0.22, 1e-3),
+            (DeltaEncoding::Q2, 0.53, 1e-3),
         ] {
-            let path = dir.join(format!("{encoding:?}.session"));
+            let path = dir.join(format!("{encoding}.session"));
             s.save(&path, encoding).unwrap();
+            sizes.push(std::fs::metadata(&path).unwrap().len());
             let back = Session::load(&path).unwrap();
             assert_eq!(
                 (back.token.as_str(), back.losses.as_slice()),
@@ -475,18 +574,62 @@ mod tests {
             );
             assert_eq!(back.image, s.image);
             assert_eq!(back.settings, s.settings);
-            for (name, d) in &s.deltas {
-                let err = max_diff(d, &back.deltas[name]);
-                assert!(err <= tol, "{encoding:?} {name}: {err}");
+            for (name, tol) in [("a.weight", matrix_tol), ("a.bias", vector_tol)] {
+                let err = relative_error(&s.deltas[name], &back.deltas[name]);
+                assert!(err <= tol, "{encoding} {name}: {err}");
+                assert_eq!(back.deltas[name].dims(), s.deltas[name].dims());
             }
             let tuned = back.apply(&base, Path::new("unet")).unwrap();
-            let expect = (&base["a.weight"] + &s.deltas["a.weight"]).unwrap();
-            assert!(max_diff(&tuned["a.weight"], &expect) <= tol + 1e-6);
+            let expect = (&base["a.weight"] + &back.deltas["a.weight"]).unwrap();
+            assert!(max_diff(&tuned["a.weight"], &expect) <= 1e-6);
             assert_eq!(max_diff(&tuned["b.weight"], &base["b.weight"]), 0.0);
         }
-        let q8 = std::fs::metadata(dir.join("Q8.session")).unwrap().len();
-        let f32 = std::fs::metadata(dir.join("F32.session")).unwrap().len();
-        assert!(q8 * 2 < f32, "q8 {q8} bytes, f32 {f32}");
+        // Each code smaller than the one before it.
+        assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_packed_deltas_are_refused_by_name() {
+        let (s, _) = session();
+        let path = Path::new("/sessions/x.unitune");
+        let bytes = s.to_bytes(path, DeltaEncoding::Q2).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        let with_meta = |key: &str, value: &str| {
+            let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut meta = meta.clone();
+            meta.insert(key.into(), value.into());
+            let views: Vec<(String, TensorView)> = tensors.tensors();
+            safetensors::serialize(views, Some(meta)).unwrap()
+        };
+        for (key, value, expect) in [
+            ("delta_shapes", "{}", "no shape for `a.weight`"),
+            (
+                "delta_shapes",
+                r#"{"a.weight":[64,16,3,4]}"#,
+                "its shape needs",
+            ),
+            (
+                "delta_shapes",
+                r#"{"a.weight":[1000000,1000000]}"#,
+                "impossible shape",
+            ),
+            ("delta_shapes", "[", "bad `delta_shapes`"),
+            (
+                "delta_encoding",
+                "q8",
+                "is packed, but `delta_encoding` is q8",
+            ),
+        ] {
+            let err = Session::from_bytes(&with_meta(key, value), path)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("/sessions/x.unitune") && err.contains(expect),
+                "{err}"
+            );
+        }
     }
 
     #[test]
