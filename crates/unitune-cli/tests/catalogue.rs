@@ -635,7 +635,8 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A session of the fixture, made once by a real one-step tune.
+/// A session of the fixture, made once by a real one-step tune, packed (`q2`) so that its
+/// `delta_shapes` can be damaged.
 fn session() -> &'static Path {
     static SESSION: OnceLock<PathBuf> = OnceLock::new();
     SESSION.get_or_init(|| {
@@ -644,7 +645,16 @@ fn session() -> &'static Path {
         let path = dir.join("photo.session");
         let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
             .args([
-                "tune", "--steps", "1", "--batch", "1", "--seed", "1", "--model",
+                "tune",
+                "--steps",
+                "1",
+                "--batch",
+                "1",
+                "--seed",
+                "1",
+                "--delta-encoding",
+                "q2",
+                "--model",
             ])
             .arg(fixtures().join("tiny-sd1"))
             .arg("--image")

@@ -707,7 +707,7 @@ fn fit(session: &Session) -> f64 {
     losses.iter().sum::<f64>() / losses.len() as f64
 }
 
-/// With a coarse grid (the default, q2), the last quarter of a tune trains through it: every
+/// With a coarse grid (q2 here), the last quarter of a tune trains through it: every
 /// matrix delta of the session is on a ±1 grid row by row, which its file then holds exactly, and
 /// the tuned model on that grid fits the picture better than the same tune rounded to the grid
 /// afterwards.
@@ -732,7 +732,6 @@ fn a_coarse_grid_is_trained_through() {
         )
         .unwrap()
     };
-    assert_eq!(TuneSettings::new("t", 0).delta_encoding, DeltaEncoding::Q2);
     let through = run(DeltaEncoding::Q2);
     let dir = std::env::temp_dir().join(format!("unitune-grid-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

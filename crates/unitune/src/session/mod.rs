@@ -8,7 +8,8 @@
 //!   output row (`delta.<name>.scale`) and a step of a symmetric grid per weight: `q8` as int8
 //!   (`scale = max|row| / 127`); `q4`, `q3` and `q2` (±7, ±3, ±1) with f16 scales and a u8
 //!   tensor holding the steps packed several to a byte and deflated (the delta's shape is in the
-//!   `delta_shapes` metadata); 1-D deltas are f16. `f16` and `f32` store every delta in that float type.
+//!   `delta_shapes` metadata); 1-D deltas are f16. `f16` and `f32` store every delta in that
+//!   float type.
 //! - `source_image`: the image the tune saw (u8, `[height, width, 3]`, after resizing and
 //!   cropping), so edits start from exactly that picture.
 //! - metadata (`__metadata__`, strings): `format` = `unitune-session`, `version`, `token`,
@@ -49,13 +50,14 @@ const MAX_DELTA: usize = 1 << 28;
 #[serde(rename_all = "lowercase")]
 pub enum DeltaEncoding {
     /// ±1 grid, a per-row scale, deflated: about 1.3 bits a weight.
-    #[default]
     Q2,
     /// ±3 grid, deflated: about 2.8 bits a weight.
     Q3,
     /// ±7 grid, deflated: about 3.6 bits a weight.
     Q4,
-    /// int8 with a per-row scale: a quarter of f32, half of f16.
+    /// int8 with a per-row scale: a quarter of f32, half of f16. The default: the coarser
+    /// codes, even trained through, cost edit quality (BENCHMARKS.md, "Session size").
+    #[default]
     Q8,
     F16,
     /// Exact.

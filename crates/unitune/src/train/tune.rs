@@ -101,13 +101,9 @@ pub struct TuneSettings {
     pub layers: TrainableLayers,
     pub seed: u64,
     /// How the session will be stored; a coarse grid is trained through in the last quarter.
-    /// Sessions written before this setting had none: q8, not trained through.
-    #[serde(default = "stored_before_grids")]
+    /// Sessions written before this setting had none: the default, q8, not trained through.
+    #[serde(default)]
     pub delta_encoding: DeltaEncoding,
-}
-
-fn stored_before_grids() -> DeltaEncoding {
-    DeltaEncoding::Q8
 }
 
 impl TuneSettings {
