@@ -289,7 +289,7 @@ impl Bench<'_> {
             .session_share
             .push(bytes.len() as f64 / unet_f32 as f64);
         let session = Session::from_bytes(&bytes, name)?;
-        tuned = StableDiffusion::load(&args.model, &LoadOptions::default())?;
+        // Applied to the base weights the model was loaded with, whatever the tune left in it.
         tuned.apply_session(&session)?;
         let tail = &session.losses[session.losses.len() * 3 / 4..];
         record

@@ -169,26 +169,19 @@ impl Session {
                         buffers.push((key, Dtype::I8, dims, bytes));
                     } else {
                         // f16 scales: their rounding (5e-4 of a step) is far below the grid's.
-                        let scales = scales.iter().map(|&x| half::f16::from_f32(x));
-                        let scales = scales.flat_map(|x| x.to_le_bytes()).collect();
-                        buffers.push((scale_key, Dtype::F16, rows, scales));
+                        buffers.push((scale_key, Dtype::F16, rows, f16_bytes(&scales)));
                         let bytes = codec::pack(&steps, levels);
                         buffers.push((key, Dtype::U8, vec![bytes.len()], bytes));
                         packed_shapes.insert(name.clone(), dims);
                     }
                 }
-                _ if encoding != DeltaEncoding::F32 => {
-                    let v: Vec<half::f16> = delta.to_dtype(DType::F16)?.flatten_all()?.to_vec1()?;
-                    buffers.push((
-                        key,
-                        Dtype::F16,
-                        dims,
-                        v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    ));
-                }
                 _ => {
                     let v: Vec<f32> = delta.flatten_all()?.to_vec1()?;
-                    buffers.push((key, Dtype::F32, dims, f32_bytes(&v)));
+                    if encoding == DeltaEncoding::F32 {
+                        buffers.push((key, Dtype::F32, dims, f32_bytes(&v)));
+                    } else {
+                        buffers.push((key, Dtype::F16, dims, f16_bytes(&v)));
+                    }
                 }
             }
         }
@@ -291,6 +284,8 @@ impl Session {
             .expect("safetensors checked the data length against the shape");
 
         let mut deltas = BTreeMap::new();
+        // Read at the first packed delta: version 1 files and unpacked codes lack it.
+        let mut packed: Option<Packed> = None;
         for (key, view) in tensors.tensors() {
             let Some(name) = key.strip_prefix(DELTA_PREFIX) else {
                 continue;
@@ -303,12 +298,17 @@ impl Session {
                 Dtype::F32 => bytes_f32(view.data()),
                 Dtype::F16 => bytes_f16(view.data()),
                 Dtype::I8 | Dtype::U8 => {
-                    let (dims2, steps) = if view.dtype() == Dtype::I8 {
-                        (dims.clone(), view.data().iter().map(|&q| q as i8).collect())
+                    let steps: Vec<i8> = if view.dtype() == Dtype::I8 {
+                        view.data().iter().map(|&q| q as i8).collect()
                     } else {
-                        packed_steps(name, view.data(), &meta).map_err(bad)?
+                        if packed.is_none() {
+                            packed = Some(Packed::read(name, &meta).map_err(bad)?);
+                        }
+                        let packed = packed.as_ref().expect("read just above");
+                        let (shape, steps) = packed.steps(name, view.data()).map_err(bad)?;
+                        dims = shape;
+                        steps
                     };
-                    dims = dims2;
                     let rows = match dims[..] {
                         [rows, _, ..] => rows,
                         _ => {
@@ -434,39 +434,60 @@ pub fn fingerprint(tensors: &HashMap<String, Tensor>) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// The shape and grid steps of a packed delta, from the metadata's `delta_shapes` and
-/// `delta_encoding`.
-fn packed_steps(
-    name: &str,
-    bytes: &[u8],
-    meta: &HashMap<String, String>,
-) -> std::result::Result<(Vec<usize>, Vec<i8>), String> {
-    let encoding: DeltaEncoding = meta
-        .get("delta_encoding")
-        .ok_or("packed deltas but no `delta_encoding` metadata")?
-        .parse()
-        .map_err(|e: Error| format!("`delta_encoding` metadata: {e}"))?;
-    let levels = encoding
-        .levels()
-        .filter(|_| encoding != DeltaEncoding::Q8)
-        .ok_or_else(|| format!("`delta.{name}` is packed, but `delta_encoding` is {encoding}"))?;
-    let shapes: BTreeMap<String, Vec<usize>> =
-        serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
+/// The packed deltas' grid and shapes, from the metadata's `delta_encoding` and `delta_shapes`,
+/// read once per file.
+struct Packed {
+    levels: i32,
+    shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl Packed {
+    /// `name`: the first packed delta, named when the code is not a packed one.
+    fn read(name: &str, meta: &HashMap<String, String>) -> std::result::Result<Self, String> {
+        let encoding: DeltaEncoding = meta
+            .get("delta_encoding")
+            .ok_or("packed deltas but no `delta_encoding` metadata")?
+            .parse()
+            .map_err(|e: Error| format!("`delta_encoding` metadata: {e}"))?;
+        let levels = encoding.coarse_levels().ok_or_else(|| {
+            format!("`delta.{name}` is packed, but `delta_encoding` is {encoding}")
+        })?;
+        let shapes = serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
             .map_err(|e| format!("bad `delta_shapes` metadata: {e}"))?;
-    let dims = shapes
-        .get(name)
-        .ok_or_else(|| format!("`delta_shapes` metadata has no shape for `{name}`"))?;
-    let count = dims
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= MAX_DELTA)
-        .ok_or_else(|| format!("`delta_shapes` gives `{name}` the impossible shape {dims:?}"))?;
-    let steps = codec::unpack(bytes, count, levels).map_err(|e| format!("`delta.{name}` {e}"))?;
-    Ok((dims.clone(), steps))
+        Ok(Self { levels, shapes })
+    }
+
+    /// The shape and grid steps of the packed delta `name`.
+    fn steps(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<(Vec<usize>, Vec<i8>), String> {
+        let dims = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| format!("`delta_shapes` metadata has no shape for `{name}`"))?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_DELTA)
+            .ok_or_else(|| {
+                format!("`delta_shapes` gives `{name}` the impossible shape {dims:?}")
+            })?;
+        let steps =
+            codec::unpack(bytes, count, self.levels).map_err(|e| format!("`delta.{name}` {e}"))?;
+        Ok((dims.clone(), steps))
+    }
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect()
 }
 
 fn bytes_f32(b: &[u8]) -> Vec<f32> {

@@ -308,18 +308,23 @@ impl<'a> Tuner<'a> {
         let mut unrounded = vec![];
         for (name, var) in self.sd.unet_store.trainable_vars() {
             let base = base[&name].to_dtype(DType::F32)?;
-            let master = self.master.as_ref().and_then(|m| m.master_of(&var));
-            let weight = match master {
-                Some(master) => master.as_tensor().clone(),
-                None => var.as_tensor().copy()?,
-            };
+            let weight = self.unrounded(&var)?;
             let rounded = (&base + rounded_delta(&weight, &base, levels)?)?;
             var.set(&rounded.to_dtype(var.dtype())?)?;
-            if master.is_none() {
+            if self.master.is_none() {
                 unrounded.push((var, weight));
             }
         }
         Ok(unrounded)
+    }
+
+    /// A trainable weight as the optimizer holds it, in f32: its master copy, which keeps the
+    /// updates that half precision would round away, or a copy of the var itself.
+    fn unrounded(&self, var: &candle_core::Var) -> Result<Tensor> {
+        Ok(match self.master.as_ref().and_then(|m| m.master_of(var)) {
+            Some(master) => master.as_tensor().clone(),
+            None => var.as_tensor().to_dtype(DType::F32)?.copy()?,
+        })
     }
 
     /// Steps skipped because f16 gradients overflowed (always 0 in f32 and bf16).
@@ -333,11 +338,7 @@ impl<'a> Tuner<'a> {
         let base = self.sd.unet_store.tensors();
         let mut deltas = BTreeMap::new();
         for (name, var) in self.sd.unet_store.trainable_vars() {
-            // The master copy holds the update unrounded.
-            let tuned = match self.master.as_ref().and_then(|m| m.master_of(&var)) {
-                Some(master) => master.as_tensor().clone(),
-                None => var.as_tensor().to_dtype(DType::F32)?,
-            };
+            let tuned = self.unrounded(&var)?;
             let base = base[&name].to_dtype(DType::F32)?;
             let delta = match self.settings.delta_encoding.coarse_levels() {
                 Some(levels) => rounded_delta(&tuned, &base, levels)?,
