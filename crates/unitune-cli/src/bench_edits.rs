@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use unitune::session::DeltaEncoding;
+use unitune::train::tune::TrainableLayers;
 use unitune_lab::bench_edits::{self, BenchEditsConfig};
 
 use crate::common::check_output;
@@ -22,9 +23,16 @@ pub struct BenchEditsArgs {
     /// World seed of the held-out scenes, and seed of every noise draw.
     #[arg(long, default_value_t = BenchEditsConfig::default().seed)]
     seed: u64,
-    /// UniTune tuning steps (batch 4, Adafactor, most layers).
+    /// UniTune tuning steps (batch 4, Adafactor).
     #[arg(long, default_value_t = BenchEditsConfig::default().tune_steps)]
     tune_steps: usize,
+    /// The layers those tunes train (see `tune --layers`); the model-defaults row keeps the
+    /// model's.
+    #[arg(long, default_value = "most")]
+    tune_layers: TrainableLayers,
+    /// The rank of --tune-layers lora [default: 8].
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// UniTune learning rates, comma-separated; each is a separate tune per scene.
     #[arg(long, value_delimiter = ',', default_values_t = BenchEditsConfig::default().tune_lr)]
     tune_lr: Vec<f64>,
@@ -58,9 +66,9 @@ pub struct BenchEditsArgs {
     #[arg(long, value_name = "DIR")]
     sessions: Option<PathBuf>,
     /// How each tune's session is stored (see `tune --delta-encoding`); the edits use it as a
-    /// file in this code gives it back.
-    #[arg(long, default_value_t = DeltaEncoding::default())]
-    delta_encoding: DeltaEncoding,
+    /// file in this code gives it back [default: the tune's, lora for a LoRA tune, else q8].
+    #[arg(long)]
+    delta_encoding: Option<DeltaEncoding>,
     /// The encoding the tunes train for [default: --delta-encoding]; another one measures what
     /// rounding after the tune loses.
     #[arg(long)]
@@ -86,6 +94,8 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         scenes: args.scenes,
         seed: args.seed,
         tune_steps: args.tune_steps,
+        tune_layers: args.tune_layers,
+        lora_rank: args.lora_rank,
         tune_lr: args.tune_lr,
         steps: args.steps,
         guidance: args.guidance,

@@ -30,9 +30,9 @@ pub struct ExportArgs {
     #[arg(long, default_value = "diffusers", value_parser = ["diffusers", "lora"])]
     format: String,
     /// --format lora: the rank of each layer's factorisation (the file grows with it, the error
-    /// shrinks).
-    #[arg(long, default_value_t = 32)]
-    rank: usize,
+    /// shrinks) [default: a LoRA tune's own rank, which is exact, else 32].
+    #[arg(long)]
+    rank: Option<usize>,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -82,10 +82,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
 
 /// The session's delta as a LoRA file at `--rank`, with the error of the factorisation.
 fn write_lora(args: &ExportArgs, session: &Session) -> Result<()> {
-    let lora = lora::from_deltas(&session.deltas, args.rank)?;
+    let rank = args.rank.or(session.settings.lora_rank).unwrap_or(32);
+    let lora = lora::from_deltas(&session.deltas, rank)?;
     let metadata = HashMap::from([
         ("ss_network_module".to_string(), "networks.lora".to_string()),
-        ("ss_network_dim".to_string(), args.rank.to_string()),
+        ("ss_network_dim".to_string(), rank.to_string()),
         ("unitune_token".to_string(), session.token.clone()),
         (
             "unitune_base_fingerprint".to_string(),
@@ -103,7 +104,7 @@ fn write_lora(args: &ExportArgs, session: &Session) -> Result<()> {
     eprintln!(
         "wrote {}: a rank-{} LoRA of {} layers (kohya naming), {:.1}% relative error over the whole change{}",
         args.output.display(),
-        args.rank,
+        rank,
         lora.layers.len(),
         100.0 * lora.relative_error,
         worst.map_or(String::new(), |w| format!(

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use unitune::image_io;
 use unitune::jobs::{ModelDefaults, PreparedTune, TuneJob};
@@ -39,9 +39,13 @@ pub struct TuneArgs {
     #[arg(long)]
     optimizer: Option<OptimizerKind>,
     /// UNet tensors to tune: most (all but norms and the timestep MLP), all, attention,
-    /// cross-attention [default: the model's unitune.json, else most].
+    /// cross-attention, or lora (a LoRA of every matrix and convolution that most tunes: a
+    /// session of a few percent of the UNet) [default: the model's unitune.json, else most].
     #[arg(long)]
     layers: Option<TrainableLayers>,
+    /// The rank of a --layers lora tune [default: the model's unitune.json, else 8].
+    #[arg(long)]
+    lora_rank: Option<usize>,
     /// Training size; the image is scaled to cover it and centre-cropped [default: the model's size].
     #[arg(long)]
     width: Option<usize>,
@@ -58,9 +62,10 @@ pub struct TuneArgs {
     #[arg(long)]
     gradient_checkpointing: bool,
     /// How weight deltas are stored: q8 (int8 per row), q2, q3, q4 (a ±1, ±3, ±7 grid per
-    /// row, deflated, trained through: about 5%, 9%, 12% of the UNet in f32), f16, or f32.
-    #[arg(long, default_value_t = DeltaEncoding::default())]
-    delta_encoding: DeltaEncoding,
+    /// row, deflated, trained through: about 5%, 9%, 12% of the UNet in f32), f16, f32, or
+    /// lora (a --layers lora tune's factors) [default: lora for a LoRA tune, else q8].
+    #[arg(long)]
+    delta_encoding: Option<DeltaEncoding>,
     /// The session file to write (safetensors).
     #[arg(long, short)]
     output: PathBuf,
@@ -77,13 +82,18 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     let base = ModelDefaults::read(&args.model.dir()?)?.tune_job();
+    let layers = args.layers.unwrap_or(base.layers);
+    if args.lora_rank.is_some() && layers != TrainableLayers::Lora {
+        bail!("--lora-rank: only a --layers lora tune has a rank");
+    }
     let job = TuneJob {
         token: args.token,
         steps: args.steps.unwrap_or(base.steps),
         batch_size: args.batch.unwrap_or(base.batch_size),
         learning_rate: args.lr.unwrap_or(base.learning_rate),
         optimizer: args.optimizer.unwrap_or(base.optimizer),
-        layers: args.layers.unwrap_or(base.layers),
+        layers,
+        lora_rank: args.lora_rank.or(base.lora_rank),
         width: args.width,
         height: args.height,
         seed: args.seed,

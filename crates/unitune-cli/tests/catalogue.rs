@@ -454,17 +454,41 @@ fn truncated_session(d: &Path) {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
 }
-/// The default session packs each matrix delta and records its shape in the `delta_shapes`
+/// The catalogue's session packs each matrix delta and records its shape in the `delta_shapes`
 /// metadata: change the first digit of the first shape there (the header keeps its length).
 fn damaged_packed_session(d: &Path) {
-    let path = d.join("photo.session");
-    let mut bytes = std::fs::read(&path).unwrap();
+    change_first_shape(&d.join("photo.session"));
+}
+/// A real one-step LoRA tune's session (its factors' product has the shape `delta_shapes`
+/// records), with the first shape there changed.
+fn damaged_lora_session(d: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args([
+            "tune", "--steps", "1", "--batch", "1", "--seed", "1", "--layers", "lora",
+        ])
+        .args(["--lora-rank", "2", "--model"])
+        .arg(d.join("model"))
+        .arg("--image")
+        .arg(d.join("photo.png"))
+        .arg("-o")
+        .arg(d.join("lora.session"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    change_first_shape(&d.join("lora.session"));
+}
+fn change_first_shape(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
     let shapes = header.find("delta_shapes").expect("a packed session");
     let digit = 8 + shapes + header[shapes..].find('[').unwrap() + 1;
     bytes[digit] = if bytes[digit] == b'7' { b'5' } else { b'7' };
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(path, bytes).unwrap();
 }
 fn text_as_session(d: &Path) {
     std::fs::write(d.join("photo.session"), "{\"token\": \"beikkpic\"}").unwrap();
@@ -620,6 +644,12 @@ const CATALOGUE: &[Case] = &[
     case("--image-size not a multiple of 8", none, &["generate", "--model", "{f}/tiny-sd1.safetensors", "--config", "{f}/tiny-sd1", "--image-size", "100", "--prompt", "a", "-o", "{d}/out.png"], &["image_size", "100"]),
     case("--config with a model folder", none, &["generate", "--model", "{d}/model", "--config", "{f}/tiny-sd1", "--prompt", "a", "-o", "{d}/out.png"], &["config", "single-file", "folder"]),
     case("session whose packed delta does not fit its recorded shape", damaged_packed_session, &["edit", "--model", "{d}/model", "--session", "{d}/photo.session", "--prompt", "a", "-o", "{d}/out.png"], &["photo.session", "packed bytes", "its shape needs"]),
+    // LoRA tunes (`--layers lora`).
+    case("LoRA session whose factors do not make the recorded shape", damaged_lora_session, &["edit", "--model", "{d}/model", "--session", "{d}/lora.session", "--prompt", "a", "-o", "{d}/out.png"], &["lora.session", "LoRA factors", "do not make its shape"]),
+    case("tune --lora-rank without --layers lora", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--lora-rank", "4", "-o", "{d}/new.session"], &["--lora-rank", "--layers lora"]),
+    case("tune --layers lora --delta-encoding q2", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--delta-encoding", "q2", "-o", "{d}/new.session"], &["delta-encoding", "q2", "lora"]),
+    case("tune --delta-encoding lora of whole weights", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--delta-encoding", "lora", "-o", "{d}/new.session"], &["delta-encoding", "lora tune"]),
+    case("tune --layers lora --lora-rank 0", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--lora-rank", "0", "-o", "{d}/new.session"], &["lora-rank", "at least 1"]),
 ];
 
 fn copy_dir(from: &Path, to: &Path) {

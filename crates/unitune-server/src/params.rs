@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use unitune::jobs::{EditJob, ModelDefaults, TuneJob};
 use unitune::pipelines::{AutoMask, EditMask, EditRequest, Mask};
 use unitune::schedulers::SchedulerKind;
+use unitune::session::DeltaEncoding;
 use unitune::train::tune::TrainableLayers;
 use unitune::train::OptimizerKind;
 
@@ -23,6 +24,10 @@ pub struct TuneParams {
     pub lr: f64,
     pub optimizer: OptimizerKind,
     pub layers: TrainableLayers,
+    /// The rank of a `lora` tune (`null`: the model's, else 8); ignored for other layers.
+    pub lora_rank: Option<usize>,
+    /// How the session is stored (`null`: lora for a LoRA tune, else q8).
+    pub delta_encoding: Option<DeltaEncoding>,
     /// A seed, or `null` / -1 for a random one.
     pub seed: Option<i64>,
 }
@@ -45,6 +50,8 @@ impl TuneParams {
             lr: job.learning_rate,
             optimizer: job.optimizer,
             layers: job.layers,
+            lora_rank: job.lora_rank,
+            delta_encoding: job.delta_encoding,
             seed: None,
         }
     }
@@ -75,6 +82,8 @@ impl TuneParams {
             learning_rate: self.lr,
             optimizer: self.optimizer,
             layers: self.layers,
+            lora_rank: self.lora_rank,
+            delta_encoding: self.delta_encoding,
             seed: Some(seed),
             ..TuneJob::default()
         };

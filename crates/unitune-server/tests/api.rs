@@ -553,16 +553,27 @@ async fn the_openapi_document_lists_every_route() {
     ] {
         assert!(paths.contains_key(path), "{path} is not documented");
     }
-    // Every field the edit form takes is documented.
-    let documented = doc["components"]["schemas"]["EditParams"]["properties"]
-        .as_object()
-        .unwrap();
-    let defaults = serde_json::to_value(unitune_server::params::EditParams::default()).unwrap();
-    for field in defaults.as_object().unwrap().keys() {
-        assert!(
-            documented.contains_key(field),
-            "EditParams.{field} is not documented"
-        );
+    // Every field a tune or an edit takes is documented.
+    let fields = [
+        (
+            "TuneParams",
+            serde_json::to_value(unitune_server::params::TuneParams::default()).unwrap(),
+        ),
+        (
+            "EditParams",
+            serde_json::to_value(unitune_server::params::EditParams::default()).unwrap(),
+        ),
+    ];
+    for (schema, defaults) in fields {
+        let documented = doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap();
+        for field in defaults.as_object().unwrap().keys() {
+            assert!(
+                documented.contains_key(field),
+                "{schema}.{field} is not documented"
+            );
+        }
     }
 }
 

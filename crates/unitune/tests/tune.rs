@@ -767,3 +767,101 @@ fn a_coarse_grid_is_trained_through() {
     );
     assert!(f_through < f_after, "{f_through} vs {f_after}");
 }
+
+/// A LoRA tune (`layers` lora, rank 4) on tiny-sd1: it changes only matrix and convolution
+/// weights, each by a delta of rank 4 at most (rank 3 would leave part of it); it fits the
+/// picture better than the base model; its session file holds the two factors, a fraction of a
+/// q8 file, and gives the deltas back within int8's rounding; a whole-weight tune cannot be
+/// stored as one; and an f16 model tunes the same LoRA through its f32 master weights.
+#[test]
+fn a_lora_tune_changes_weights_by_low_rank_deltas() {
+    let run = |dtype, steps| {
+        let sd = load_in("tiny-sd1", Some(TrainableLayers::Lora), dtype);
+        let settings = TuneSettings {
+            steps,
+            learning_rate: 1e-2,
+            layers: TrainableLayers::Lora,
+            lora_rank: Some(4),
+            delta_encoding: DeltaEncoding::Lora,
+            ..TuneSettings::new("beikkpic", 3)
+        };
+        tune(
+            &sd,
+            &image("tune-input.png"),
+            settings,
+            &mut Noise::seeded(3),
+            &mut NoProgress,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap()
+    };
+    let session = run(DType::F32, 32);
+    let most = load("tiny-sd1", Some(TrainableLayers::Most));
+    let matrices = (most.unet_store.trainable_vars().iter())
+        .filter(|(_, v)| v.rank() >= 2)
+        .count();
+    assert_eq!(session.deltas.len(), matrices);
+    assert!(session.deltas.values().all(|d| d.rank() >= 2));
+    let at_rank = |r| {
+        unitune::weights::lora::from_deltas(&session.deltas, r)
+            .unwrap()
+            .relative_error
+    };
+    let (error4, error3) = (at_rank(4), at_rank(3));
+    println!("relative error of the delta at rank 4: {error4:.2e}, at rank 3: {error3:.3}");
+    assert!(error4 < 1e-4 && error3 > 1e-2, "{error4} {error3}");
+
+    let untuned = Session {
+        deltas: Default::default(),
+        ..session.clone()
+    };
+    let (f_base, f_tuned) = (fit(&untuned), fit(&session));
+    println!("loss: base {f_base:.5}, LoRA tune {f_tuned:.5}");
+    assert!(f_tuned < 0.9 * f_base, "{f_base} -> {f_tuned}");
+
+    let path = Path::new("lora.session");
+    let bytes = session.to_bytes(path, DeltaEncoding::Lora).unwrap();
+    let q8 = session.to_bytes(path, DeltaEncoding::Q8).unwrap();
+    println!("session: lora {} bytes, q8 {} bytes", bytes.len(), q8.len());
+    assert!(bytes.len() * 2 < q8.len());
+    let stored = Session::from_bytes(&bytes, path).unwrap();
+    assert_eq!(stored.settings, session.settings);
+    for (name, d) in &session.deltas {
+        let err = max_diff(d, &stored.deltas[name]) / max_abs(d);
+        assert!(err < 2e-2, "{name}: stored as lora it moved by {err}");
+    }
+
+    let whole = Session {
+        settings: TuneSettings::new("beikkpic", 3),
+        ..session.clone()
+    };
+    let err = whole
+        .to_bytes(path, DeltaEncoding::Lora)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("delta-encoding") && err.contains("export"),
+        "{err}"
+    );
+
+    let half = run(DType::F16, 8);
+    let reference = run(DType::F32, 8);
+    let sum = |t: Tensor| scalar_f64(&t.sum_all().unwrap().to_dtype(DType::F64).unwrap());
+    let (mut dot, mut norm_half, mut norm_ref, mut worst) = (0f64, 0f64, 0f64, 1f64);
+    for (name, d) in &reference.deltas {
+        let h = &half.deltas[name];
+        let (dh, hh, dd) = (
+            sum((d * h).unwrap()),
+            sum(h.sqr().unwrap()),
+            sum(d.sqr().unwrap()),
+        );
+        (dot, norm_half, norm_ref) = (dot + dh, norm_half + hh, norm_ref + dd);
+        worst = worst.min(dh / (hh * dd).sqrt());
+    }
+    let cosine = dot / (norm_half * norm_ref).sqrt();
+    println!("f16 LoRA against f32: delta cosine {cosine:.4}, worst layer {worst:.4}");
+    assert!(
+        cosine > 0.99 && worst > 0.95,
+        "cosine {cosine}, worst layer {worst}"
+    );
+}

@@ -39,7 +39,7 @@ use unitune::pipelines::{
     StableDiffusion,
 };
 use unitune::session::{DeltaEncoding, Session};
-use unitune::train::tune::{default_token, tune, TuneSettings};
+use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use unitune::{Error, Result};
 
 pub use self::report::{to_json, to_tables, write_grid};
@@ -63,8 +63,12 @@ pub struct BenchEditsConfig {
     pub scenes: usize,
     /// World seed of the held-out scenes, and seed of every noise draw.
     pub seed: u64,
-    /// UniTune tuning steps (batch 4, Adafactor, most layers).
+    /// UniTune tuning steps (batch 4, Adafactor).
     pub tune_steps: usize,
+    /// The layers the learning-rate sweep's tunes train (the model-defaults tune has its own).
+    pub tune_layers: TrainableLayers,
+    /// Their rank, for `lora`; `None`: the default.
+    pub lora_rank: Option<usize>,
     /// UniTune learning rates; each is a separate tune per scene.
     pub tune_lr: Vec<f64>,
     /// Sampling steps (DDIM) of every method.
@@ -88,8 +92,9 @@ pub struct BenchEditsConfig {
     /// tune (same model, scene and settings), so edit settings can be swept without retuning.
     pub sessions: Option<PathBuf>,
     /// How each tune's session is stored before its edits: they use the session as it comes
-    /// back from a file in this code, as `unitune edit` would.
-    pub delta_encoding: DeltaEncoding,
+    /// back from a file in this code, as `unitune edit` would; `None`: the tune's own (lora
+    /// for a LoRA tune, else q8).
+    pub delta_encoding: Option<DeltaEncoding>,
     /// The encoding the tunes train for (a coarse grid is trained through); `None`: the one
     /// they are stored in. Another one shows what rounding after the tune loses.
     pub tune_delta_encoding: Option<DeltaEncoding>,
@@ -102,6 +107,8 @@ impl Default for BenchEditsConfig {
             scenes: 8,
             seed: 0,
             tune_steps: 128,
+            tune_layers: TrainableLayers::default(),
+            lora_rank: None,
             tune_lr: vec![1e-4],
             steps: 30,
             guidance: vec![3.0, 6.0],
@@ -112,7 +119,7 @@ impl Default for BenchEditsConfig {
             baseline_guidance: 8.0,
             max_objects: None,
             sessions: None,
-            delta_encoding: DeltaEncoding::default(),
+            delta_encoding: None,
             tune_delta_encoding: None,
         }
     }
@@ -230,15 +237,11 @@ impl Bench<'_> {
     ) -> Result<()> {
         let args = self.args;
         let job = &plan.job;
-        let settings = TuneSettings {
-            steps: job.steps,
-            batch_size: job.batch_size,
-            learning_rate: job.learning_rate,
-            optimizer: job.optimizer,
-            layers: job.layers,
-            delta_encoding: args.tune_delta_encoding.unwrap_or(args.delta_encoding),
-            ..TuneSettings::new(token, args.seed)
-        };
+        let mut settings = job.settings(token.to_string(), args.seed);
+        if let Some(encoding) = args.tune_delta_encoding.or(args.delta_encoding) {
+            settings.delta_encoding = encoding;
+        }
+        let stored = args.delta_encoding.unwrap_or(settings.delta_encoding);
         let cached = args
             .sessions
             .as_ref()
@@ -278,7 +281,7 @@ impl Bench<'_> {
         };
         // Edit with the session as a file in the run's encoding gives it back.
         let name = Path::new("bench.unitune");
-        let bytes = session.to_bytes(name, args.delta_encoding)?;
+        let bytes = session.to_bytes(name, stored)?;
         let unet_f32: usize = tuned
             .unet_store
             .tensors()
@@ -447,6 +450,8 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
         let job = TuneJob {
             steps: args.tune_steps,
             learning_rate: lr,
+            layers: args.tune_layers,
+            lora_rank: args.lora_rank,
             ..TuneJob::default()
         };
         let mut edits = vec![];

@@ -6,6 +6,7 @@ use std::path::Path;
 use image::RgbImage;
 use serde_json::json;
 use unitune::image_io::{contact_sheet, save_png};
+use unitune::session::DeltaEncoding;
 use unitune::Result;
 
 use super::{mean, BenchEditsConfig, Measurement, Row, HELD_OUT_START, KEPT_DB};
@@ -100,11 +101,12 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
             sample.instruction
         );
     }
-    let stored = match a.tune_delta_encoding {
-        Some(tuned) if tuned != a.delta_encoding => {
-            format!("tuned for {tuned}, stored as {}", a.delta_encoding)
+    let stored = match (a.tune_delta_encoding, a.delta_encoding) {
+        (Some(tuned), Some(stored)) if tuned != stored => {
+            format!("tuned for {tuned}, stored as {stored}")
         }
-        _ => a.delta_encoding.to_string(),
+        (_, Some(stored)) => stored.to_string(),
+        (_, None) => "each tune's code".to_string(),
     };
     let _ = writeln!(
         s,
@@ -265,8 +267,10 @@ pub fn to_json(a: &BenchEditsConfig, m: &Measurement) -> serde_json::Value {
         "max_objects": m.config.max_objects,
         "steps": a.steps,
         "tune_steps": a.tune_steps,
-        "delta_encoding": a.delta_encoding.name(),
-        "tune_delta_encoding": a.tune_delta_encoding.unwrap_or(a.delta_encoding).name(),
+        "delta_encoding": a.delta_encoding.map(DeltaEncoding::name),
+        "tune_delta_encoding": a.tune_delta_encoding.or(a.delta_encoding).map(DeltaEncoding::name),
+        "tune_layers": a.tune_layers,
+        "lora_rank": a.lora_rank,
         "scenes": scenes,
         "tunes": tunes,
         "rows": rows,

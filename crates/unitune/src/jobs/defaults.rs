@@ -42,6 +42,7 @@ pub struct TuneDefaults {
     pub learning_rate: Option<f64>,
     pub optimizer: Option<OptimizerKind>,
     pub layers: Option<TrainableLayers>,
+    pub lora_rank: Option<usize>,
 }
 
 /// [`EditRequest`] fields a model may recommend; `auto_mask` turns on the estimated mask with
@@ -88,6 +89,7 @@ impl ModelDefaults {
             learning_rate: t.learning_rate.unwrap_or(base.learning_rate),
             optimizer: t.optimizer.unwrap_or(base.optimizer),
             layers: t.layers.unwrap_or(base.layers),
+            lora_rank: t.lora_rank.or(base.lora_rank),
             ..base
         }
     }

@@ -6,6 +6,7 @@ use crate::image_io::resize_and_center_crop;
 use crate::noise::{random_seed, Noise};
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::session::{DeltaEncoding, Session};
+use crate::train::lora::DEFAULT_LORA_RANK;
 use crate::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use crate::train::OptimizerKind;
 use crate::weights::TrainableFilter;
@@ -32,8 +33,12 @@ pub struct TuneJob {
     pub seed: Option<u64>,
     /// Recompute each UNet block in the backward pass instead of keeping its activations.
     pub gradient_checkpointing: bool,
-    /// How the session will be stored (a coarse grid is trained through: [`TuneSettings`]).
-    pub delta_encoding: DeltaEncoding,
+    /// The rank of a `lora` tune (ignored for other layers, so that a model's recommended
+    /// rank does not stand in the way of choosing other layers); `None`: [`DEFAULT_LORA_RANK`].
+    pub lora_rank: Option<usize>,
+    /// How the session will be stored (a coarse grid is trained through: [`TuneSettings`]);
+    /// `None`: `lora` for a LoRA tune, else q8.
+    pub delta_encoding: Option<DeltaEncoding>,
 }
 
 impl Default for TuneJob {
@@ -50,7 +55,8 @@ impl Default for TuneJob {
             height: None,
             seed: None,
             gradient_checkpointing: false,
-            delta_encoding: paper.delta_encoding,
+            lora_rank: None,
+            delta_encoding: None,
         }
     }
 }
@@ -74,7 +80,28 @@ impl TuneJob {
                 format!("{} must be a finite number > 0", self.learning_rate),
             ));
         }
-        Ok(())
+        self.settings(String::new(), 0).check()
+    }
+
+    /// The settings a tune with this token and seed records, every default resolved.
+    pub fn settings(&self, token: String, seed: u64) -> TuneSettings {
+        let lora = self.layers == TrainableLayers::Lora;
+        let lora_rank = lora.then(|| self.lora_rank.unwrap_or(DEFAULT_LORA_RANK));
+        let delta_encoding = match self.delta_encoding {
+            None if lora => DeltaEncoding::Lora,
+            encoding => encoding.unwrap_or_default(),
+        };
+        TuneSettings {
+            token,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            optimizer: self.optimizer,
+            layers: self.layers,
+            seed,
+            delta_encoding,
+            lora_rank,
+        }
     }
 
     /// Checks the settings, resolves every default against `sd` and crops `image` to the
@@ -87,16 +114,7 @@ impl TuneJob {
             .token
             .clone()
             .unwrap_or_else(|| default_token(&sd.tokenizer));
-        let settings = TuneSettings {
-            token,
-            steps: self.steps,
-            batch_size: self.batch_size,
-            learning_rate: self.learning_rate,
-            optimizer: self.optimizer,
-            layers: self.layers,
-            seed: self.seed.unwrap_or_else(random_seed),
-            delta_encoding: self.delta_encoding,
-        };
+        let settings = self.settings(token, self.seed.unwrap_or_else(random_seed));
         Ok(PreparedTune {
             image: resize_and_center_crop(image, width as u32, height as u32),
             settings,
@@ -135,5 +153,51 @@ impl PreparedTune {
             progress,
             on_step,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A LoRA tune gets a rank and its own session code unless told otherwise; other tunes get
+    /// neither, whatever rank a model recommends for its LoRA.
+    #[test]
+    fn a_lora_job_resolves_its_rank_and_code() {
+        let lora = TuneJob {
+            layers: TrainableLayers::Lora,
+            ..TuneJob::default()
+        };
+        let s = lora.settings("t".into(), 1);
+        assert_eq!(
+            (s.lora_rank, s.delta_encoding),
+            (Some(8), DeltaEncoding::Lora)
+        );
+        let s = TuneJob {
+            lora_rank: Some(4),
+            delta_encoding: Some(DeltaEncoding::F32),
+            ..lora.clone()
+        }
+        .settings("t".into(), 1);
+        assert_eq!(
+            (s.lora_rank, s.delta_encoding),
+            (Some(4), DeltaEncoding::F32)
+        );
+        let s = TuneJob {
+            lora_rank: Some(4),
+            ..TuneJob::default()
+        }
+        .settings("t".into(), 1);
+        assert_eq!((s.lora_rank, s.delta_encoding), (None, DeltaEncoding::Q8));
+
+        let q2 = TuneJob {
+            delta_encoding: Some(DeltaEncoding::Q2),
+            ..lora
+        };
+        assert!(q2
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("delta-encoding"));
     }
 }

@@ -31,7 +31,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::atomic::write_atomic;
-use crate::train::tune::TuneSettings;
+use crate::train::tune::{TrainableLayers, TuneSettings};
 use crate::{Error, Result};
 
 const FORMAT: &str = "unitune-session";
@@ -40,6 +40,12 @@ const VERSION: &str = "2";
 const READS: [&str; 2] = ["1", VERSION];
 const DELTA_PREFIX: &str = "delta.";
 const SCALE_SUFFIX: &str = ".scale";
+/// A LoRA delta's factors: `delta.<name>.lora_up` (`upᵀ`, `[r, out]`) and `.lora_down`
+/// (`[r, n]`), each int8 with one scale per rank component.
+const LORA_UP: &str = ".lora_up";
+const LORA_DOWN: &str = ".lora_down";
+/// The relative error above which a delta is not the rank its LoRA tune claims.
+const LORA_EXACT: f64 = 1e-3;
 const SOURCE_IMAGE: &str = "source_image";
 /// The most weights one packed delta may claim (Stable Diffusion's largest has 15 M): bounds
 /// what a damaged file can make the reader inflate.
@@ -62,6 +68,9 @@ pub enum DeltaEncoding {
     F16,
     /// Exact.
     F32,
+    /// The two factors of a LoRA tune's deltas (`--layers lora`), each rank component in int8
+    /// with its own scale: `r (out + in)` bytes a layer.
+    Lora,
 }
 
 impl std::str::FromStr for DeltaEncoding {
@@ -87,7 +96,15 @@ impl std::fmt::Display for DeltaEncoding {
 }
 
 impl DeltaEncoding {
-    pub const ALL: [Self; 6] = [Self::Q2, Self::Q3, Self::Q4, Self::Q8, Self::F16, Self::F32];
+    pub const ALL: [Self; 7] = [
+        Self::Q2,
+        Self::Q3,
+        Self::Q4,
+        Self::Q8,
+        Self::F16,
+        Self::F32,
+        Self::Lora,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -97,6 +114,7 @@ impl DeltaEncoding {
             Self::Q8 => "q8",
             Self::F16 => "f16",
             Self::F32 => "f32",
+            Self::Lora => "lora",
         }
     }
 
@@ -113,7 +131,7 @@ impl DeltaEncoding {
             Self::Q3 => Some(3),
             Self::Q4 => Some(7),
             Self::Q8 => Some(127),
-            Self::F16 | Self::F32 => None,
+            Self::F16 | Self::F32 | Self::Lora => None,
         }
     }
 }
@@ -148,32 +166,43 @@ impl Session {
 
     /// The session file's bytes, as [`Session::save`] writes them (`path` names it in errors).
     pub fn to_bytes(&self, path: &Path, encoding: DeltaEncoding) -> Result<Vec<u8>> {
-        let mut buffers: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        let mut packed_shapes = BTreeMap::new();
+        let lora_rank = match (encoding, self.settings.layers, self.settings.lora_rank) {
+            (DeltaEncoding::Lora, TrainableLayers::Lora, Some(rank)) => Some(rank),
+            (DeltaEncoding::Lora, ..) => {
+                return Err(Error::argument(
+                    "delta-encoding",
+                    "lora stores the factors of a lora tune (layers `lora`); this session's tune changed whole weights (`unitune export --format lora` approximates them)",
+                ))
+            }
+            _ => None,
+        };
+        let mut buffers: Vec<Buffer> = Vec::new();
+        // Deltas stored in another shape than their own: packed grid steps and LoRA factors.
+        let mut shapes = BTreeMap::new();
         for (name, delta) in &self.deltas {
             let key = format!("{DELTA_PREFIX}{name}");
             let dims = delta.dims().to_vec();
             let delta = delta.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-            match encoding.levels() {
-                Some(levels) if dims.len() >= 2 => {
+            match (lora_rank, encoding.levels()) {
+                (Some(rank), _) if dims.len() >= 2 => {
+                    let (up, down) = lora_factors(name, &delta, rank)?;
+                    push_q8(&mut buffers, format!("{key}{LORA_UP}"), &up)?;
+                    push_q8(&mut buffers, format!("{key}{LORA_DOWN}"), &down)?;
+                    shapes.insert(name.clone(), dims);
+                }
+                (None, Some(127)) if dims.len() >= 2 => push_q8(&mut buffers, key, &delta)?,
+                (None, Some(levels)) if dims.len() >= 2 => {
                     let (steps, scales) = codec::grid(&delta, levels)?;
                     let steps: Vec<i8> = (steps.flatten_all()?.to_vec1::<f32>()?.into_iter())
                         .map(|q| q as i8)
                         .collect();
                     let scales: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+                    // f16 scales: their rounding (5e-4 of a step) is far below the grid's.
                     let scale_key = format!("{key}{SCALE_SUFFIX}");
-                    let rows = vec![dims[0]];
-                    if encoding == DeltaEncoding::Q8 {
-                        buffers.push((scale_key, Dtype::F32, rows, f32_bytes(&scales)));
-                        let bytes = steps.into_iter().map(|v| v as u8).collect();
-                        buffers.push((key, Dtype::I8, dims, bytes));
-                    } else {
-                        // f16 scales: their rounding (5e-4 of a step) is far below the grid's.
-                        buffers.push((scale_key, Dtype::F16, rows, f16_bytes(&scales)));
-                        let bytes = codec::pack(&steps, levels);
-                        buffers.push((key, Dtype::U8, vec![bytes.len()], bytes));
-                        packed_shapes.insert(name.clone(), dims);
-                    }
+                    buffers.push((scale_key, Dtype::F16, vec![dims[0]], f16_bytes(&scales)));
+                    let bytes = codec::pack(&steps, levels);
+                    buffers.push((key, Dtype::U8, vec![bytes.len()], bytes));
+                    shapes.insert(name.clone(), dims);
                 }
                 _ => {
                     let v: Vec<f32> = delta.flatten_all()?.to_vec1()?;
@@ -213,7 +242,7 @@ impl Session {
             ("delta_encoding".to_string(), encoding.name().to_string()),
             (
                 "delta_shapes".to_string(),
-                serde_json::to_string(&packed_shapes).expect("shapes serialize"),
+                serde_json::to_string(&shapes).expect("shapes serialize"),
             ),
         ]);
         let views = buffers
@@ -349,6 +378,7 @@ impl Session {
                 Tensor::from_vec(values, dims, &Device::Cpu)?,
             );
         }
+        let deltas = join_lora_factors(deltas, &meta, path)?;
         let settings = serde_json::from_str(&field("settings")?)
             .map_err(|e| bad(format!("bad `settings` metadata: {e}")))?;
         let losses = serde_json::from_str(&field("losses")?)
@@ -478,6 +508,105 @@ impl Packed {
             codec::unpack(bytes, count, self.levels).map_err(|e| format!("`delta.{name}` {e}"))?;
         Ok((dims.clone(), steps))
     }
+}
+
+/// A tensor as the file will hold it: name, dtype, shape, bytes.
+type Buffer = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// `t` (2+-D) as int8 steps with an f32 scale per row, under `key` and `key.scale`.
+fn push_q8(buffers: &mut Vec<Buffer>, key: String, t: &Tensor) -> Result<()> {
+    let (steps, scales) = codec::grid(t, 127)?;
+    let bytes = (steps.flatten_all()?.to_vec1::<f32>()?.into_iter())
+        .map(|q| q as i8 as u8)
+        .collect();
+    let scales: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+    buffers.push((
+        format!("{key}{SCALE_SUFFIX}"),
+        Dtype::F32,
+        vec![t.dim(0)?],
+        f32_bytes(&scales),
+    ));
+    buffers.push((key, Dtype::I8, t.dims().to_vec(), bytes));
+    Ok(())
+}
+
+/// `(upᵀ [k, out], down [k, n])` with `upᵀᵀ·down` the delta `name` (a LoRA tune's, of rank at
+/// most `rank`), balanced by the SVD so that each component quantizes alike.
+fn lora_factors(name: &str, delta: &Tensor, rank: usize) -> Result<(Tensor, Tensor)> {
+    let out = delta.dim(0)?;
+    let matrix = delta.reshape((out, delta.elem_count() / out))?;
+    let (up, down) = crate::weights::lora::factor(&matrix, rank)?;
+    let norm =
+        |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    let residual = norm(&(&matrix - up.matmul(&down)?)?)?;
+    if residual > LORA_EXACT * norm(&matrix)? {
+        return Err(Error::argument(
+            "delta-encoding",
+            format!("the delta of `{name}` is not of rank {rank}: not a lora tune's"),
+        ));
+    }
+    Ok((up.t()?.contiguous()?, down))
+}
+
+/// Replaces each pair of LoRA factors in `deltas` by their product, in the shape the
+/// `delta_shapes` metadata gives.
+fn join_lora_factors(
+    mut deltas: BTreeMap<String, Tensor>,
+    meta: &HashMap<String, String>,
+    path: &Path,
+) -> Result<BTreeMap<String, Tensor>> {
+    let bad = |message: String| Error::weights(path, message);
+    let names: Vec<String> = (deltas.keys())
+        .filter_map(|k| {
+            k.strip_suffix(LORA_DOWN)
+                .or_else(|| k.strip_suffix(LORA_UP))
+        })
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Ok(deltas);
+    }
+    let shapes: BTreeMap<String, Vec<usize>> =
+        serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
+            .map_err(|e| bad(format!("bad `delta_shapes` metadata: {e}")))?;
+    for name in names {
+        let mut factor = |suffix: &str| {
+            deltas.remove(&format!("{name}{suffix}")).ok_or_else(|| {
+                bad(format!(
+                    "`{DELTA_PREFIX}{name}` has no `{DELTA_PREFIX}{name}{suffix}`"
+                ))
+            })
+        };
+        let (up, down) = match (factor(LORA_UP), factor(LORA_DOWN)) {
+            (Ok(up), Ok(down)) => (up, down),
+            // The pair's other half was taken with the name's first appearance.
+            (Err(_), Err(_)) => continue,
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        let dims = shapes
+            .get(&name)
+            .ok_or_else(|| bad(format!("`delta_shapes` metadata has no shape for `{name}`")))?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= MAX_DELTA);
+        let fits = match (up.dims(), down.dims(), count) {
+            ([k, out], [k2, n], Some(count)) => {
+                k == k2 && dims.first() == Some(out) && out * n == count
+            }
+            _ => false,
+        };
+        if !fits {
+            return Err(bad(format!(
+                "the LoRA factors of `{name}` are {:?} and {:?}, which do not make its shape {dims:?}",
+                up.dims(),
+                down.dims()
+            )));
+        }
+        let delta = up.t()?.matmul(&down)?.reshape(dims.as_slice())?;
+        deltas.insert(name, delta);
+    }
+    Ok(deltas)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -648,6 +777,75 @@ mod tests {
             let err = Session::from_bytes(&with_meta(key, value), path)
                 .unwrap_err()
                 .to_string();
+            assert!(
+                err.contains("/sessions/x.unitune") && err.contains(expect),
+                "{err}"
+            );
+        }
+    }
+
+    /// A LoRA tune's session of rank 3: `a.weight`'s delta is a product of factors.
+    fn lora_session() -> Session {
+        let (mut s, _) = session();
+        let dev = Device::Cpu;
+        let up = Tensor::randn(0f32, 1e-2, (64, 3), &dev).unwrap();
+        let down = Tensor::randn(0f32, 1e-2, (3, 144), &dev).unwrap();
+        let delta = up.matmul(&down).unwrap().reshape((64, 16, 3, 3)).unwrap();
+        s.deltas = BTreeMap::from([("a.weight".to_string(), delta)]);
+        s.settings.layers = TrainableLayers::Lora;
+        s.settings.lora_rank = Some(3);
+        s
+    }
+
+    #[test]
+    fn lora_factors_round_trip_and_damaged_ones_are_refused_by_name() {
+        let s = lora_session();
+        let path = Path::new("/sessions/x.unitune");
+        let bytes = s.to_bytes(path, DeltaEncoding::Lora).unwrap();
+        let q8 = s.to_bytes(path, DeltaEncoding::Q8).unwrap();
+        // 3 (64 + 144) bytes of factors against 64 x 144 of int8.
+        assert!(
+            bytes.len() * 4 < q8.len(),
+            "{} vs {}",
+            bytes.len(),
+            q8.len()
+        );
+        let back = Session::from_bytes(&bytes, path).unwrap();
+        let err = relative_error(&s.deltas["a.weight"], &back.deltas["a.weight"]);
+        assert!(err < 1e-2, "{err}");
+
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        let rebuilt = |drop: &str, meta: HashMap<String, String>| {
+            let views: Vec<(String, TensorView)> = tensors
+                .tensors()
+                .into_iter()
+                .filter(|(k, _)| k != drop)
+                .collect();
+            safetensors::serialize(views, Some(meta)).unwrap()
+        };
+        let shapes = |v: &str| {
+            let mut m = meta.clone();
+            m.insert("delta_shapes".into(), v.into());
+            m
+        };
+        for (file, expect) in [
+            (
+                rebuilt("delta.a.weight.lora_up", meta.clone()),
+                "has no `delta.a.weight.lora_up`",
+            ),
+            (
+                rebuilt("delta.a.weight.lora_down", meta.clone()),
+                "has no `delta.a.weight.lora_down`",
+            ),
+            (
+                rebuilt("", shapes(r#"{"a.weight":[64,16,3,4]}"#)),
+                "do not make its shape",
+            ),
+            (rebuilt("", shapes("{}")), "no shape for `a.weight`"),
+        ] {
+            let err = Session::from_bytes(&file, path).unwrap_err().to_string();
             assert!(
                 err.contains("/sessions/x.unitune") && err.contains(expect),
                 "{err}"

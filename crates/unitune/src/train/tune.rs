@@ -26,6 +26,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 
+use super::lora::LoraFactors;
 use super::master::MasterWeights;
 use super::{OptimizerKind, TrainOptimizer};
 use crate::models::unet::CheckpointGrads;
@@ -53,6 +54,9 @@ pub enum TrainableLayers {
     Attention,
     /// The cross-attention layers (`attn2`) only: the smallest, text-facing part.
     CrossAttention,
+    /// A LoRA of rank [`TuneSettings::lora_rank`] on every matrix and convolution weight that
+    /// `most` tunes ([`super::lora`]): the delta is stored as its two factors.
+    Lora,
 }
 
 impl FromStr for TrainableLayers {
@@ -63,9 +67,10 @@ impl FromStr for TrainableLayers {
             "all" => Ok(Self::All),
             "attention" => Ok(Self::Attention),
             "cross-attention" => Ok(Self::CrossAttention),
+            "lora" => Ok(Self::Lora),
             _ => Err(Error::argument(
                 "layers",
-                format!("`{s}` is not one of: most, all, attention, cross-attention"),
+                format!("`{s}` is not one of: most, all, attention, cross-attention, lora"),
             )),
         }
     }
@@ -82,6 +87,8 @@ impl TrainableLayers {
             }
             Self::Attention => name.contains(".attentions."),
             Self::CrossAttention => name.contains(".attn2."),
+            // Biases and other vectors have no low-rank form; they stay as they are.
+            Self::Lora => Self::Most.includes(name) && name.ends_with(".weight"),
         }
     }
 
@@ -104,6 +111,9 @@ pub struct TuneSettings {
     /// Sessions written before this setting had none: the default, q8, not trained through.
     #[serde(default)]
     pub delta_encoding: DeltaEncoding,
+    /// The rank of a `lora` tune; `None` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
 }
 
 impl TuneSettings {
@@ -118,7 +128,44 @@ impl TuneSettings {
             layers: TrainableLayers::Most,
             seed,
             delta_encoding: DeltaEncoding::default(),
+            lora_rank: None,
         }
+    }
+
+    /// Whether the layers, the LoRA rank and the session's code go together.
+    pub fn check(&self) -> Result<()> {
+        let lora = self.layers == TrainableLayers::Lora;
+        match (lora, self.lora_rank) {
+            (true, None | Some(0)) => {
+                return Err(Error::argument(
+                    "lora-rank",
+                    "a lora tune needs a rank of at least 1",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::argument(
+                    "lora-rank",
+                    "only a tune with layers `lora` has a rank",
+                ))
+            }
+            _ => {}
+        }
+        if lora && self.delta_encoding.coarse_levels().is_some() {
+            return Err(Error::argument(
+                "delta-encoding",
+                format!(
+                    "{} trains full deltas through a grid; a lora tune stores its factors (lora)",
+                    self.delta_encoding
+                ),
+            ));
+        }
+        if !lora && self.delta_encoding == DeltaEncoding::Lora {
+            return Err(Error::argument(
+                "delta-encoding",
+                "lora stores the factors of a lora tune (layers `lora`); `unitune export --format lora` approximates other tunes",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -164,8 +211,11 @@ pub struct Tuner<'a> {
     /// [b, 77, d]: the token's embedding, repeated.
     text: Tensor,
     optimizer: TrainOptimizer,
-    /// f32 copies of half-precision trainable weights, which the optimizer updates.
+    /// f32 copies of half-precision trainable weights, which the optimizer updates (or, in a
+    /// LoRA tune, sets from the factors).
     master: Option<MasterWeights>,
+    /// The trained factors of a LoRA tune.
+    lora: Option<LoraFactors>,
     timestep_rng: rand_chacha::ChaCha8Rng,
     /// Steps taken so far.
     taken: usize,
@@ -192,9 +242,23 @@ impl<'a> Tuner<'a> {
         if settings.steps == 0 || settings.batch_size == 0 {
             return Err(Error::argument("steps/batch", "must be at least 1"));
         }
+        settings.check()?;
         let vars = trainable_vars(sd)?;
         let master = MasterWeights::new(&vars)?;
-        let optimizer = build(master.as_ref().map_or(vars, MasterWeights::masters))?;
+        let lora = match settings.lora_rank {
+            Some(rank) => Some(LoraFactors::new(
+                &sd.unet_store.trainable_vars(),
+                sd.unet_store.tensors(),
+                rank,
+                settings.seed,
+            )?),
+            None => None,
+        };
+        let optimizer = build(match (&lora, &master) {
+            (Some(lora), _) => lora.vars(),
+            (None, Some(master)) => master.masters(),
+            (None, None) => vars,
+        })?;
         let kind_matches = matches!(
             (settings.optimizer, &optimizer),
             (OptimizerKind::Adafactor, TrainOptimizer::Adafactor(_))
@@ -224,6 +288,7 @@ impl<'a> Tuner<'a> {
             text,
             optimizer,
             master,
+            lora,
             timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
             settings,
             taken: 0,
@@ -281,20 +346,37 @@ impl<'a> Tuner<'a> {
         };
         self.taken += 1;
         let (loss, backward) = self.forward_loss(inputs)?;
-        match self.master.as_mut() {
+        let grads = match self.master.as_mut() {
             None => {
                 let grads = backward.backward(&loss)?;
                 for (var, weight) in unrounded {
                     var.set(&weight)?;
                 }
-                self.optimizer.step(&grads)?
+                Some(grads)
             }
             Some(master) => {
                 let mut grads = backward.backward(&(&loss * master.loss_scale())?)?;
-                if master.take_grads(&mut grads)? {
+                master.take_grads(&mut grads)?.then_some(grads)
+            }
+        };
+        if let Some(mut grads) = grads {
+            match &self.lora {
+                None => self.optimizer.step(&grads)?,
+                Some(lora) => {
+                    let master = self.master.as_ref();
+                    let updated = |var: &candle_core::Var| {
+                        master.and_then(|m| m.master_of(var)).unwrap_or(var).clone()
+                    };
+                    lora.add_grads(&mut grads, updated)?;
                     self.optimizer.step(&grads)?;
-                    master.sync()?;
+                    for (var, weight) in lora.weights()? {
+                        let var = updated(&var);
+                        var.set(&weight.to_dtype(var.dtype())?)?;
+                    }
                 }
+            }
+            if let Some(master) = &self.master {
+                master.sync()?;
             }
         }
         Ok(loss.to_scalar::<f32>()?)
@@ -337,7 +419,17 @@ impl<'a> Tuner<'a> {
     pub fn into_session(self, image: RgbImage, losses: Vec<f32>) -> Result<Session> {
         let base = self.sd.unet_store.tensors();
         let mut deltas = BTreeMap::new();
-        for (name, var) in self.sd.unet_store.trainable_vars() {
+        // A LoRA's delta is the product of its factors, not a difference of rounded weights.
+        let lora_deltas = self.lora.as_ref().map(LoraFactors::deltas).transpose()?;
+        for (name, delta) in lora_deltas.into_iter().flatten() {
+            deltas.insert(name, delta);
+        }
+        let full = if self.lora.is_some() {
+            vec![]
+        } else {
+            self.sd.unet_store.trainable_vars()
+        };
+        for (name, var) in full {
             let tuned = self.unrounded(&var)?;
             let base = base[&name].to_dtype(DType::F32)?;
             let delta = match self.settings.delta_encoding.coarse_levels() {

@@ -103,7 +103,7 @@ pub fn from_deltas(deltas: &BTreeMap<String, Tensor>, rank: usize) -> Result<Lor
 
 /// `(up [m, k], down [k, n])` with `up·down` the best rank-`k` approximation of `a` [m, n],
 /// `k = min(rank, m, n)`.
-fn factor(a: &Tensor, rank: usize) -> Result<(Tensor, Tensor)> {
+pub(crate) fn factor(a: &Tensor, rank: usize) -> Result<(Tensor, Tensor)> {
     let (m, n) = a.dims2()?;
     let k = rank.min(m).min(n);
     let p = (k + OVERSAMPLE).min(m).min(n);
