@@ -208,3 +208,71 @@ fn a_model_folder_s_unitune_json_sets_the_defaults() {
         "{err}"
     );
 }
+
+/// A model whose `unitune.json` recommends a LoRA tune: `tune` writes the factors (the `lora`
+/// code, a fraction of a whole-weight session's file), `--layers most` still tunes whole
+/// weights despite the model's rank, and `export --format lora` writes the tune's own rank,
+/// exactly.
+#[test]
+fn a_lora_tune_from_the_model_s_defaults_exports_exactly() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("unitune-cli-lora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = dir.join("model");
+    unitune::weights::export::copy_tree(&fixtures.join("tiny-sd1"), &model, &|_| true).unwrap();
+    std::fs::write(
+        model.join("unitune.json"),
+        r#"{"tune": {"steps": 2, "batch_size": 1, "learning_rate": 0.01, "layers": "lora", "lora_rank": 3}}"#,
+    )
+    .unwrap();
+    let input = fixtures.join("ref/img2img-input.png");
+    let (model_arg, input) = (model.to_str().unwrap(), input.to_str().unwrap());
+    let tune = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "tune", "--model", model_arg, "--image", input, "--seed", "1",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+        let (ok, err) = unitune(&args);
+        assert!(ok, "{err}");
+        unitune::session::Session::load(out).unwrap()
+    };
+    let (lora_path, whole_path) = (dir.join("lora.session"), dir.join("whole.session"));
+    let lora = tune(&[], &lora_path);
+    let whole = tune(&["--layers", "most"], &whole_path);
+    assert_eq!(lora.settings.lora_rank, Some(3));
+    assert_eq!(lora.settings.delta_encoding.name(), "lora");
+    assert_eq!(
+        (
+            whole.settings.lora_rank,
+            whole.settings.delta_encoding.name()
+        ),
+        (None, "q8")
+    );
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&lora_path) < size(&whole_path),
+        "{} vs {}",
+        size(&lora_path),
+        size(&whole_path)
+    );
+
+    let exported = dir.join("lora.safetensors");
+    let (ok, err) = unitune(&[
+        "export",
+        "--model",
+        model_arg,
+        "--session",
+        lora_path.to_str().unwrap(),
+        "--format",
+        "lora",
+        "--output",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("rank-3 LoRA") && err.contains(" 0.0% relative error"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

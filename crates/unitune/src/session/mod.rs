@@ -9,7 +9,8 @@
 //!   (`scale = max|row| / 127`); `q4`, `q3` and `q2` (±7, ±3, ±1) with f16 scales and a u8
 //!   tensor holding the steps packed several to a byte and deflated (the delta's shape is in the
 //!   `delta_shapes` metadata); 1-D deltas are f16. `f16` and `f32` store every delta in that
-//!   float type.
+//!   float type. `lora` stores a LoRA tune's deltas as their factors, `delta.<name>.lora_up`
+//!   and `.lora_down` (int8, a scale per rank component), the shape in `delta_shapes`.
 //! - `source_image`: the image the tune saw (u8, `[height, width, 3]`, after resizing and
 //!   cropping), so edits start from exactly that picture.
 //! - metadata (`__metadata__`, strings): `format` = `unitune-session`, `version`, `token`,

@@ -13,6 +13,9 @@
 //! straight-through estimator), so the tune ends on weights that the small file holds exactly
 //! instead of losing a third of the delta's norm to rounding after the fact.
 //!
+//! A `lora` tune ([`TrainableLayers::Lora`]) trains the two factors of each weight's change
+//! instead of the weight ([`super::lora`]); the session then holds deltas of that rank.
+//!
 //! To tune in less memory, turn on the UNet's gradient checkpointing before building the [`Tuner`]
 //! (`sd.unet.set_gradient_checkpointing(true)`): the same updates, for about a third of the step's
 //! activation memory and some more compute. A model loaded in f16 or bf16 is tuned with f32
