@@ -557,7 +557,7 @@ fn join_lora_factors(
     path: &Path,
 ) -> Result<BTreeMap<String, Tensor>> {
     let bad = |message: String| Error::weights(path, message);
-    let names: Vec<String> = (deltas.keys())
+    let names: std::collections::BTreeSet<String> = (deltas.keys())
         .filter_map(|k| {
             k.strip_suffix(LORA_DOWN)
                 .or_else(|| k.strip_suffix(LORA_UP))
@@ -578,12 +578,7 @@ fn join_lora_factors(
                 ))
             })
         };
-        let (up, down) = match (factor(LORA_UP), factor(LORA_DOWN)) {
-            (Ok(up), Ok(down)) => (up, down),
-            // The pair's other half was taken with the name's first appearance.
-            (Err(_), Err(_)) => continue,
-            (Err(e), _) | (_, Err(e)) => return Err(e),
-        };
+        let (up, down) = (factor(LORA_UP)?, factor(LORA_DOWN)?);
         let dims = shapes
             .get(&name)
             .ok_or_else(|| bad(format!("`delta_shapes` metadata has no shape for `{name}`")))?;
@@ -593,7 +588,7 @@ fn join_lora_factors(
             .filter(|&n| n <= MAX_DELTA);
         let fits = match (up.dims(), down.dims(), count) {
             ([k, out], [k2, n], Some(count)) => {
-                k == k2 && dims.first() == Some(out) && out * n == count
+                k == k2 && dims.first() == Some(out) && out.checked_mul(*n) == Some(count)
             }
             _ => false,
         };

@@ -417,22 +417,11 @@ impl<'a> Tuner<'a> {
         self.master.as_ref().map_or(0, MasterWeights::skipped_steps)
     }
 
-    /// The tuned weights as a session (deltas against the base weights) for `image`, the
-    /// picture the tune saw.
-    pub fn into_session(self, image: RgbImage, losses: Vec<f32>) -> Result<Session> {
+    /// Tuned minus base of every trainable weight that changed (on the grid, for a coarse code).
+    fn weight_deltas(&self) -> Result<BTreeMap<String, Tensor>> {
         let base = self.sd.unet_store.tensors();
         let mut deltas = BTreeMap::new();
-        // A LoRA's delta is the product of its factors, not a difference of rounded weights.
-        let lora_deltas = self.lora.as_ref().map(LoraFactors::deltas).transpose()?;
-        for (name, delta) in lora_deltas.into_iter().flatten() {
-            deltas.insert(name, delta);
-        }
-        let full = if self.lora.is_some() {
-            vec![]
-        } else {
-            self.sd.unet_store.trainable_vars()
-        };
-        for (name, var) in full {
+        for (name, var) in self.sd.unet_store.trainable_vars() {
             let tuned = self.unrounded(&var)?;
             let base = base[&name].to_dtype(DType::F32)?;
             let delta = match self.settings.delta_encoding.coarse_levels() {
@@ -443,6 +432,18 @@ impl<'a> Tuner<'a> {
                 deltas.insert(name, delta);
             }
         }
+        Ok(deltas)
+    }
+
+    /// The tuned weights as a session (deltas against the base weights) for `image`, the
+    /// picture the tune saw.
+    pub fn into_session(self, image: RgbImage, losses: Vec<f32>) -> Result<Session> {
+        let base = self.sd.unet_store.tensors();
+        let deltas = match &self.lora {
+            // A LoRA's delta is the product of its factors.
+            Some(lora) => lora.deltas()?.into_iter().collect(),
+            None => self.weight_deltas()?,
+        };
         Ok(Session {
             token: self.settings.token.clone(),
             base_fingerprint: fingerprint(base)?,
