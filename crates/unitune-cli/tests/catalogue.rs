@@ -462,22 +462,9 @@ fn damaged_packed_session(d: &Path) {
 /// A real one-step LoRA tune's session (its factors' product has the shape `delta_shapes`
 /// records), with the first shape there changed.
 fn damaged_lora_session(d: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
-        .args([
-            "tune", "--steps", "1", "--batch", "1", "--seed", "1", "--layers", "lora",
-        ])
-        .args(["--lora-rank", "2", "--model"])
-        .arg(d.join("model"))
-        .arg("--image")
-        .arg(d.join("photo.png"))
-        .arg("-o")
-        .arg(d.join("lora.session"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    one_step_tune(
+        &["--layers", "lora", "--lora-rank", "2"],
+        &d.join("lora.session"),
     );
     change_first_shape(&d.join("lora.session"));
 }
@@ -673,33 +660,29 @@ fn session() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("unitune-catalogue-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("photo.session");
-        let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
-            .args([
-                "tune",
-                "--steps",
-                "1",
-                "--batch",
-                "1",
-                "--seed",
-                "1",
-                "--delta-encoding",
-                "q2",
-                "--model",
-            ])
-            .arg(fixtures().join("tiny-sd1"))
-            .arg("--image")
-            .arg(fixtures().join("ref/tune-input.png"))
-            .arg("-o")
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        one_step_tune(&["--delta-encoding", "q2"], &path);
         path
     })
+}
+
+/// A real tune of the fixture, one step of batch 1, with `extra` flags, written to `output`.
+fn one_step_tune(extra: &[&str], output: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_unitune"))
+        .args(["tune", "--steps", "1", "--batch", "1", "--seed", "1"])
+        .args(extra)
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd1"))
+        .arg("--image")
+        .arg(fixtures().join("ref/tune-input.png"))
+        .arg("-o")
+        .arg(output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Every file under `dir` with its contents.
