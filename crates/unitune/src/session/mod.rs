@@ -483,9 +483,10 @@ impl Packed {
         let levels = encoding.coarse_levels().ok_or_else(|| {
             format!("`delta.{name}` is packed, but `delta_encoding` is {encoding}")
         })?;
-        let shapes = serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
-            .map_err(|e| format!("bad `delta_shapes` metadata: {e}"))?;
-        Ok(Self { levels, shapes })
+        Ok(Self {
+            levels,
+            shapes: recorded_shapes(meta)?,
+        })
     }
 
     /// The shape and grid steps of the packed delta `name`.
@@ -498,17 +499,30 @@ impl Packed {
             .shapes
             .get(name)
             .ok_or_else(|| format!("`delta_shapes` metadata has no shape for `{name}`"))?;
-        let count = dims
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .filter(|&n| n <= MAX_DELTA)
-            .ok_or_else(|| {
-                format!("`delta_shapes` gives `{name}` the impossible shape {dims:?}")
-            })?;
+        let count = delta_count(dims).ok_or_else(|| {
+            format!("`delta_shapes` gives `{name}` the impossible shape {dims:?}")
+        })?;
         let steps =
             codec::unpack(bytes, count, self.levels).map_err(|e| format!("`delta.{name}` {e}"))?;
         Ok((dims.clone(), steps))
     }
+}
+
+/// The `delta_shapes` metadata: the shapes of the deltas stored in another shape than their own
+/// (packed grid steps, LoRA factors).
+fn recorded_shapes(
+    meta: &HashMap<String, String>,
+) -> std::result::Result<BTreeMap<String, Vec<usize>>, String> {
+    serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
+        .map_err(|e| format!("bad `delta_shapes` metadata: {e}"))
+}
+
+/// The number of weights of a delta of shape `dims`, unless it overflows or exceeds
+/// [`MAX_DELTA`] (a damaged file).
+fn delta_count(dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_DELTA)
 }
 
 /// A tensor as the file will hold it: name, dtype, shape, bytes.
@@ -567,9 +581,7 @@ fn join_lora_factors(
     if names.is_empty() {
         return Ok(deltas);
     }
-    let shapes: BTreeMap<String, Vec<usize>> =
-        serde_json::from_str(meta.get("delta_shapes").map_or("", String::as_str))
-            .map_err(|e| bad(format!("bad `delta_shapes` metadata: {e}")))?;
+    let shapes = recorded_shapes(meta).map_err(bad)?;
     for name in names {
         let mut factor = |suffix: &str| {
             deltas.remove(&format!("{name}{suffix}")).ok_or_else(|| {
@@ -582,11 +594,7 @@ fn join_lora_factors(
         let dims = shapes
             .get(&name)
             .ok_or_else(|| bad(format!("`delta_shapes` metadata has no shape for `{name}`")))?;
-        let count = dims
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
-            .filter(|&n| n <= MAX_DELTA);
-        let fits = match (up.dims(), down.dims(), count) {
+        let fits = match (up.dims(), down.dims(), delta_count(dims)) {
             ([k, out], [k2, n], Some(count)) => {
                 k == k2 && dims.first() == Some(out) && out.checked_mul(*n) == Some(count)
             }
