@@ -137,7 +137,24 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
         "!document.getElementById('crop').hidden",
     )
     .await;
-    client.execute("document.getElementById('tune-steps').value = 8; document.getElementById('tune-batch').value = 1;", vec![]).await.unwrap();
+    // The form starts from the model's tune (whole-weight `most` here, so no rank to give);
+    // this tune is a rank-4 LoRA.
+    let layers = client
+        .execute("return [document.getElementById('tune-layers').value, document.getElementById('tune-lora-rank').disabled];", vec![])
+        .await
+        .unwrap();
+    assert_eq!(layers, json!(["most", true]));
+    client.execute("document.getElementById('tune-steps').value = 8; document.getElementById('tune-batch').value = 1; const layers = document.getElementById('tune-layers'); layers.value = 'lora'; layers.dispatchEvent(new Event('change')); document.getElementById('tune-lora-rank').value = 4;", vec![]).await.unwrap();
+    assert_eq!(
+        client
+            .execute(
+                "return document.getElementById('tune-lora-rank').disabled;",
+                vec![]
+            )
+            .await
+            .unwrap(),
+        json!(false)
+    );
     client
         .find(Locator::Id("tune-button"))
         .await
@@ -214,7 +231,9 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
         .await
         .unwrap();
     assert!(
-        listed.contains("scene.png") && listed.contains("beikkpic"),
+        listed.contains("scene.png")
+            && listed.contains("beikkpic")
+            && listed.contains("LoRA rank 4"),
         "{listed}"
     );
     client

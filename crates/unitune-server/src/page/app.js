@@ -57,6 +57,8 @@ async function start() {
   $('model-info').textContent = `model ${state.info.model || ''}, ${w}×${h} px`;
   const t = state.info.tune;
   $('tune-steps').value = t.steps; $('tune-lr').value = t.lr; $('tune-batch').value = t.batch;
+  $('tune-layers').value = t.layers; $('tune-lora-rank').value = t.lora_rank ?? '';
+  showLoraRank();
   fillEditForm(state.info.edit);
   await loadSessions();
 }
@@ -98,12 +100,19 @@ function pickFile(file) {
   image.src = URL.createObjectURL(file);
 }
 
+// The rank means something for a LoRA tune only.
+function showLoraRank() { $('tune-lora-rank').disabled = $('tune-layers').value !== 'lora'; }
+$('tune-layers').onchange = showLoraRank;
+
 $('tune-button').onclick = async () => {
   if (!state.file) return;
   const settings = {
     steps: Number($('tune-steps').value), lr: Number($('tune-lr').value),
-    batch: Number($('tune-batch').value),
+    batch: Number($('tune-batch').value), layers: $('tune-layers').value,
   };
+  if (settings.layers === 'lora' && $('tune-lora-rank').value !== '') {
+    settings.lora_rank = Number($('tune-lora-rank').value);
+  }
   if ($('tune-token').value.trim()) settings.token = $('tune-token').value.trim();
   if ($('tune-seed').value !== '') settings.seed = Number($('tune-seed').value);
   const form = new FormData();
@@ -180,7 +189,8 @@ async function loadSessions() {
     name.textContent = s.name;
     const meta = document.createElement('div');
     meta.className = 'meta';
-    meta.textContent = `${s.token} · ${s.settings.steps} steps · lr ${s.settings.learning_rate} · ${s.width}×${s.height}`;
+    const layers = s.settings.layers === 'lora' ? `LoRA rank ${s.settings.lora_rank}` : `${s.settings.layers} layers`;
+    meta.textContent = `${s.token} · ${s.settings.steps} steps · lr ${s.settings.learning_rate} · ${layers} · ${s.width}×${s.height}`;
     text.append(name, meta);
     item.append(img, text);
     item.onclick = () => selectSession(s.id);
