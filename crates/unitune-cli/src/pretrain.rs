@@ -25,7 +25,8 @@ pub struct PretrainArgs {
     /// Picture side in pixels.
     #[arg(long)]
     size: Option<usize>,
-    /// Network sizes: small (the built-in model) or tiny (tests) [default: small].
+    /// Network sizes: small (the built-in model), medium (a wider UNet attending on every level)
+    /// or tiny (tests) [default: small].
     #[arg(long)]
     preset: Option<Preset>,
     /// World data: train on scenes 0..N.
@@ -84,6 +85,11 @@ pub struct PretrainArgs {
     /// Continue the training saved in --output (its training_state.json).
     #[arg(long)]
     resume: bool,
+    /// A new run takes the autoencoder of this model folder instead of training one (both
+    /// autoencoder phases skipped): a new denoiser, e.g. of another preset, on a finished
+    /// autoencoder.
+    #[arg(long, conflicts_with = "resume")]
+    vae_from: Option<PathBuf>,
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -128,16 +134,22 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     settings.object_weight = args.object_weight.unwrap_or(settings.object_weight);
     settings.weights_dtype = args.dtype.unwrap_or(settings.weights_dtype);
     settings.preset = args.preset.unwrap_or(settings.preset);
+    settings.vae_from = args.vae_from.or(settings.vae_from);
     let device = crate::common::parse_device(&args.device)?;
     let source = DataSource::parse(args.data.as_deref().unwrap_or(&data));
+    let autoencoder = match &settings.vae_from {
+        Some(dir) => format!("autoencoder from {}", dir.display()),
+        None => format!(
+            "autoencoder {} steps (batch {})",
+            settings.vae_steps, settings.vae_batch_size
+        ),
+    };
     eprintln!(
-        "pretraining {:?} at {}x{} on {}: autoencoder {} steps (batch {}), unet+text {} steps (batch {}), seed {}",
+        "pretraining {:?} at {}x{} on {}: {autoencoder}, unet+text {} steps (batch {}), seed {}",
         settings.preset,
         settings.size,
         settings.size,
         source.describe(),
-        settings.vae_steps,
-        settings.vae_batch_size,
         settings.steps,
         settings.batch_size,
         settings.seed

@@ -371,3 +371,107 @@ fn refining_the_decoder_keeps_the_encoder_and_the_denoiser() {
     // The folder still loads as a pipeline.
     StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
 }
+
+/// `vae_from`: a new denoiser on another run's finished autoencoder, which it keeps bit for bit
+/// along with that run's curves; it checkpoints and resumes as any run; an autoencoder still in
+/// training or of other latents is refused.
+#[test]
+fn a_new_denoiser_trains_on_another_runs_autoencoder() {
+    let (source, dir) = (tempdir("vae-source"), tempdir("vae-from"));
+    let run =
+        |out: &Path, settings: PretrainSettings, resume: bool, progress: &mut dyn Progress| {
+            pretrain(
+                out,
+                &DataSource::World,
+                settings,
+                resume,
+                &Device::Cpu,
+                progress,
+            )
+        };
+    let first = run(&source, settings(), false, &mut NoProgress).unwrap();
+    let from = PretrainSettings {
+        seed: 9,
+        vae_from: Some(source.clone()),
+        ..settings()
+    };
+    let err = run(
+        &dir,
+        from.clone(),
+        false,
+        &mut StopAfter { after: 2, done: 0 },
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Interrupted), "{err}");
+    let saved = TrainingState::read(&dir).unwrap();
+    assert_eq!(
+        (saved.phase, saved.vae_step, saved.step),
+        (Phase::Denoiser, 4, 2)
+    );
+    let state = run(&dir, from, true, &mut NoProgress).unwrap();
+    assert_eq!(
+        (
+            state.phase,
+            state.vae_step,
+            state.step,
+            state.loss.pending.1
+        ),
+        (Phase::Done, 4, 6, 6)
+    );
+    assert_eq!(state.vae_l1, first.vae_l1);
+    assert_eq!(state.scaling_factor, first.scaling_factor);
+    let (vae, vae_source) = (tensors(&dir.join("vae")), tensors(&source.join("vae")));
+    assert_eq!(vae.len(), vae_source.len());
+    for (name, t) in &vae_source {
+        assert_eq!(max_abs_diff(t, &vae[name]), 0.0, "{name} changed");
+    }
+    let (unet, unet_source) = (tensors(&dir.join("unet")), tensors(&source.join("unet")));
+    let differ = unet_source
+        .iter()
+        .filter(|(name, t)| max_abs_diff(t, &unet[*name]) > 0.0)
+        .count();
+    assert!(differ > unet.len() / 2, "{differ} of {} differ", unet.len());
+    StableDiffusion::load(&dir, &LoadOptions::default()).unwrap();
+
+    // The small preset's UNet works on 4x latents; the tiny autoencoder makes 2x ones.
+    let other = tempdir("vae-from-other");
+    let err = run(
+        &other,
+        PretrainSettings {
+            preset: Preset::Small,
+            vae_from: Some(source.clone()),
+            ..settings()
+        },
+        false,
+        &mut NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("vae-from") && err.contains("1/2") && err.contains("1/4"),
+        "{err}"
+    );
+
+    // A run stopped in its autoencoder phase has no autoencoder to give.
+    let unfinished = tempdir("vae-unfinished");
+    run(
+        &unfinished,
+        settings(),
+        false,
+        &mut StopAfter { after: 2, done: 0 },
+    )
+    .unwrap_err();
+    let err = run(
+        &other,
+        PretrainSettings {
+            vae_from: Some(unfinished.clone()),
+            ..settings()
+        },
+        false,
+        &mut NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("still in training"), "{err}");
+    assert!(!other.join("unet").exists());
+}

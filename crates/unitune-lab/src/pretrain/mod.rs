@@ -35,8 +35,9 @@ mod run;
 mod state;
 mod vae;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
@@ -146,6 +147,10 @@ pub struct PretrainSettings {
     /// Steps between checkpoints (0: only at the end of each phase).
     pub checkpoint_every: usize,
     pub weights_dtype: WeightsDtype,
+    /// A model folder whose autoencoder this run took instead of training one (its phase and
+    /// the decoder's refinement are skipped): a new denoiser on a finished autoencoder.
+    #[serde(default)]
+    pub vae_from: Option<PathBuf>,
 }
 
 fn default_decoder_learning_rate() -> f64 {
@@ -180,6 +185,7 @@ impl PretrainSettings {
             seed: 0,
             checkpoint_every: 200,
             weights_dtype: WeightsDtype::F32,
+            vae_from: None,
         }
     }
 
@@ -190,8 +196,12 @@ impl PretrainSettings {
                 "must be at least 3 (bos, a token, eos)",
             ));
         }
+        let vae_steps = match self.vae_from {
+            Some(_) => 1,
+            None => self.vae_steps,
+        };
         for (name, value) in [
-            ("vae-steps", self.vae_steps),
+            ("vae-steps", vae_steps),
             ("steps", self.steps),
             ("vae-batch", self.vae_batch_size),
             ("batch", self.batch_size),
@@ -269,12 +279,28 @@ pub fn pretrain(
         false => world_tokenizer_files(state.settings.max_tokens)?,
     };
     let tokenizer = load_tokenizer(&tokenizer_files)?;
+    let imported = match (state.settings.vae_from.clone(), resume) {
+        (Some(dir), false) => Some(import_vae(&dir, &mut state)?),
+        _ => None,
+    };
     let s = state.settings.clone();
     let data = Dataset::open(source, s.size, s.seed, s.world_scenes, s.world_max_objects)?;
     // A resumed run takes the configs of the networks it saved.
     let mut arch = s
         .preset
         .architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
+    if let Some((config, tensors)) = imported {
+        check_latents(&config, &arch.vae, &s)?;
+        arch.vae = config;
+        Run::new(
+            output,
+            device,
+            tokenizer_files.clone(),
+            special_ids(&tokenizer),
+            arch.clone(),
+        )
+        .write_vae_folder(&tensors, &state)?;
+    }
     if state.phase != Phase::Vae || state.vae_step > 0 {
         arch.vae = VaeConfig::from_file(&output.join("vae/config.json"))?;
     }
@@ -292,12 +318,13 @@ pub fn pretrain(
             ),
         ));
     }
-    let special = SpecialTokenIds {
-        bos: tokenizer.bos_id(),
-        eos: tokenizer.eos_id(),
-        pad: tokenizer.pad_id(),
-    };
-    let mut run = Run::new(output, device, tokenizer_files, special, arch);
+    let mut run = Run::new(
+        output,
+        device,
+        tokenizer_files,
+        special_ids(&tokenizer),
+        arch,
+    );
 
     if state.phase == Phase::Vae {
         let new = |vb: VarBuilder| AutoencoderKl::new(vb, &run.arch.vae);
@@ -376,6 +403,73 @@ pub fn pretrain(
     }
     run.train_denoiser(&mut trainer, &cache, &mut state, progress)?;
     Ok(state)
+}
+
+fn special_ids(tokenizer: &ClipTokenizer) -> SpecialTokenIds {
+    SpecialTokenIds {
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.eos_id(),
+        pad: tokenizer.pad_id(),
+    }
+}
+
+/// The autoencoder of the model folder `dir` (`vae_from`), its config and weights. The new run
+/// starts past both autoencoder phases with that one's curves and step counts, when `dir` is a
+/// pretraining folder, so that its `training_state.json` tells the whole history.
+fn import_vae(dir: &Path, state: &mut TrainingState) -> Result<(VaeConfig, Tensors)> {
+    let config = VaeConfig::from_file(&dir.join("vae/config.json"))?;
+    let tensors = WeightStore::open(&dir.join("vae"), None, &Device::Cpu)?
+        .tensors()
+        .clone();
+    if dir.join(STATE_FILE).is_file() {
+        let source = TrainingState::read(dir)?;
+        if source.phase == Phase::Vae {
+            return Err(Error::argument(
+                "vae-from",
+                format!(
+                    "{}'s autoencoder is still in training (step {} of {})",
+                    dir.display(),
+                    source.vae_step,
+                    source.settings.vae_steps
+                ),
+            ));
+        }
+        state.vae_step = source.vae_step;
+        state.decoder_step = source.decoder_step;
+        (state.vae_loss, state.vae_l1, state.vae_kl) =
+            (source.vae_loss, source.vae_l1, source.vae_kl);
+        state.decoder_loss = source.decoder_loss;
+        (state.vae_seconds, state.decoder_seconds) = (source.vae_seconds, source.decoder_seconds);
+        state.latent_mean = source.latent_mean;
+    } else {
+        state.vae_step = 0;
+        state.decoder_step = 0;
+    }
+    let s = &mut state.settings;
+    (s.vae_steps, s.decoder_steps) = (state.vae_step, state.decoder_step);
+    state.scaling_factor = Some(config.scaling_factor);
+    state.phase = Phase::Denoiser;
+    Ok((config, tensors))
+}
+
+/// The UNet is made for the preset's latents: the imported autoencoder must make the same.
+fn check_latents(imported: &VaeConfig, preset: &VaeConfig, s: &PretrainSettings) -> Result<()> {
+    let shape = |c: &VaeConfig| (c.latent_channels, c.scale_factor());
+    if shape(imported) != shape(preset) {
+        let from = s.vae_from.as_deref().unwrap_or(Path::new("")).display();
+        return Err(Error::argument(
+            "vae-from",
+            format!(
+                "{from}'s autoencoder makes {} latent channels at 1/{} of the picture; preset {:?} needs {} at 1/{}",
+                imported.latent_channels,
+                imported.scale_factor(),
+                s.preset,
+                preset.latent_channels,
+                preset.scale_factor()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A network built from scratch with weights from the seed, and its trainable vars.
@@ -528,8 +622,7 @@ fn check_unused(output: &Path) -> Result<()> {
 /// `model_max_length`). A folder data set uses it too: its words that are not grammar words fall
 /// back to byte-level tokens, which every CLIP vocabulary has.
 fn world_tokenizer_files(max_tokens: usize) -> Result<TokenizerFiles> {
-    let dir =
-        std::env::temp_dir().join(format!("unitune-pretrain-tokenizer-{}", std::process::id()));
+    let dir = scratch_dir("tokenizer");
     crate::world::write_tokenizer_files(&dir)?;
     let files = TokenizerFiles::read(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -551,12 +644,20 @@ fn world_tokenizer_files(max_tokens: usize) -> Result<TokenizerFiles> {
     Ok(files)
 }
 
+/// A temporary folder of its own for each call, so that runs in one process (tests) do not
+/// share one.
+fn scratch_dir(name: &str) -> PathBuf {
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!(
+        "unitune-pretrain-{name}-{}-{call}",
+        std::process::id()
+    ))
+}
+
 /// A tokenizer from files in memory (the tokenizer reads a folder).
 fn load_tokenizer(files: &TokenizerFiles) -> Result<ClipTokenizer> {
-    let dir = std::env::temp_dir().join(format!(
-        "unitune-pretrain-tokenizer-load-{}",
-        std::process::id()
-    ));
+    let dir = scratch_dir("tokenizer-load");
     files.write(&dir)?;
     let tokenizer = ClipTokenizer::from_dir(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -604,5 +705,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("size") && err.contains("16"), "{err}");
+        // The medium preset: the same autoencoder, cross-attention on every level.
+        let medium = Preset::Medium.architecture(64, 800, 77).unwrap();
+        assert_eq!(medium.vae, arch.vae);
+        assert_eq!(medium.unet.block_out_channels, vec![48, 96, 192]);
+        assert!(medium
+            .unet
+            .down_block_types
+            .iter()
+            .all(|b| *b == unitune::models::unet::DownBlockType::CrossAttnDownBlock2D));
+        assert_eq!(medium.unet.cross_attention_dim, 128);
     }
 }

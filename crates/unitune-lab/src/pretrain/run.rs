@@ -178,12 +178,17 @@ impl<'a> Run<'a> {
     ) -> Result<()> {
         state.vae_seconds += clock.elapsed().as_secs_f64();
         *clock = Instant::now();
-        let tensors = trainer.tensors();
+        self.write_vae_folder(&trainer.tensors(), state)
+    }
+
+    /// Writes the folder of a run whose denoiser has not started: the autoencoder, the tokenizer
+    /// and the state.
+    pub fn write_vae_folder(&self, tensors: &Tensors, state: &TrainingState) -> Result<()> {
         atomic::replace_dir(self.output, |tmp| {
             export::write_vae(
                 &tmp.join("vae"),
                 &self.arch.vae,
-                &tensors,
+                tensors,
                 candle_core::DType::F32,
             )?;
             self.tokenizer.write(&tmp.join("tokenizer"))?;
