@@ -4,7 +4,8 @@
 //!     cargo run --release -p unitune-lab --example model_quality -- MODEL_DIR [SCENES] [SEED] [GUIDANCE]
 
 use unitune::pipelines::{LoadOptions, StableDiffusion};
-use unitune_lab::quality::{caption_following, round_trip_psnr};
+use unitune_lab::quality::{caption_following, round_trip};
+use unitune_lab::world::follow::Following;
 use unitune_lab::world::{SceneConfig, World};
 
 fn main() -> unitune::Result<()> {
@@ -21,7 +22,8 @@ fn main() -> unitune::Result<()> {
     let sd = StableDiffusion::load(&model, &LoadOptions::default())?;
     let world = World::new(SceneConfig::default(), seed)?;
 
-    let mut db = round_trip_psnr(&sd, &world, scenes)?;
+    let trips = round_trip(&sd, &world, scenes)?;
+    let mut db: Vec<f64> = trips.iter().map(|r| r.psnr).collect();
     db.sort_by(f64::total_cmp);
     println!(
         "{}: {scenes} held-out scenes (world seed {seed}); autoencoder round trip PSNR mean {:.2} dB, min {:.2}, median {:.2}",
@@ -30,16 +32,23 @@ fn main() -> unitune::Result<()> {
         db[0],
         db[db.len() / 2]
     );
+    let report = |what: &str, f: &[Following]| {
+        let count = |p: fn(&Following) -> bool| f.iter().filter(|x| p(x)).count();
+        println!(
+            "{what} follows the caption: background {}/{scenes}, colour {}/{scenes}, shape {}/{scenes}, count {}/{scenes}, all {}/{scenes}",
+            count(|x| x.background),
+            count(|x| x.colour),
+            count(|x| x.shape),
+            count(|x| x.count),
+            count(|x| x.all())
+        );
+    };
+    let trips: Vec<Following> = trips.iter().map(|r| r.following).collect();
+    report("the round trip", &trips);
     let f = caption_following(&sd, &world, scenes, guidance, 30, seed)?;
-    let count =
-        |p: fn(&unitune_lab::world::follow::Following) -> bool| f.iter().filter(|x| p(x)).count();
-    println!(
-        "plain generation (g={guidance}, 30 DDIM steps) follows the caption: background {}/{scenes}, colour {}/{scenes}, shape {}/{scenes}, count {}/{scenes}, all {}/{scenes}",
-        count(|x| x.background),
-        count(|x| x.colour),
-        count(|x| x.shape),
-        count(|x| x.count),
-        count(|x| x.all())
+    report(
+        &format!("plain generation (g={guidance}, 30 DDIM steps)"),
+        &f,
     );
     Ok(())
 }

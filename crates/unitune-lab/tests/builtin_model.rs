@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use unitune::pipelines::{LoadOptions, StableDiffusion};
-use unitune_lab::quality::{caption_following, round_trip_psnr};
+use unitune_lab::quality::{caption_following, round_trip};
+use unitune_lab::world::follow::Following;
 use unitune_lab::world::{SceneConfig, World};
 
 fn model() -> StableDiffusion {
@@ -15,13 +16,31 @@ fn model() -> StableDiffusion {
 }
 
 #[test]
-fn the_autoencoder_keeps_35_db_of_held_out_scenes() {
+fn the_autoencoder_keeps_35_db_of_held_out_scenes_and_their_shapes() {
     let world = World::new(SceneConfig::default(), 0).unwrap();
-    let db = round_trip_psnr(&model(), &world, 24).unwrap();
+    let trips = round_trip(&model(), &world, 24).unwrap();
+    let db: Vec<f64> = trips.iter().map(|r| r.psnr).collect();
     let mean = db.iter().sum::<f64>() / db.len() as f64;
     let min = db.iter().copied().fold(f64::INFINITY, f64::min);
     assert!(mean >= 35.0, "mean round trip {mean:.2} dB: {db:?}");
     assert!(min >= 28.0, "worst round trip {min:.2} dB: {db:?}");
+    // What the scorer reads off the decoded scenes: a shape lost here is lost to every edit.
+    let f: Vec<_> = trips.iter().map(|r| r.following).collect();
+    let count = |p: fn(&Following) -> bool| f.iter().filter(|x| p(x)).count();
+    assert_eq!(
+        (
+            count(|x| x.background),
+            count(|x| x.colour),
+            count(|x| x.count)
+        ),
+        (24, 24, 24),
+        "{f:?}"
+    );
+    let shape = count(|x| x.shape);
+    assert!(
+        shape >= 16,
+        "round trips with their shapes: {shape}/24: {f:?}"
+    );
 }
 
 #[test]
