@@ -637,6 +637,7 @@ const CATALOGUE: &[Case] = &[
     case("tune --layers lora --delta-encoding q2", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--delta-encoding", "q2", "-o", "{d}/new.session"], &["delta-encoding", "q2", "lora"]),
     case("tune --delta-encoding lora of whole weights", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--delta-encoding", "lora", "-o", "{d}/new.session"], &["delta-encoding", "lora tune"]),
     case("tune --layers lora --lora-rank 0", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--lora-rank", "0", "-o", "{d}/new.session"], &["lora-rank", "at least 1"]),
+    case("pretrain --vae-from a folder with no autoencoder", none, &["pretrain", "--output", "{d}/trained", "--preset", "tiny", "--vae-from", "{d}/nowhere"], &["nowhere", "vae/config.json"]),
 ];
 
 fn copy_dir(from: &Path, to: &Path) {
