@@ -236,6 +236,19 @@ impl Progress for StopAfter {
     }
 }
 
+/// A run of `settings()` at its end: both phases done, every UNet step in its loss curve.
+fn assert_finished(state: &TrainingState) {
+    assert_eq!(
+        (
+            state.phase,
+            state.vae_step,
+            state.step,
+            state.loss.pending.1
+        ),
+        (Phase::Done, 4, 6, 6)
+    );
+}
+
 #[test]
 fn an_interrupted_run_resumes_from_its_checkpoint() {
     let dir = tempdir("resume");
@@ -283,16 +296,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint() {
     assert!(err.to_string().contains("seed"), "{err}");
 
     // Resumed to the end, then extended by two steps.
-    let state = run(settings(), true, &mut NoProgress).unwrap();
-    assert_eq!(
-        (
-            state.phase,
-            state.vae_step,
-            state.step,
-            state.loss.pending.1
-        ),
-        (Phase::Done, 4, 6, 6)
-    );
+    assert_finished(&run(settings(), true, &mut NoProgress).unwrap());
     let vae_after = tensors(&dir.join("vae"));
     for (name, t) in &vae_before {
         assert_eq!(
@@ -409,15 +413,7 @@ fn a_new_denoiser_trains_on_another_runs_autoencoder() {
         (Phase::Denoiser, 4, 2)
     );
     let state = run(&dir, from, true, &mut NoProgress).unwrap();
-    assert_eq!(
-        (
-            state.phase,
-            state.vae_step,
-            state.step,
-            state.loss.pending.1
-        ),
-        (Phase::Done, 4, 6, 6)
-    );
+    assert_finished(&state);
     assert_eq!(state.vae_l1, first.vae_l1);
     assert_eq!(state.scaling_factor, first.scaling_factor);
     let (vae, vae_source) = (tensors(&dir.join("vae")), tensors(&source.join("vae")));
