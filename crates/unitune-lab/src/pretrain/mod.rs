@@ -4,7 +4,8 @@
 //! text encoder and UNet together on its frozen latents ([`denoiser`]). Optionally
 //! (`decoder_steps`), the decoder alone is refined, the encoder and so the latents unchanged, as
 //! Stable Diffusion's ft-MSE autoencoder was; it runs after the autoencoder phase, or is added
-//! with `--resume` to a run already past it. The networks are the same
+//! with `--resume` to a run already past it. A new run may instead take a finished autoencoder
+//! from another model folder (`vae_from`) and start at the denoiser. The networks are the same
 //! classes that load published checkpoints, only smaller ([`Preset`]); every weight is created
 //! from the seed ([`init`]). The result is a diffusers-layout folder (written by
 //! [`unitune::weights::export`]) that [`unitune::pipelines::StableDiffusion::load`] and diffusers'
