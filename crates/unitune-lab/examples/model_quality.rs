@@ -5,7 +5,7 @@
 
 use unitune::pipelines::{LoadOptions, StableDiffusion};
 use unitune_lab::quality::{caption_following, round_trip};
-use unitune_lab::world::follow::Following;
+use unitune_lab::world::follow::{Following, FollowingCounts};
 use unitune_lab::world::{SceneConfig, World};
 
 fn main() -> unitune::Result<()> {
@@ -33,14 +33,9 @@ fn main() -> unitune::Result<()> {
         db[db.len() / 2]
     );
     let report = |what: &str, f: &[Following]| {
-        let count = |p: fn(&Following) -> bool| f.iter().filter(|x| p(x)).count();
+        let [background, colour, shape, count, all] = FollowingCounts::of(f).cells();
         println!(
-            "{what} follows the caption: background {}/{scenes}, colour {}/{scenes}, shape {}/{scenes}, count {}/{scenes}, all {}/{scenes}",
-            count(|x| x.background),
-            count(|x| x.colour),
-            count(|x| x.shape),
-            count(|x| x.count),
-            count(|x| x.all())
+            "{what} follows the caption: background {background}, colour {colour}, shape {shape}, count {count}, all {all}"
         );
     };
     let trips: Vec<Following> = trips.iter().map(|r| r.following).collect();

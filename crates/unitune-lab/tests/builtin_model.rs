@@ -7,7 +7,7 @@ use std::path::Path;
 
 use unitune::pipelines::{LoadOptions, StableDiffusion};
 use unitune_lab::quality::{caption_following, round_trip};
-use unitune_lab::world::follow::Following;
+use unitune_lab::world::follow::FollowingCounts;
 use unitune_lab::world::{SceneConfig, World};
 
 fn model() -> StableDiffusion {
@@ -26,20 +26,16 @@ fn the_autoencoder_keeps_35_db_of_held_out_scenes_and_their_shapes() {
     assert!(min >= 28.0, "worst round trip {min:.2} dB: {db:?}");
     // What the scorer reads off the decoded scenes: a shape lost here is lost to every edit.
     let f: Vec<_> = trips.iter().map(|r| r.following).collect();
-    let count = |p: fn(&Following) -> bool| f.iter().filter(|x| p(x)).count();
+    let counts = FollowingCounts::of(&f);
     assert_eq!(
-        (
-            count(|x| x.background),
-            count(|x| x.colour),
-            count(|x| x.count)
-        ),
+        (counts.background, counts.colour, counts.count),
         (24, 24, 24),
         "{f:?}"
     );
-    let shape = count(|x| x.shape);
     assert!(
-        shape >= 16,
-        "round trips with their shapes: {shape}/24: {f:?}"
+        counts.shape >= 16,
+        "round trips with their shapes: {}/24: {f:?}",
+        counts.shape
     );
 }
 
@@ -48,9 +44,8 @@ fn plain_generation_draws_the_asked_background_and_colours() {
     let world = World::new(SceneConfig::default(), 0).unwrap();
     let scenes = 12;
     let f = caption_following(&model(), &world, scenes, 8.0, 30, 0).unwrap();
-    let count =
-        |p: fn(&unitune_lab::world::follow::Following) -> bool| f.iter().filter(|x| p(x)).count();
-    let (background, colour) = (count(|x| x.background), count(|x| x.colour));
+    let counts = FollowingCounts::of(&f);
+    let (background, colour) = (counts.background, counts.colour);
     assert!(background >= 11, "background {background}/{scenes}: {f:?}");
     assert!(colour >= 6, "colour {colour}/{scenes}: {f:?}");
 }

@@ -10,7 +10,7 @@ use unitune::session::DeltaEncoding;
 use unitune::Result;
 
 use super::{mean, BenchEditsConfig, Measurement, Row, HELD_OUT_START, KEPT_DB};
-use crate::world::follow::Following;
+use crate::world::follow::FollowingCounts;
 use crate::world::score::edit_kind;
 
 /// The row of `method` that did best: highest success rate, then highest mean PSNR (in + out).
@@ -188,20 +188,9 @@ pub fn to_tables(a: &BenchEditsConfig, m: &Measurement) -> String {
     s
 }
 
-/// `hits/n` of each attribute of [`Following`], and of all four.
+/// The row's caption-following cells ([`FollowingCounts::cells`]).
 fn following_cells(row: &Row) -> String {
-    let n = row.following.len();
-    let count = |f: fn(&Following) -> bool| -> String {
-        format!("{}/{n}", row.following.iter().filter(|x| f(x)).count())
-    };
-    [
-        count(|f| f.background),
-        count(|f| f.colour),
-        count(|f| f.shape),
-        count(|f| f.count),
-        count(Following::all),
-    ]
-    .join(" | ")
+    FollowingCounts::of(&row.following).cells().join(" | ")
 }
 
 /// One JSON object with every number of the run.

@@ -60,6 +60,43 @@ impl Following {
     }
 }
 
+/// How many pictures of a set show each attribute, and all four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FollowingCounts {
+    pub pictures: usize,
+    pub background: usize,
+    pub colour: usize,
+    pub shape: usize,
+    pub count: usize,
+    pub all: usize,
+}
+
+impl FollowingCounts {
+    pub fn of(followings: &[Following]) -> Self {
+        let hits = |p: fn(&Following) -> bool| followings.iter().filter(|f| p(f)).count();
+        Self {
+            pictures: followings.len(),
+            background: hits(|f| f.background),
+            colour: hits(|f| f.colour),
+            shape: hits(|f| f.shape),
+            count: hits(|f| f.count),
+            all: hits(Following::all),
+        }
+    }
+
+    /// `hits/pictures` of background, colour, shape, count and all four.
+    pub fn cells(&self) -> [String; 5] {
+        [
+            self.background,
+            self.colour,
+            self.shape,
+            self.count,
+            self.all,
+        ]
+        .map(|hits| format!("{hits}/{}", self.pictures))
+    }
+}
+
 /// A blob: its colour and pixels (indices).
 struct Blob {
     colour: Colour,
