@@ -290,19 +290,10 @@ pub fn pretrain(
     let mut arch = s
         .preset
         .architecture(s.size, tokenizer.vocab_size(), tokenizer.max_length())?;
-    if let Some((config, tensors)) = imported {
-        check_latents(&config, &arch.vae, &s)?;
-        arch.vae = config;
-        Run::new(
-            output,
-            device,
-            tokenizer_files.clone(),
-            special_ids(&tokenizer),
-            arch.clone(),
-        )
-        .write_vae_folder(&tensors, &state)?;
-    }
-    if state.phase != Phase::Vae || state.vae_step > 0 {
+    if let Some((config, _)) = &imported {
+        check_latents(config, &arch.vae, &s)?;
+        arch.vae = config.clone();
+    } else if state.phase != Phase::Vae || state.vae_step > 0 {
         arch.vae = VaeConfig::from_file(&output.join("vae/config.json"))?;
     }
     if state.step > 0 {
@@ -319,13 +310,16 @@ pub fn pretrain(
             ),
         ));
     }
-    let mut run = Run::new(
-        output,
-        device,
-        tokenizer_files,
-        special_ids(&tokenizer),
-        arch,
-    );
+    let special = SpecialTokenIds {
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.eos_id(),
+        pad: tokenizer.pad_id(),
+    };
+    let mut run = Run::new(output, device, tokenizer_files, special, arch);
+    // An imported autoencoder is written first, so that the run resumes like any other.
+    if let Some((_, tensors)) = imported {
+        run.write_vae_folder(&tensors, &state)?;
+    }
 
     if state.phase == Phase::Vae {
         let new = |vb: VarBuilder| AutoencoderKl::new(vb, &run.arch.vae);
@@ -404,14 +398,6 @@ pub fn pretrain(
     }
     run.train_denoiser(&mut trainer, &cache, &mut state, progress)?;
     Ok(state)
-}
-
-fn special_ids(tokenizer: &ClipTokenizer) -> SpecialTokenIds {
-    SpecialTokenIds {
-        bos: tokenizer.bos_id(),
-        eos: tokenizer.eos_id(),
-        pad: tokenizer.pad_id(),
-    }
 }
 
 /// The autoencoder of the model folder `dir` (`vae_from`), its config and weights. The new run
