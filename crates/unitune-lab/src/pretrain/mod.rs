@@ -197,6 +197,8 @@ impl PretrainSettings {
                 "must be at least 3 (bos, a token, eos)",
             ));
         }
+        // A run on an imported autoencoder trains none: its vae_steps are the import's (0 for
+        // a folder that is no pretraining run).
         let vae_steps = match self.vae_from {
             Some(_) => 1,
             None => self.vae_steps,
