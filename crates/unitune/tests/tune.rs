@@ -865,3 +865,65 @@ fn a_lora_tune_changes_weights_by_low_rank_deltas() {
         "cosine {cosine}, worst layer {worst}"
     );
 }
+
+/// A tune with a caption pairs the picture with "<token> <caption>" on every odd sample and the
+/// token alone on the others: the batch's loss is the mean of the two one-sample tunes' losses
+/// at the same noise and timesteps (the UNet treats samples independently), it differs from the
+/// token-only tune's, and the session records the caption.
+#[test]
+fn a_caption_is_tuned_beside_the_token_on_every_other_sample() {
+    let sd = load("tiny-sd1", Some(TrainableLayers::Most));
+    let pixels = image_io::image_to_tensor(&image("tune-input.png"), &Device::Cpu).unwrap();
+    let caption = "a red circle on a striped background";
+    let tuner = |token: &str, caption: Option<&str>, batch_size: usize| {
+        let settings = TuneSettings {
+            batch_size,
+            caption: caption.map(str::to_string),
+            ..TuneSettings::new(token, 0)
+        };
+        Tuner::new(&sd, &pixels, settings).unwrap()
+    };
+    let mut pair = tuner("beikkpic", Some(caption), 2);
+    let inputs = pair.draw_inputs(&mut Noise::seeded(7)).unwrap();
+    let row = |i: usize| StepInputs {
+        noise: inputs.noise.narrow(0, i, 1).unwrap(),
+        timesteps: inputs.timesteps.narrow(0, i, 1).unwrap(),
+    };
+    let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    let captioned = scalar(pair.loss(&inputs).unwrap());
+    let token_only = scalar(tuner("beikkpic", None, 1).loss(&row(0)).unwrap());
+    let with_caption = scalar(
+        tuner(&format!("beikkpic {caption}"), None, 1)
+            .loss(&row(1))
+            .unwrap(),
+    );
+    let expected = (token_only + with_caption) / 2.0;
+    assert!(
+        (captioned - expected).abs() <= 1e-5 * expected.abs(),
+        "batch loss {captioned}, mean of the samples' {expected}"
+    );
+    let plain = scalar(tuner("beikkpic", None, 2).loss(&inputs).unwrap());
+    assert!(
+        (plain - captioned).abs() > 1e-4 * plain,
+        "{plain} vs {captioned}"
+    );
+
+    let settings = TuneSettings {
+        steps: 2,
+        caption: Some(caption.to_string()),
+        ..TuneSettings::new("beikkpic", 0)
+    };
+    let session = tune(
+        &sd,
+        &image("tune-input.png"),
+        settings,
+        &mut Noise::seeded(0),
+        &mut NoProgress,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap();
+    let name = Path::new("captioned.unitune");
+    let bytes = session.to_bytes(name, DeltaEncoding::Q8).unwrap();
+    let loaded = Session::from_bytes(&bytes, name).unwrap();
+    assert_eq!(loaded.settings.caption.as_deref(), Some(caption));
+}
