@@ -73,9 +73,6 @@ pub struct BenchEditsArgs {
     /// rounding after the tune loses.
     #[arg(long)]
     tune_delta_encoding: Option<DeltaEncoding>,
-    /// Tune each scene with its caption beside the token (see `tune --caption`).
-    #[arg(long)]
-    tune_caption: bool,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -111,7 +108,6 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         sessions: args.sessions,
         delta_encoding: args.delta_encoding,
         tune_delta_encoding: args.tune_delta_encoding,
-        tune_caption: args.tune_caption,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

@@ -25,11 +25,6 @@ pub struct TuneArgs {
     /// The rare token the image is bound to [default: a made-up word the tokenizer splits, e.g. beikkpic].
     #[arg(long)]
     token: Option<String>,
-    /// A caption of the photo (e.g. "a red circle on a striped background"), tuned beside the
-    /// token on every other sample, as DreamBooth's instance prompt: edits that change its
-    /// words then change just what they name; give it as `edit --baseline-prompt` too.
-    #[arg(long)]
-    caption: Option<String>,
     /// [default: the model's unitune.json, else 128]
     #[arg(long)]
     steps: Option<usize>,
@@ -104,7 +99,6 @@ pub fn run(args: TuneArgs) -> Result<()> {
         seed: args.seed,
         gradient_checkpointing: args.gradient_checkpointing,
         delta_encoding: args.delta_encoding,
-        caption: args.caption,
     };
     let image = image_io::load_image(&args.image)?;
     let mut sd = args.model.load(Some(job.trainable()))?;

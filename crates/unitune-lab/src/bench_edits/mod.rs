@@ -98,8 +98,6 @@ pub struct BenchEditsConfig {
     /// The encoding the tunes train for (a coarse grid is trained through); `None`: the one
     /// they are stored in. Another one shows what rounding after the tune loses.
     pub tune_delta_encoding: Option<DeltaEncoding>,
-    /// Tune every scene with its caption beside the token ([`TuneSettings::caption`]).
-    pub tune_caption: bool,
 }
 
 impl Default for BenchEditsConfig {
@@ -123,7 +121,6 @@ impl Default for BenchEditsConfig {
             sessions: None,
             delta_encoding: None,
             tune_delta_encoding: None,
-            tune_caption: false,
         }
     }
 }
@@ -243,9 +240,6 @@ impl Bench<'_> {
         let mut settings = job.settings(token.to_string(), args.seed);
         if let Some(encoding) = args.tune_delta_encoding.or(args.delta_encoding) {
             settings.delta_encoding = encoding;
-        }
-        if args.tune_caption {
-            settings.caption = Some(sample.caption.clone());
         }
         let stored = args.delta_encoding.unwrap_or(settings.delta_encoding);
         let cached = args

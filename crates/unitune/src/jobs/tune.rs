@@ -39,9 +39,6 @@ pub struct TuneJob {
     /// How the session will be stored (a coarse grid is trained through: [`TuneSettings`]);
     /// `None`: `lora` for a LoRA tune, else q8.
     pub delta_encoding: Option<DeltaEncoding>,
-    /// A caption of the photo, tuned with the token on every other sample
-    /// ([`TuneSettings::caption`]); `None`: the token alone, as the paper.
-    pub caption: Option<String>,
 }
 
 impl Default for TuneJob {
@@ -60,7 +57,6 @@ impl Default for TuneJob {
             gradient_checkpointing: false,
             lora_rank: None,
             delta_encoding: None,
-            caption: None,
         }
     }
 }
@@ -105,7 +101,6 @@ impl TuneJob {
             seed,
             delta_encoding,
             lora_rank,
-            caption: self.caption.clone(),
         }
     }
 

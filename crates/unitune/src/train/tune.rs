@@ -34,7 +34,7 @@ use super::master::MasterWeights;
 use super::{OptimizerKind, TrainOptimizer};
 use crate::models::unet::CheckpointGrads;
 use crate::noise::Noise;
-use crate::pipelines::{prompt_with_token, Progress, StableDiffusion};
+use crate::pipelines::{Progress, StableDiffusion};
 use crate::schedulers::{NoiseSchedule, PredictionType};
 use crate::session::{codec, fingerprint, DeltaEncoding, Session};
 use crate::tokenizer::ClipTokenizer;
@@ -117,12 +117,6 @@ pub struct TuneSettings {
     /// The rank of a `lora` tune; `None` for the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<usize>,
-    /// A caption of the picture (DreamBooth's instance prompt): every other sample of a batch
-    /// pairs the picture with "<token> <caption>" instead of the token alone, so that the
-    /// caption's words stay bound to what they name in this picture and an edit prompt that
-    /// changes them moves just that; the token alone still redraws the picture.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub caption: Option<String>,
 }
 
 impl TuneSettings {
@@ -138,7 +132,6 @@ impl TuneSettings {
             seed,
             delta_encoding: DeltaEncoding::default(),
             lora_rank: None,
-            caption: None,
         }
     }
 
@@ -218,8 +211,7 @@ pub struct Tuner<'a> {
     schedule: NoiseSchedule,
     /// [b, c, h, w]: the image's latents, repeated.
     latents: Tensor,
-    /// [b, 77, d]: the token's embedding, repeated (alternating with the token and caption's
-    /// when the tune has a caption).
+    /// [b, 77, d]: the token's embedding, repeated.
     text: Tensor,
     optimizer: TrainOptimizer,
     /// f32 copies of half-precision trainable weights, which the optimizer updates (or, in a
@@ -290,7 +282,8 @@ impl<'a> Tuner<'a> {
             .scale_latents(&posterior.mean)?
             .detach()
             .repeat((b, 1, 1, 1))?;
-        let text = tune_text(sd, &settings)?;
+        let (text, _) = sd.encode_prompt(&settings.token)?;
+        let text = text.detach().repeat((b, 1, 1))?;
         Ok(Self {
             sd,
             schedule: NoiseSchedule::new(&sd.scheduler_config)?,
@@ -460,22 +453,6 @@ impl<'a> Tuner<'a> {
             deltas,
         })
     }
-}
-
-/// The text embedding of each sample of a batch: the token alone, and with a caption "<token>
-/// <caption>" at every odd index.
-fn tune_text(sd: &StableDiffusion, settings: &TuneSettings) -> Result<Tensor> {
-    let (token, _) = sd.encode_prompt(&settings.token)?;
-    let token = token.detach();
-    let Some(caption) = settings.caption.as_deref().filter(|c| !c.trim().is_empty()) else {
-        return Ok(token.repeat((settings.batch_size, 1, 1))?);
-    };
-    let (captioned, _) = sd.encode_prompt(&prompt_with_token(&settings.token, caption))?;
-    let captioned = captioned.detach();
-    let rows: Vec<&Tensor> = (0..settings.batch_size)
-        .map(|i| if i % 2 == 1 { &captioned } else { &token })
-        .collect();
-    Ok(Tensor::cat(&rows, 0)?)
 }
 
 /// `weight - base` on the `levels` grid; vectors (biases, norms), which sessions keep in f16,
