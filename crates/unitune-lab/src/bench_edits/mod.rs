@@ -22,7 +22,7 @@
 //!
 //! Scenes are indices from [`HELD_OUT_START`] on, so they are never among a pretraining run's
 //! scenes `0..world_scenes` whatever the seed. Every method of a scene samples from the same
-//! seeded noise.
+//! seeded noise, with the same sampler (the model's recommended scheduler, else DDIM).
 
 mod report;
 
@@ -38,6 +38,7 @@ use unitune::pipelines::{
     edit, generate, EditBase, EditMask, EditRequest, GenerateRequest, LoadOptions, NoProgress,
     StableDiffusion,
 };
+use unitune::schedulers::SchedulerKind;
 use unitune::session::{DeltaEncoding, Session};
 use unitune::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use unitune::{Error, Result};
@@ -179,6 +180,9 @@ fn mean(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
 struct Bench<'a> {
     args: &'a BenchEditsConfig,
     config: SceneConfig,
+    /// The sampler of every method: the model's recommended one (`unitune.json`), which the
+    /// UniTune edits use, so that SDEdit and plain generation are compared on the same.
+    scheduler: SchedulerKind,
     rows: Vec<Row>,
 }
 
@@ -339,6 +343,7 @@ impl Bench<'_> {
             height: self.config.height as usize,
             num_inference_steps: args.steps,
             guidance_scale: args.baseline_guidance,
+            scheduler: self.scheduler,
             ..GenerateRequest::new(sample.prompt.clone())
         };
         let pixels = image_to_tensor(&sample.before, &sd.device)?;
@@ -535,6 +540,9 @@ pub fn measure(args: &BenchEditsConfig) -> Result<Measurement> {
     let mut bench = Bench {
         args,
         config,
+        scheduler: ModelDefaults::read(&args.model)?
+            .edit_request("", "")
+            .scheduler,
         rows: vec![],
     };
     let (plans, mut tunes) = plans(args)?;
@@ -625,6 +633,75 @@ mod tests {
         assert_eq!(json["scenes"][1]["index"], HELD_OUT_START + 1);
         assert_eq!(truth.kept(), 2);
         assert!(to_tables(&args, &m).contains("| truth | - | 60.0 | "));
+    }
+
+    /// A model that recommends a scheduler gets it for SDEdit and plain generation too: the
+    /// plain row's picture is what `generate` makes with that scheduler from the scene's noise.
+    #[test]
+    fn the_baselines_sample_with_the_model_s_scheduler() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd1");
+        let model =
+            std::env::temp_dir().join(format!("unitune-bench-scheduler-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&model);
+        for entry in walk(&fixture) {
+            let to = model.join(entry.strip_prefix(&fixture).unwrap());
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &to).unwrap();
+        }
+        std::fs::write(
+            model.join("unitune.json"),
+            r#"{"edit": {"scheduler": "euler"}}"#,
+        )
+        .unwrap();
+        let run = |model: &Path| {
+            let args = BenchEditsConfig {
+                model: model.into(),
+                scenes: 1,
+                tune_steps: 1,
+                steps: 3,
+                guidance: vec![4.0],
+                start: vec![1.0],
+                strengths: vec![0.6],
+                ..BenchEditsConfig::default()
+            };
+            let m = measure(&args).unwrap();
+            let image = |method: &str| {
+                let row = m.rows.iter().find(|r| r.method == method).unwrap();
+                row.images[0].clone()
+            };
+            (image("sdedit"), image("plain"), m, args)
+        };
+        let (ddim_sdedit, ddim_plain, ..) = run(&fixture);
+        let (sdedit, plain, m, args) = run(&model);
+        assert_ne!(sdedit, ddim_sdedit);
+        assert_ne!(plain, ddim_plain);
+
+        let sd = StableDiffusion::load(&model, &LoadOptions::default()).unwrap();
+        let request = GenerateRequest {
+            width: m.config.width as usize,
+            height: m.config.height as usize,
+            num_inference_steps: 3,
+            guidance_scale: args.baseline_guidance,
+            scheduler: SchedulerKind::Euler,
+            ..GenerateRequest::new(m.samples[0].prompt.clone())
+        };
+        let noise = &mut Noise::seeded(args.seed.wrapping_mul(1_000_003));
+        let expected = generate(&sd, &request, noise, &mut NoProgress).unwrap();
+        assert_eq!(plain, tensor_to_image(&expected, 0).unwrap());
+        std::fs::remove_dir_all(&model).unwrap();
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flat_map(|e| {
+                let path = e.unwrap().path();
+                match path.is_dir() {
+                    true => walk(&path),
+                    false => vec![path],
+                }
+            })
+            .collect()
     }
 
     #[test]
