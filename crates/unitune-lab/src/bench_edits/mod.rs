@@ -426,7 +426,10 @@ struct PlannedEdit {
 
 /// The recipes: the paper's tune at each `tune_lr` with the grid of edit settings, then the
 /// model's defaults (`unitune.json`, else the library's) as one tune and one edit.
-fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
+fn plans(
+    args: &BenchEditsConfig,
+    defaults: &ModelDefaults,
+) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
     let mut plans = vec![];
     let mut records = vec![];
     let record = |label: String, job: &TuneJob| TuneRecord {
@@ -449,7 +452,6 @@ fn plans(args: &BenchEditsConfig) -> Result<(Vec<TunePlan>, Vec<TuneRecord>)> {
     // Everything a row does not sweep (feather, the automatic mask's settings, ...) is the
     // model's recommendation: at 64 px the library's 16 px feather and dilation would be a
     // quarter of the picture.
-    let defaults = ModelDefaults::read(&args.model)?;
     let auto_mask = defaults.auto_mask();
     for &lr in &args.tune_lr {
         let job = TuneJob {
@@ -537,15 +539,14 @@ pub fn measure(args: &BenchEditsConfig) -> Result<Measurement> {
     let config = scene_config(&sd, args.max_objects);
     let world = World::new(config.clone(), args.seed)?;
     let token = default_token(&sd.tokenizer);
+    let defaults = ModelDefaults::read(&args.model)?;
     let mut bench = Bench {
         args,
         config,
-        scheduler: ModelDefaults::read(&args.model)?
-            .edit_request("", "")
-            .scheduler,
+        scheduler: defaults.edit_request("", "").scheduler,
         rows: vec![],
     };
-    let (plans, mut tunes) = plans(args)?;
+    let (plans, mut tunes) = plans(args, &defaults)?;
     let mut samples = vec![];
 
     for i in 0..args.scenes {
@@ -643,11 +644,7 @@ mod tests {
         let model =
             std::env::temp_dir().join(format!("unitune-bench-scheduler-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&model);
-        for entry in walk(&fixture) {
-            let to = model.join(entry.strip_prefix(&fixture).unwrap());
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(&entry, &to).unwrap();
-        }
+        unitune::weights::export::copy_tree(&fixture, &model, &|_| true).unwrap();
         std::fs::write(
             model.join("unitune.json"),
             r#"{"edit": {"scheduler": "euler"}}"#,
@@ -689,19 +686,6 @@ mod tests {
         let expected = generate(&sd, &request, noise, &mut NoProgress).unwrap();
         assert_eq!(plain, tensor_to_image(&expected, 0).unwrap());
         std::fs::remove_dir_all(&model).unwrap();
-    }
-
-    fn walk(dir: &Path) -> Vec<PathBuf> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .flat_map(|e| {
-                let path = e.unwrap().path();
-                match path.is_dir() {
-                    true => walk(&path),
-                    false => vec![path],
-                }
-            })
-            .collect()
     }
 
     #[test]
