@@ -170,6 +170,12 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
         .await
         .unwrap();
     client.execute("document.getElementById('steps').value = 12; document.getElementById('guidance').value = 3; document.getElementById('seed').value = 2; document.getElementById('sweep-guidance').value = '3,6';", vec![]).await.unwrap();
+    // The edit waits behind a long tune until the page shows its place in the queue, so that the
+    // page follows it from its start (a tiny edit can end before, and its previews with it).
+    let http = reqwest::Client::new();
+    let blocker = Blocker::start(&http, &server).await;
+    // Every src the preview gets, even one replaced before the next poll.
+    client.execute("window.previews = []; new MutationObserver((records) => { const img = document.getElementById('preview-image'); for (const r of records) window.previews.push(r.oldValue || ''); window.previews.push(img.src); }).observe(document.getElementById('preview-image'), {attributes: true, attributeFilter: ['src'], attributeOldValue: true});", vec![]).await.unwrap();
     client
         .find(Locator::Id("edit-button"))
         .await
@@ -177,11 +183,18 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
         .click()
         .await
         .unwrap();
+    until(
+        &client,
+        "the edit's place in the queue",
+        "document.getElementById('edit-status').textContent === 'queued, place 1'",
+    )
+    .await;
+    blocker.release(&http, &server).await;
     // A live preview of the denoising shows up before the result does.
     until(
         &client,
         "a live preview",
-        "document.getElementById('preview-image').src.startsWith('data:image/png')",
+        "window.previews.some((src) => src.startsWith('data:image/png'))",
     )
     .await;
     until(&client, "the result in the gallery", "document.querySelector('#gallery img.result') && document.querySelector('#gallery img.result').naturalWidth > 0").await;

@@ -109,6 +109,52 @@ pub async fn job_events(
     parse_events(&text)
 }
 
+/// A long tune that keeps the worker busy until it is released, so that a job queued behind it can
+/// be followed from its start: a job that ends before its events are read has lost its previews.
+pub struct Blocker(String);
+
+impl Blocker {
+    pub async fn start(client: &reqwest::Client, server: &Server) -> Self {
+        let (job, _) = queue_tune(client, server, r#"{"steps": 1000, "batch": 1}"#).await;
+        Self(job)
+    }
+
+    /// Cancels the long tune.
+    pub async fn release(self, client: &reqwest::Client, server: &Server) {
+        let response = client
+            .post(url(server, &format!("/api/jobs/{}/cancel", self.0)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+}
+
+/// Every event of `job`, queued behind `blocker`: its stream is open before the blocker goes.
+pub async fn job_events_behind(
+    client: &reqwest::Client,
+    server: &Server,
+    job: &str,
+    blocker: Blocker,
+) -> Vec<(String, Value)> {
+    let mut stream = client
+        .get(url(server, &format!("/api/jobs/{job}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("event: queued") {
+        text.push_str(&String::from_utf8_lossy(
+            &stream.chunk().await.unwrap().unwrap(),
+        ));
+    }
+    blocker.release(client, server).await;
+    while let Some(chunk) = stream.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    parse_events(&text)
+}
+
 pub fn parse_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
         .filter_map(|block| {
