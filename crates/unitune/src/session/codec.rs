@@ -59,6 +59,16 @@ pub(crate) fn grid(delta: &Tensor, levels: i32) -> Result<(Tensor, Tensor)> {
         let better = num.broadcast_div(&den.maximum(f32::MIN_POSITIVE)?)?;
         scale = den.gt(0f64)?.where_cond(&better, &scale)?;
     }
+    // Lloyd's alternation can settle elsewhere from a row that is on a grid already (short
+    // rows, sparse ones): such a row keeps its own scale, `max|row| / k` for its largest step k.
+    let max = d.abs()?.max_keepdim(1)?;
+    for k in (1..=levels).rev() {
+        let own = (&max / k as f64)?;
+        let off = (d.broadcast_div(&own.maximum(f32::MIN_POSITIVE)?)? - steps(&own)?)?
+            .abs()?
+            .max_keepdim(1)?;
+        scale = off.le(1e-3)?.where_cond(&own, &scale)?;
+    }
     Ok((steps(&scale)?, scale))
 }
 
@@ -175,6 +185,35 @@ mod tests {
             energy += (v as f64).powi(2);
         }
         (err / energy).sqrt()
+    }
+
+    /// A row on a ±3 or ±7 grid comes back as it is, however short or sparse (Lloyd's
+    /// alternation alone moves such rows, so a tune trained through the grid was not stored
+    /// exactly).
+    #[test]
+    fn a_row_on_a_coarse_grid_keeps_its_own_scale() {
+        let cpu = &candle_core::Device::Cpu;
+        for levels in [3, 7] {
+            // Short rows (a 4-channel 3x3 kernel's 36), and long ones of which only every
+            // eighth weight moved.
+            for (rows, len, every) in [(8, 36, 1), (4, 600, 8)] {
+                let values: Vec<f32> = gaussian_rows(rows, len)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| if i % every == 0 { v } else { 0.0 })
+                    .collect();
+                let delta = Tensor::from_vec(values, (rows, len), cpu).unwrap();
+                let once = on_grid(&delta, levels).unwrap();
+                let twice = on_grid(&once, levels).unwrap();
+                let moved = (&twice - &once).unwrap().abs().unwrap().max_all().unwrap();
+                let top = once.abs().unwrap().max_all().unwrap();
+                let moved = moved.to_scalar::<f32>().unwrap() / top.to_scalar::<f32>().unwrap();
+                assert!(
+                    moved < 1e-5,
+                    "±{levels}, {len} a row, every {every}: {moved}"
+                );
+            }
+        }
     }
 
     #[test]
