@@ -183,17 +183,10 @@ async fn cancel_stops_running_and_queued_jobs_and_leaves_no_session() {
         ["queued", "cancelled"]
     );
     // Wait until the long tune has taken a step, then cancel it.
-    let mut stream = client
-        .get(url(&server, &format!("/api/jobs/{running}/events")))
-        .send()
+    EventStream::open(&client, &server, &running)
         .await
-        .unwrap();
-    let mut seen = String::new();
-    while !seen.contains("event: progress") {
-        seen.push_str(&String::from_utf8_lossy(
-            &stream.chunk().await.unwrap().unwrap(),
-        ));
-    }
+        .until("progress")
+        .await;
     assert_eq!(cancel(running.clone()).await.status(), 202);
     let events = job_events(&client, &server, &running).await;
     assert_eq!(events.last().unwrap().0, "cancelled");

@@ -130,6 +130,42 @@ impl Blocker {
     }
 }
 
+/// A job's event stream, open, and what it has sent so far.
+pub struct EventStream {
+    response: reqwest::Response,
+    text: String,
+}
+
+impl EventStream {
+    pub async fn open(client: &reqwest::Client, server: &Server, job: &str) -> Self {
+        let response = client
+            .get(url(server, &format!("/api/jobs/{job}/events")))
+            .send()
+            .await
+            .unwrap();
+        Self {
+            response,
+            text: String::new(),
+        }
+    }
+
+    /// Reads until the stream has sent a `kind` event.
+    pub async fn until(&mut self, kind: &str) {
+        while !self.text.contains(&format!("event: {kind}")) {
+            let chunk = self.response.chunk().await.unwrap().unwrap();
+            self.text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Reads to the end: every event, (name, data).
+    pub async fn events(mut self) -> Vec<(String, Value)> {
+        while let Some(chunk) = self.response.chunk().await.unwrap() {
+            self.text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        parse_events(&self.text)
+    }
+}
+
 /// Every event of `job`, queued behind `blocker`: its stream is open before the blocker goes.
 pub async fn job_events_behind(
     client: &reqwest::Client,
@@ -137,22 +173,10 @@ pub async fn job_events_behind(
     job: &str,
     blocker: Blocker,
 ) -> Vec<(String, Value)> {
-    let mut stream = client
-        .get(url(server, &format!("/api/jobs/{job}/events")))
-        .send()
-        .await
-        .unwrap();
-    let mut text = String::new();
-    while !text.contains("event: queued") {
-        text.push_str(&String::from_utf8_lossy(
-            &stream.chunk().await.unwrap().unwrap(),
-        ));
-    }
+    let mut stream = EventStream::open(client, server, job).await;
+    stream.until("queued").await;
     blocker.release(client, server).await;
-    while let Some(chunk) = stream.chunk().await.unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    parse_events(&text)
+    stream.events().await
 }
 
 pub fn parse_events(text: &str) -> Vec<(String, Value)> {
