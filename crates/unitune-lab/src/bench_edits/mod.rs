@@ -594,18 +594,32 @@ mod tests {
     use super::*;
     use crate::world::score::PSNR_MAX;
 
-    #[test]
-    fn a_tiny_run_scores_every_method_and_the_references_check_out() {
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd1");
-        let args = BenchEditsConfig {
-            model: fixture.into(),
-            scenes: 2,
+    fn tiny_sd1() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd1")
+    }
+
+    /// A run small enough for a test on `model`: one scene, a one-step tune, two sampling steps,
+    /// one UniTune setting (g 4 from noise), no SDEdit strength.
+    fn tiny_run(model: &Path) -> BenchEditsConfig {
+        BenchEditsConfig {
+            model: model.into(),
+            scenes: 1,
             tune_steps: 1,
             steps: 2,
             guidance: vec![4.0],
+            start: vec![1.0],
+            strengths: vec![],
+            ..BenchEditsConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_tiny_run_scores_every_method_and_the_references_check_out() {
+        let args = BenchEditsConfig {
+            scenes: 2,
             start: vec![0.9],
             strengths: vec![0.5],
-            ..BenchEditsConfig::default()
+            ..tiny_run(&tiny_sd1())
         };
         let m = measure(&args).unwrap();
         let methods: Vec<&str> = m.rows.iter().map(|r| r.method).collect();
@@ -640,7 +654,7 @@ mod tests {
     /// plain row's picture is what `generate` makes with that scheduler from the scene's noise.
     #[test]
     fn the_baselines_sample_with_the_model_s_scheduler() {
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-sd1");
+        let fixture = tiny_sd1();
         let model =
             std::env::temp_dir().join(format!("unitune-bench-scheduler-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&model);
@@ -652,14 +666,9 @@ mod tests {
         .unwrap();
         let run = |model: &Path| {
             let args = BenchEditsConfig {
-                model: model.into(),
-                scenes: 1,
-                tune_steps: 1,
                 steps: 3,
-                guidance: vec![4.0],
-                start: vec![1.0],
                 strengths: vec![0.6],
-                ..BenchEditsConfig::default()
+                ..tiny_run(model)
             };
             let m = measure(&args).unwrap();
             let image = |method: &str| {
@@ -690,20 +699,13 @@ mod tests {
 
     #[test]
     fn a_kept_session_is_reused_and_gives_the_same_edits() {
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny-sd1");
         let dir =
             std::env::temp_dir().join(format!("unitune-bench-sessions-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let args = BenchEditsConfig {
-            model: fixture.into(),
-            scenes: 1,
             tune_steps: 2,
-            steps: 2,
-            guidance: vec![4.0],
-            start: vec![1.0],
-            strengths: vec![],
             sessions: Some(dir.clone()),
-            ..BenchEditsConfig::default()
+            ..tiny_run(&tiny_sd1())
         };
         let first = measure(&args).unwrap();
         // One file per recipe: the paper's tune at lr 1e-4 and 2 steps, and the model's defaults.
