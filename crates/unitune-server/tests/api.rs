@@ -167,17 +167,12 @@ async fn cancel_stops_running_and_queued_jobs_and_leaves_no_session() {
     let data = data_dir("cancel");
     let server = start(&data);
     let client = reqwest::Client::new();
-    let (running, _) = queue_tune(&client, &server, r#"{"steps": 1000, "batch": 1}"#).await;
+    let (running, _) = queue_tune(&client, &server, LONG).await;
     let (queued, _) = queue_tune(&client, &server, QUICK).await;
     let jobs: Value = get_json(&client, &server, "/api/jobs").await;
     assert_eq!(jobs[1]["position"], 1, "{jobs}");
 
-    let cancel = |job: String| {
-        let client = client.clone();
-        let url = url(&server, &format!("/api/jobs/{job}/cancel"));
-        async move { client.post(url).send().await.unwrap() }
-    };
-    assert_eq!(cancel(queued.clone()).await.status(), 202);
+    assert_eq!(cancel(&client, &server, &queued).await.status(), 202);
     assert_eq!(
         kinds(&job_events(&client, &server, &queued).await),
         ["queued", "cancelled"]
@@ -187,7 +182,7 @@ async fn cancel_stops_running_and_queued_jobs_and_leaves_no_session() {
         .await
         .until("progress")
         .await;
-    assert_eq!(cancel(running.clone()).await.status(), 202);
+    assert_eq!(cancel(&client, &server, &running).await.status(), 202);
     let events = job_events(&client, &server, &running).await;
     assert_eq!(events.last().unwrap().0, "cancelled");
     let sessions: Value = get_json(&client, &server, "/api/sessions").await;
@@ -397,7 +392,7 @@ async fn a_full_queue_answers_429_and_a_busy_session_cannot_be_deleted() {
     );
     let client = reqwest::Client::new();
     let session = tuned(&client, &server).await;
-    let (running, _) = queue_tune(&client, &server, r#"{"steps": 1000, "batch": 1}"#).await;
+    let (running, _) = queue_tune(&client, &server, LONG).await;
     // Wait until it runs, so that the queue itself is empty.
     let mut stream = client
         .get(url(&server, &format!("/api/jobs/{running}/events")))
@@ -444,11 +439,7 @@ async fn a_full_queue_answers_429_and_a_busy_session_cannot_be_deleted() {
         .await
         .unwrap();
     assert_eq!(error(busy).await.0, 409);
-    client
-        .post(url(&server, &format!("/api/jobs/{running}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    cancel(&client, &server, &running).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

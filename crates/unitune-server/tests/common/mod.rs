@@ -72,6 +72,9 @@ pub fn tune_form(image: Vec<u8>, settings: &str) -> Form {
 /// A short tune: 2 steps of batch 1.
 pub const QUICK: &str = r#"{"steps": 2, "batch": 1, "seed": 1}"#;
 
+/// A tune long enough to be cancelled while it runs: 1000 steps of batch 1.
+pub const LONG: &str = r#"{"steps": 1000, "batch": 1}"#;
+
 /// Queues a tune of the example scene; returns (job id, session id).
 pub async fn queue_tune(
     client: &reqwest::Client,
@@ -115,19 +118,23 @@ pub struct Blocker(String);
 
 impl Blocker {
     pub async fn start(client: &reqwest::Client, server: &Server) -> Self {
-        let (job, _) = queue_tune(client, server, r#"{"steps": 1000, "batch": 1}"#).await;
+        let (job, _) = queue_tune(client, server, LONG).await;
         Self(job)
     }
 
     /// Cancels the long tune.
     pub async fn release(self, client: &reqwest::Client, server: &Server) {
-        let response = client
-            .post(url(server, &format!("/api/jobs/{}/cancel", self.0)))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
+        assert_eq!(cancel(client, server, &self.0).await.status(), 202);
     }
+}
+
+/// `POST /api/jobs/{job}/cancel`.
+pub async fn cancel(client: &reqwest::Client, server: &Server, job: &str) -> reqwest::Response {
+    client
+        .post(url(server, &format!("/api/jobs/{job}/cancel")))
+        .send()
+        .await
+        .unwrap()
 }
 
 /// A job's event stream, open, and what it has sent so far.
