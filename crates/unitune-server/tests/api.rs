@@ -394,17 +394,8 @@ async fn a_full_queue_answers_429_and_a_busy_session_cannot_be_deleted() {
     let session = tuned(&client, &server).await;
     let (running, _) = queue_tune(&client, &server, LONG).await;
     // Wait until it runs, so that the queue itself is empty.
-    let mut stream = client
-        .get(url(&server, &format!("/api/jobs/{running}/events")))
-        .send()
-        .await
-        .unwrap();
-    let mut seen = String::new();
-    while !seen.contains("event: started") {
-        seen.push_str(&String::from_utf8_lossy(
-            &stream.chunk().await.unwrap().unwrap(),
-        ));
-    }
+    let mut stream = EventStream::open(&client, &server, &running).await;
+    stream.until("started").await;
     let edits = url(&server, &format!("/api/sessions/{session}/edits"));
     let queued = client
         .post(&edits)

@@ -101,15 +101,7 @@ pub async fn job_events(
     server: &Server,
     job: &str,
 ) -> Vec<(String, Value)> {
-    let text = client
-        .get(url(server, &format!("/api/jobs/{job}/events")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    parse_events(&text)
+    EventStream::open(client, server, job).await.events().await
 }
 
 /// A long tune that keeps the worker busy until it is released, so that a job queued behind it can
