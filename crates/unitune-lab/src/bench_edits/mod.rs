@@ -383,7 +383,7 @@ impl Bench<'_> {
 
 /// The session file of scene `scene`'s tune with `settings` in the `sessions` folder: the
 /// settings' hash names it, and the model is checked when it is applied.
-fn session_name(scene: usize, settings: &TuneSettings) -> String {
+pub fn session_name(scene: usize, settings: &TuneSettings) -> String {
     let json = serde_json::to_string(settings).expect("settings serialize");
     let hash = Sha256::digest(json.as_bytes());
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();

@@ -73,7 +73,7 @@ pub(crate) fn grid(delta: &Tensor, levels: i32) -> Result<(Tensor, Tensor)> {
 }
 
 /// The delta as its grid gives it back: `scale * step`, in the delta's shape.
-pub(crate) fn on_grid(delta: &Tensor, levels: i32) -> Result<Tensor> {
+pub fn on_grid(delta: &Tensor, levels: i32) -> Result<Tensor> {
     let (steps, scale) = grid(delta, levels)?;
     Ok(steps.broadcast_mul(&scale)?.reshape(delta.shape())?)
 }

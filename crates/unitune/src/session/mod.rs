@@ -23,6 +23,8 @@
 
 pub(crate) mod codec;
 
+pub use codec::on_grid;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
