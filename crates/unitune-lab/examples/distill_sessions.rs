@@ -90,7 +90,7 @@ fn main() -> unitune::Result<()> {
         distilled.save(&target, DeltaEncoding::F32)?;
         // The loss against the teacher, the mean of each eighth of the steps.
         let eighths: Vec<String> = losses
-            .chunks(steps.div_ceil(8))
+            .chunks(steps.div_ceil(8).max(1))
             .map(|c| format!("{:.5}", c.iter().sum::<f32>() / c.len() as f32))
             .collect();
         println!(
