@@ -118,14 +118,6 @@ fn distill(
 ) -> unitune::Result<(BTreeMap<String, Tensor>, Vec<f32>)> {
     let base = student.unet_store.tensors();
     let vars = student.unet_store.trainable_vars();
-    let grid = |d: &Tensor| -> unitune::Result<Tensor> {
-        // Vectors (biases) are stored in f16 by every code: no grid.
-        if d.rank() < 2 {
-            Ok(d.clone())
-        } else {
-            on_grid(d, levels)
-        }
-    };
     for (name, var) in &vars {
         let b = base[name].to_dtype(DType::F32)?;
         let w = match session.deltas.get(name) {
@@ -165,7 +157,7 @@ fn distill(
         let mut unrounded = Vec::with_capacity(vars.len());
         for (name, var) in &vars {
             let w = var.as_tensor().copy()?;
-            var.set(&(&base[name] + grid(&(&w - &base[name])?)?)?)?;
+            var.set(&(&base[name] + on_grid(&(&w - &base[name])?, levels)?)?)?;
             unrounded.push(w);
         }
         let (pred, backward) = student.unet.forward_train(&noisy, &t, &text)?;
@@ -179,7 +171,7 @@ fn distill(
     }
     let mut deltas = BTreeMap::new();
     for (name, var) in &vars {
-        let d = grid(&(var.as_tensor() - &base[name])?)?;
+        let d = on_grid(&(var.as_tensor() - &base[name])?, levels)?;
         if d.abs()?.max_all()?.to_scalar::<f32>()? > 0.0 {
             deltas.insert(name.clone(), d);
         }

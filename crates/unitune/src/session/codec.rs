@@ -72,8 +72,12 @@ pub(crate) fn grid(delta: &Tensor, levels: i32) -> Result<(Tensor, Tensor)> {
     Ok((steps(&scale)?, scale))
 }
 
-/// The delta as its grid gives it back: `scale * step`, in the delta's shape.
+/// The delta as its grid gives it back: `scale * step`, in the delta's shape. Vectors (biases,
+/// norms), which sessions keep in f16 under every grid code, come back as they are.
 pub fn on_grid(delta: &Tensor, levels: i32) -> Result<Tensor> {
+    if delta.rank() < 2 {
+        return Ok(delta.clone());
+    }
     let (steps, scale) = grid(delta, levels)?;
     Ok(steps.broadcast_mul(&scale)?.reshape(delta.shape())?)
 }

@@ -455,14 +455,9 @@ impl<'a> Tuner<'a> {
     }
 }
 
-/// `weight - base` on the `levels` grid; vectors (biases, norms), which sessions keep in f16,
-/// as they are.
+/// `weight - base` on the `levels` grid (vectors as they are: [`codec::on_grid`]).
 fn rounded_delta(weight: &Tensor, base: &Tensor, levels: i32) -> Result<Tensor> {
-    let delta = (weight - base)?;
-    if delta.rank() < 2 {
-        return Ok(delta);
-    }
-    codec::on_grid(&delta, levels)
+    codec::on_grid(&(weight - base)?, levels)
 }
 
 /// The UNet's trainable vars; none is an error (the model was loaded without a trainable filter,
