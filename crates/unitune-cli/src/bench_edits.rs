@@ -73,6 +73,14 @@ pub struct BenchEditsArgs {
     /// rounding after the tune loses.
     #[arg(long)]
     tune_delta_encoding: Option<DeltaEncoding>,
+    /// The distillation's steps, for a coarse --delta-encoding (see `tune --distill-steps`)
+    /// [default: the model's unitune.json, else the tune's].
+    #[arg(long)]
+    distill_steps: Option<usize>,
+    /// The distillation's learning rate [default: the model's unitune.json, else a tenth of
+    /// the tune's].
+    #[arg(long)]
+    distill_lr: Option<f64>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -108,6 +116,8 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         sessions: args.sessions,
         delta_encoding: args.delta_encoding,
         tune_delta_encoding: args.tune_delta_encoding,
+        distill_steps: args.distill_steps,
+        distill_lr: args.distill_lr,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

@@ -62,10 +62,19 @@ pub struct TuneArgs {
     #[arg(long)]
     gradient_checkpointing: bool,
     /// How weight deltas are stored: q8 (int8 per row), q2, q3, q4 (a ±1, ±3, ±7 grid per
-    /// row, deflated, trained through: about 5%, 9%, 12% of the UNet in f32), f16, f32, or
-    /// lora (a --layers lora tune's factors) [default: lora for a LoRA tune, else q8].
+    /// row, deflated, distilled into after the tune: about 5%, 9%, 12% of the UNet in f32),
+    /// f16, f32, or lora (a --layers lora tune's factors) [default: lora for a LoRA tune, else
+    /// q8].
     #[arg(long)]
     delta_encoding: Option<DeltaEncoding>,
+    /// Steps of the distillation into a q2-q4 grid (0: round the tuned delta instead)
+    /// [default: the model's unitune.json, else as many as --steps].
+    #[arg(long)]
+    distill_steps: Option<usize>,
+    /// The distillation's learning rate [default: the model's unitune.json, else a tenth of
+    /// --lr].
+    #[arg(long)]
+    distill_lr: Option<f64>,
     /// The session file to write (safetensors).
     #[arg(long, short)]
     output: PathBuf,
@@ -99,7 +108,15 @@ pub fn run(args: TuneArgs) -> Result<()> {
         seed: args.seed,
         gradient_checkpointing: args.gradient_checkpointing,
         delta_encoding: args.delta_encoding,
+        distill_steps: args.distill_steps.or(base.distill_steps),
+        distill_learning_rate: args.distill_lr.or(base.distill_learning_rate),
+        distill_prompts: base.distill_prompts,
     };
+    if (args.distill_steps.is_some() || args.distill_lr.is_some())
+        && job.settings(String::new(), 0).distillation.is_none()
+    {
+        bail!("--distill-steps, --distill-lr: only a tune stored in q2, q3 or q4 is distilled");
+    }
     let image = image_io::load_image(&args.image)?;
     let mut sd = args.model.load(Some(job.trainable()))?;
     let prepared = job.prepare(&sd, image)?;

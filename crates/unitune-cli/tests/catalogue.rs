@@ -635,6 +635,7 @@ const CATALOGUE: &[Case] = &[
     case("LoRA session whose factors do not make the recorded shape", damaged_lora_session, &["edit", "--model", "{d}/model", "--session", "{d}/lora.session", "--prompt", "a", "-o", "{d}/out.png"], &["lora.session", "LoRA factors", "do not make its shape"]),
     case("tune --lora-rank without --layers lora", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--lora-rank", "4", "-o", "{d}/new.session"], &["--lora-rank", "--layers lora"]),
     case("tune --layers lora --delta-encoding q2", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--delta-encoding", "q2", "-o", "{d}/new.session"], &["delta-encoding", "q2", "lora"]),
+    case("tune --distill-steps without a coarse code", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--distill-steps", "8", "-o", "{d}/new.session"], &["--distill-steps", "q2"]),
     case("tune --delta-encoding lora of whole weights", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--delta-encoding", "lora", "-o", "{d}/new.session"], &["delta-encoding", "lora tune"]),
     case("tune --layers lora --lora-rank 0", none, &["tune", "--model", "{d}/model", "--image", "{d}/photo.png", "--layers", "lora", "--lora-rank", "0", "-o", "{d}/new.session"], &["lora-rank", "at least 1"]),
     case("pretrain --vae-from a folder with no autoencoder", none, &["pretrain", "--output", "{d}/trained", "--preset", "tiny", "--vae-from", "{d}/nowhere"], &["nowhere", "vae/config.json"]),

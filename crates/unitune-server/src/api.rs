@@ -334,7 +334,7 @@ async fn create_session(
     let work = Work::Tune {
         image,
         name,
-        job,
+        job: Box::new(job),
         params: Box::new(settings),
     };
     let job = submit(&app, &headers, Job::new("tune", &session, None, work))?;

@@ -28,6 +28,11 @@ pub struct TuneParams {
     pub lora_rank: Option<usize>,
     /// How the session is stored (`null`: lora for a LoRA tune, else q8).
     pub delta_encoding: Option<DeltaEncoding>,
+    /// The distillation into a q2-q4 grid: steps, learning rate and prompts (`null`: the
+    /// model's, else the tune's steps, a tenth of its lr, and a generic pair of captions).
+    pub distill_steps: Option<usize>,
+    pub distill_lr: Option<f64>,
+    pub distill_prompts: Option<Vec<String>>,
     /// A seed, or `null` / -1 for a random one.
     pub seed: Option<i64>,
 }
@@ -52,6 +57,9 @@ impl TuneParams {
             layers: job.layers,
             lora_rank: job.lora_rank,
             delta_encoding: job.delta_encoding,
+            distill_steps: job.distill_steps,
+            distill_lr: job.distill_learning_rate,
+            distill_prompts: job.distill_prompts,
             seed: None,
         }
     }
@@ -64,6 +72,17 @@ impl TuneParams {
                 "steps: {} is above the limit {}",
                 self.steps, limits.max_steps
             ));
+        }
+        if let Some(steps) = self.distill_steps.filter(|&s| s > limits.max_steps) {
+            return Err(format!(
+                "distill_steps: {steps} is above the limit {}",
+                limits.max_steps
+            ));
+        }
+        if let Some(prompts) = &self.distill_prompts {
+            if prompts.len() > 16 || prompts.iter().any(|p| p.chars().count() > 300) {
+                return Err("distill_prompts: at most 16 prompts of 300 characters".into());
+            }
         }
         if self.batch > 64 {
             return Err(format!("batch: {} is above the limit 64", self.batch));
@@ -84,6 +103,9 @@ impl TuneParams {
             layers: self.layers,
             lora_rank: self.lora_rank,
             delta_encoding: self.delta_encoding,
+            distill_steps: self.distill_steps,
+            distill_learning_rate: self.distill_lr,
+            distill_prompts: self.distill_prompts.clone(),
             seed: Some(seed),
             ..TuneJob::default()
         };

@@ -45,7 +45,7 @@ pub enum Work {
     Tune {
         image: RgbImage,
         name: String,
-        job: TuneJob,
+        job: Box<TuneJob>,
         /// What `job` was made from, with its seed drawn: another machine makes the same job.
         params: Box<TuneParams>,
     },

@@ -233,6 +233,24 @@ async fn bad_requests_get_the_right_4xx_and_a_clear_json_error() {
         (tune_form(scene(), r#"{"steps": 100000}"#), 400, "limit"),
         (tune_form(scene(), r#"{"optimizer": "sgd"}"#), 400, "sgd"),
         (
+            tune_form(scene(), r#"{"distill_steps": 100000}"#),
+            400,
+            "distill_steps",
+        ),
+        (
+            tune_form(scene(), r#"{"delta_encoding": "q2", "distill_lr": 0}"#),
+            400,
+            "distill-lr",
+        ),
+        (
+            tune_form(
+                scene(),
+                &format!(r#"{{"distill_prompts": {:?}}}"#, ["a"; 17]),
+            ),
+            400,
+            "distill_prompts",
+        ),
+        (
             reqwest::multipart::Form::new().text("settings", QUICK),
             400,
             "image",
@@ -603,7 +621,8 @@ async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
     unitune::weights::export::copy_tree(&fixture, &model, &|_| true).unwrap();
     std::fs::write(
         model.join("unitune.json"),
-        r#"{"tune": {"steps": 3, "batch_size": 1}, "edit": {"num_inference_steps": 2, "start": 0.5}}"#,
+        r#"{"tune": {"steps": 3, "batch_size": 1, "distill_prompts": ["a red circle"]},
+            "edit": {"num_inference_steps": 2, "start": 0.5}}"#,
     )
     .unwrap();
     let mut config = config(&data, None, Limits::default());
@@ -618,13 +637,29 @@ async fn a_model_folder_s_unitune_json_sets_the_api_defaults() {
         ),
         (Some(3), Some(1))
     );
+    assert_eq!(info["tune"]["distill_prompts"], json!(["a red circle"]));
     assert_eq!(info["edit"]["start"], 0.5);
     assert_eq!(info["edit"]["guidance"], 10.0);
 
-    let (job, session) = queue_tune(&client, &server, r#"{"seed": 2}"#).await;
+    // A q2 tune is distilled into its grid after the tune, under the model's prompts.
+    let settings = r#"{"seed": 2, "delta_encoding": "q2", "distill_steps": 2}"#;
+    let (job, session) = queue_tune(&client, &server, settings).await;
     let events = job_events(&client, &server, &job).await;
-    let progress = events.iter().filter(|(k, _)| k == "progress").count();
-    assert_eq!(progress, 4, "{:?}", kinds(&events)); // step 0, then 3 steps
+    let phases: Vec<&str> = (events.iter())
+        .filter(|(k, _)| k == "progress")
+        .map(|(_, d)| d["phase"].as_str().unwrap())
+        .collect();
+    // Each phase reports step 0, then every step.
+    assert_eq!(
+        phases,
+        [["tuning"; 4].as_slice(), &["distilling"; 3]].concat()
+    );
+    let sessions: Value = get_json(&client, &server, "/api/sessions").await;
+    let distillation = &sessions[0]["settings"]["distillation"];
+    assert_eq!(
+        (distillation["steps"].as_u64(), &distillation["prompts"]),
+        (Some(2), &json!(["a red circle"]))
+    );
     let response = client
         .post(url(&server, &format!("/api/sessions/{session}/edits")))
         .json(&json!({"prompt": "a cat", "guidance": 4}))

@@ -96,9 +96,13 @@ pub struct BenchEditsConfig {
     /// back from a file in this code, as `unitune edit` would; `None`: the tune's own (lora
     /// for a LoRA tune, else q8).
     pub delta_encoding: Option<DeltaEncoding>,
-    /// The encoding the tunes train for (a coarse grid is trained through); `None`: the one
+    /// The encoding the tunes train for (a coarse grid is distilled into); `None`: the one
     /// they are stored in. Another one shows what rounding after the tune loses.
     pub tune_delta_encoding: Option<DeltaEncoding>,
+    /// The distillation's steps and learning rate, for a coarse code; `None`: the model's
+    /// (`unitune.json`), else the library's.
+    pub distill_steps: Option<usize>,
+    pub distill_lr: Option<f64>,
 }
 
 impl Default for BenchEditsConfig {
@@ -122,6 +126,8 @@ impl Default for BenchEditsConfig {
             sessions: None,
             delta_encoding: None,
             tune_delta_encoding: None,
+            distill_steps: None,
+            distill_lr: None,
         }
     }
 }
@@ -241,10 +247,12 @@ impl Bench<'_> {
     ) -> Result<()> {
         let args = self.args;
         let job = &plan.job;
-        let mut settings = job.settings(token.to_string(), args.seed);
-        if let Some(encoding) = args.tune_delta_encoding.or(args.delta_encoding) {
-            settings.delta_encoding = encoding;
+        let settings = TuneJob {
+            delta_encoding: (args.tune_delta_encoding.or(args.delta_encoding))
+                .or(job.delta_encoding),
+            ..job.clone()
         }
+        .settings(token.to_string(), args.seed);
         let stored = args.delta_encoding.unwrap_or(settings.delta_encoding);
         let cached = args
             .sessions
@@ -383,7 +391,7 @@ impl Bench<'_> {
 
 /// The session file of scene `scene`'s tune with `settings` in the `sessions` folder: the
 /// settings' hash names it, and the model is checked when it is applied.
-pub fn session_name(scene: usize, settings: &TuneSettings) -> String {
+fn session_name(scene: usize, settings: &TuneSettings) -> String {
     let json = serde_json::to_string(settings).expect("settings serialize");
     let hash = Sha256::digest(json.as_bytes());
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
@@ -453,12 +461,20 @@ fn plans(
     // model's recommendation: at 64 px the library's 16 px feather and dilation would be a
     // quarter of the picture.
     let auto_mask = defaults.auto_mask();
+    let model_job = TuneJob {
+        distill_steps: args.distill_steps.or(defaults.tune.distill_steps),
+        distill_learning_rate: args.distill_lr.or(defaults.tune.distill_learning_rate),
+        ..defaults.tune_job()
+    };
     for &lr in &args.tune_lr {
         let job = TuneJob {
             steps: args.tune_steps,
             learning_rate: lr,
             layers: args.tune_layers,
             lora_rank: args.lora_rank,
+            distill_prompts: model_job.distill_prompts.clone(),
+            distill_steps: model_job.distill_steps,
+            distill_learning_rate: model_job.distill_learning_rate,
             ..TuneJob::default()
         };
         let mut edits = vec![];
@@ -493,7 +509,7 @@ fn plans(
         records.push(record(lr_label(lr), &job));
         plans.push(TunePlan { job, edits });
     }
-    let job = defaults.tune_job();
+    let job = model_job;
     let request = defaults.edit_request("", "");
     let caption_baseline = defaults.edit.prompt_guidance.is_some();
     let mut setting = format!("g={} start={}", request.guidance_scale, request.start);

@@ -43,6 +43,9 @@ pub struct TuneDefaults {
     pub optimizer: Option<OptimizerKind>,
     pub layers: Option<TrainableLayers>,
     pub lora_rank: Option<usize>,
+    pub distill_steps: Option<usize>,
+    pub distill_learning_rate: Option<f64>,
+    pub distill_prompts: Option<Vec<String>>,
 }
 
 /// [`EditRequest`] fields a model may recommend; `auto_mask` turns on the estimated mask with
@@ -90,6 +93,9 @@ impl ModelDefaults {
             optimizer: t.optimizer.unwrap_or(base.optimizer),
             layers: t.layers.unwrap_or(base.layers),
             lora_rank: t.lora_rank.or(base.lora_rank),
+            distill_steps: t.distill_steps.or(base.distill_steps),
+            distill_learning_rate: t.distill_learning_rate.or(base.distill_learning_rate),
+            distill_prompts: t.distill_prompts.clone().or(base.distill_prompts),
             ..base
         }
     }
@@ -163,7 +169,7 @@ mod tests {
         let dir = folder(
             "some",
             Some(
-                r#"{"tune": {"steps": 300, "learning_rate": 0.0003},
+                r#"{"tune": {"steps": 300, "learning_rate": 0.0003, "distill_prompts": ["a"]},
                 "edit": {"guidance_scale": 4.5, "start": 0.9, "auto_mask": true, "mask_dilate": 3}}"#,
             ),
         );
@@ -171,6 +177,7 @@ mod tests {
         let job = defaults.tune_job();
         assert_eq!((job.steps, job.learning_rate), (300, 3e-4));
         assert_eq!(job.batch_size, TuneJob::default().batch_size);
+        assert_eq!(job.distill_prompts, Some(vec!["a".to_string()]));
         let request = defaults.edit_request("tok", "a cat");
         assert_eq!((request.guidance_scale, request.start), (4.5, 0.9));
         let EditMask::Auto(mask) = request.mask else {
@@ -183,6 +190,12 @@ mod tests {
         let err = ModelDefaults::read(&typo).unwrap_err().to_string();
         assert!(
             err.contains("unitune.json") && err.contains("step"),
+            "{err}"
+        );
+        let rate = folder("rate", Some(r#"{"tune": {"distill_learning_rate": -1}}"#));
+        let err = ModelDefaults::read(&rate).unwrap_err().to_string();
+        assert!(
+            err.contains("unitune.json") && err.contains("distill-lr"),
             "{err}"
         );
         let zero = folder("zero", Some(r#"{"tune": {"steps": 0}}"#));

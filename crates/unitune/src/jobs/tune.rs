@@ -6,6 +6,7 @@ use crate::image_io::resize_and_center_crop;
 use crate::noise::{random_seed, Noise};
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::session::{DeltaEncoding, Session};
+use crate::train::distill::{Distillation, DEFAULT_PROMPTS};
 use crate::train::lora::DEFAULT_LORA_RANK;
 use crate::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use crate::train::OptimizerKind;
@@ -36,9 +37,16 @@ pub struct TuneJob {
     /// The rank of a `lora` tune (ignored for other layers, so that a model's recommended
     /// rank does not stand in the way of choosing other layers); `None`: [`DEFAULT_LORA_RANK`].
     pub lora_rank: Option<usize>,
-    /// How the session will be stored (a coarse grid is trained through: [`TuneSettings`]);
-    /// `None`: `lora` for a LoRA tune, else q8.
+    /// How the session will be stored (a coarse grid is distilled into after the tune:
+    /// [`crate::train::distill`]); `None`: `lora` for a LoRA tune, else q8.
     pub delta_encoding: Option<DeltaEncoding>,
+    /// The distillation's steps; `None`: as many as the tune's.
+    pub distill_steps: Option<usize>,
+    /// The distillation's learning rate; `None`: a tenth of the tune's.
+    pub distill_learning_rate: Option<f64>,
+    /// Prompts the distillation matches the tuned model under, besides the token and the empty
+    /// prompt; `None`: [`DEFAULT_PROMPTS`].
+    pub distill_prompts: Option<Vec<String>>,
 }
 
 impl Default for TuneJob {
@@ -57,6 +65,9 @@ impl Default for TuneJob {
             gradient_checkpointing: false,
             lora_rank: None,
             delta_encoding: None,
+            distill_steps: None,
+            distill_learning_rate: None,
+            distill_prompts: None,
         }
     }
 }
@@ -74,11 +85,17 @@ impl TuneJob {
                 return Err(Error::argument(name, "must be at least 1"));
             }
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            return Err(Error::argument(
-                "lr",
-                format!("{} must be a finite number > 0", self.learning_rate),
-            ));
+        let rates = [
+            ("lr", Some(self.learning_rate)),
+            ("distill-lr", self.distill_learning_rate),
+        ];
+        for (name, lr) in rates {
+            if let Some(lr) = lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+                return Err(Error::argument(
+                    name,
+                    format!("{lr} must be a finite number > 0"),
+                ));
+            }
         }
         self.settings(String::new(), 0).check()
     }
@@ -91,6 +108,16 @@ impl TuneJob {
             None if lora => DeltaEncoding::Lora,
             encoding => encoding.unwrap_or_default(),
         };
+        let distillation = delta_encoding.coarse_levels().map(|_| Distillation {
+            steps: self.distill_steps.unwrap_or(self.steps),
+            learning_rate: self
+                .distill_learning_rate
+                .unwrap_or(self.learning_rate / 10.0),
+            prompts: self
+                .distill_prompts
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PROMPTS.map(String::from).to_vec()),
+        });
         TuneSettings {
             token,
             steps: self.steps,
@@ -100,6 +127,7 @@ impl TuneJob {
             layers: self.layers,
             seed,
             delta_encoding,
+            distillation,
             lora_rank,
         }
     }
@@ -199,5 +227,49 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("delta-encoding"));
+    }
+
+    /// A tune stored in a coarse code is distilled into it: as many steps as the tune at a
+    /// tenth of its lr under the generic prompts, unless told otherwise; other codes are not,
+    /// and a bad distillation lr is refused whatever the code.
+    #[test]
+    fn a_coarse_job_resolves_its_distillation() {
+        let q3 = TuneJob {
+            steps: 300,
+            learning_rate: 2e-4,
+            delta_encoding: Some(DeltaEncoding::Q3),
+            ..TuneJob::default()
+        };
+        let d = q3.settings("t".into(), 1).distillation.unwrap();
+        assert_eq!(d.steps, 300);
+        assert!(
+            (d.learning_rate - 2e-5).abs() < 1e-12,
+            "{}",
+            d.learning_rate
+        );
+        assert_eq!(d.prompts, DEFAULT_PROMPTS.map(String::from));
+        let told = TuneJob {
+            distill_steps: Some(7),
+            distill_learning_rate: Some(3e-6),
+            distill_prompts: Some(vec!["a cat".into()]),
+            ..q3.clone()
+        };
+        let d = told.settings("t".into(), 1).distillation.unwrap();
+        assert_eq!(
+            (d.steps, d.learning_rate, d.prompts),
+            (7, 3e-6, vec!["a cat".into()])
+        );
+        let q8 = TuneJob {
+            delta_encoding: Some(DeltaEncoding::Q8),
+            ..told.clone()
+        };
+        assert_eq!(q8.settings("t".into(), 1).distillation, None);
+        for job in [q8, told] {
+            let bad = TuneJob {
+                distill_learning_rate: Some(f64::NAN),
+                ..job
+            };
+            assert!(bad.check().unwrap_err().to_string().contains("distill-lr"));
+        }
     }
 }

@@ -74,7 +74,7 @@ pub(crate) fn grid(delta: &Tensor, levels: i32) -> Result<(Tensor, Tensor)> {
 
 /// The delta as its grid gives it back: `scale * step`, in the delta's shape. Vectors (biases,
 /// norms), which sessions keep in f16 under every grid code, come back as they are.
-pub fn on_grid(delta: &Tensor, levels: i32) -> Result<Tensor> {
+pub(crate) fn on_grid(delta: &Tensor, levels: i32) -> Result<Tensor> {
     if delta.rank() < 2 {
         return Ok(delta.clone());
     }

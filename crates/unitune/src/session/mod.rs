@@ -23,8 +23,6 @@
 
 pub(crate) mod codec;
 
-pub use codec::on_grid;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -65,7 +63,7 @@ pub enum DeltaEncoding {
     /// ±7 grid, deflated: about 3.6 bits a weight.
     Q4,
     /// int8 with a per-row scale: a quarter of f32, half of f16. The default: the coarser
-    /// codes, even trained through, cost edit quality (BENCHMARKS.md, "Session size").
+    /// codes, even distilled into, cost edit quality (BENCHMARKS.md, "Session size").
     #[default]
     Q8,
     F16,
@@ -121,8 +119,8 @@ impl DeltaEncoding {
         }
     }
 
-    /// The coarse grids' steps each side of zero: the codes a tune trains through (see
-    /// [`crate::train::tune`]) because rounding to them afterwards would lose too much.
+    /// The coarse grids' steps each side of zero: the codes a tune is distilled into (see
+    /// [`crate::train::distill`]) because rounding to them afterwards would lose too much.
     pub(crate) fn coarse_levels(self) -> Option<i32> {
         self.levels().filter(|&l| l < 127)
     }
@@ -147,7 +145,7 @@ pub struct Session {
     pub image: RgbImage,
     /// Everything that decided the tune (metadata `settings`, JSON).
     pub settings: TuneSettings,
-    /// Loss of every tune step.
+    /// Loss of every tune step, then of every distillation step (against the tuned model).
     pub losses: Vec<f32>,
     /// Tuned minus base, f32, by UNet tensor name.
     pub deltas: BTreeMap<String, Tensor>,

@@ -4,6 +4,7 @@
 //! `Sized` and has an associated `Config` type and constructors).
 
 pub mod adafactor;
+pub mod distill;
 pub mod lora;
 pub mod master;
 pub mod tune;

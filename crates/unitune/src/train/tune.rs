@@ -7,11 +7,9 @@
 //! schedule, the target chosen by `prediction_type`, an MSE loss, backward, optimizer step
 //! (tests/tune.rs checks it against diffusers and transformers' Adafactor).
 //!
-//! The last quarter of the steps trains through the grid the session will be stored in, when
-//! that is a coarse one (`q2`-`q4`, [`DeltaEncoding`]): the forward pass sees the base weights
-//! plus the delta rounded to the grid, and the gradient updates the unrounded delta (the
-//! straight-through estimator), so the tune ends on weights that the small file holds exactly
-//! instead of losing a third of the delta's norm to rounding after the fact.
+//! When the session is stored in a coarse grid (`q2`-`q4`, [`DeltaEncoding`]), the tune is
+//! followed by its distillation into that grid ([`super::distill`]): the file then holds the
+//! distilled weights exactly, instead of the tuned ones rounded after the fact.
 //!
 //! A `lora` tune ([`TrainableLayers::Lora`]) trains the two factors of each weight's change
 //! instead of the weight ([`super::lora`]); the session then holds deltas of that rank.
@@ -29,6 +27,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 
+use super::distill::{Distillation, Teacher};
 use super::lora::LoraFactors;
 use super::master::MasterWeights;
 use super::{OptimizerKind, TrainOptimizer};
@@ -110,10 +109,13 @@ pub struct TuneSettings {
     pub optimizer: OptimizerKind,
     pub layers: TrainableLayers,
     pub seed: u64,
-    /// How the session will be stored; a coarse grid is trained through in the last quarter.
-    /// Sessions written before this setting had none: the default, q8, not trained through.
+    /// How the session will be stored; a coarse grid is distilled into after the tune.
+    /// Sessions written before this setting had none: the default then, q8.
     #[serde(default)]
     pub delta_encoding: DeltaEncoding,
+    /// The distillation into a coarse `delta_encoding`; `None` for the other codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<Distillation>,
     /// The rank of a `lora` tune; `None` for the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<usize>,
@@ -131,6 +133,7 @@ impl TuneSettings {
             layers: TrainableLayers::Most,
             seed,
             delta_encoding: DeltaEncoding::default(),
+            distillation: None,
             lora_rank: None,
         }
     }
@@ -157,10 +160,29 @@ impl TuneSettings {
             return Err(Error::argument(
                 "delta-encoding",
                 format!(
-                    "{} trains full deltas through a grid; a lora tune stores its factors (lora)",
+                    "{} holds whole-weight deltas distilled into a grid; a lora tune stores its factors (lora)",
                     self.delta_encoding
                 ),
             ));
+        }
+        let coarse = self.delta_encoding.coarse_levels().is_some();
+        match (coarse, &self.distillation) {
+            (true, None) => {
+                return Err(Error::argument(
+                    "delta-encoding",
+                    format!("{} needs a distillation into its grid", self.delta_encoding),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::argument(
+                    "distill-steps",
+                    format!(
+                        "only a coarse code (q2-q4) is distilled into, not {}",
+                        self.delta_encoding
+                    ),
+                ))
+            }
+            _ => {}
         }
         if !lora && self.delta_encoding == DeltaEncoding::Lora {
             return Err(Error::argument(
@@ -220,8 +242,10 @@ pub struct Tuner<'a> {
     /// The trained factors of a LoRA tune.
     lora: Option<LoraFactors>,
     timestep_rng: rand_chacha::ChaCha8Rng,
-    /// Steps taken so far.
+    /// Steps taken so far, the distillation's included.
     taken: usize,
+    /// The tuned model, once the distillation has begun.
+    teacher: Option<Teacher>,
 }
 
 impl<'a> Tuner<'a> {
@@ -295,6 +319,7 @@ impl<'a> Tuner<'a> {
             timestep_rng: rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ 0x5eed_7153),
             settings,
             taken: 0,
+            teacher: None,
         })
     }
 
@@ -314,41 +339,77 @@ impl<'a> Tuner<'a> {
 
     /// The training loss for given inputs (no update).
     pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
-        Ok(self.forward_loss(inputs)?.0)
+        let target = self.target(inputs)?;
+        Ok(self.forward_loss(inputs, &self.text, &target)?.0)
     }
 
-    /// The loss and what back-propagates it (through checkpointed UNet units too, when the UNet
-    /// has gradient checkpointing on).
-    fn forward_loss(&self, inputs: &StepInputs) -> Result<(Tensor, CheckpointGrads)> {
-        let noisy = self
-            .schedule
-            .add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
-        let target = match self.sd.scheduler_config.prediction_type {
+    /// The tune's target: what the model is trained to predict, by `prediction_type`.
+    fn target(&self, inputs: &StepInputs) -> Result<Tensor> {
+        Ok(match self.sd.scheduler_config.prediction_type {
             PredictionType::Epsilon => inputs.noise.clone(),
             PredictionType::VPrediction => {
                 self.schedule
                     .get_velocity(&self.latents, &inputs.noise, &inputs.timesteps)?
             }
             PredictionType::Sample => self.latents.clone(),
-        };
+        })
+    }
+
+    /// The loss against `target` with `text`, and what back-propagates it (through
+    /// checkpointed UNet units too, when the UNet has gradient checkpointing on).
+    fn forward_loss(
+        &self,
+        inputs: &StepInputs,
+        text: &Tensor,
+        target: &Tensor,
+    ) -> Result<(Tensor, CheckpointGrads)> {
+        let noisy = self.noisy(inputs)?;
         let t = inputs.timesteps.to_dtype(DType::F32)?;
-        let (pred, grads) = self.sd.unet.forward_train(&noisy, &t, &self.text)?;
+        let (pred, grads) = self.sd.unet.forward_train(&noisy, &t, text)?;
         let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
             .sqr()?
             .mean_all()?;
         Ok((loss, grads))
     }
 
-    /// One optimisation step; returns the loss before the update. With f16 weights a step whose
-    /// gradients overflow is skipped ([`MasterWeights::take_grads`]).
+    fn noisy(&self, inputs: &StepInputs) -> Result<Tensor> {
+        self.schedule
+            .add_noise(&self.latents, &inputs.noise, &inputs.timesteps)
+    }
+
+    /// One optimisation step, of the tune or, after its `steps`, of the distillation; returns
+    /// the loss before the update. With f16 weights a step whose gradients overflow is skipped
+    /// ([`MasterWeights::take_grads`]).
     pub fn step(&mut self, inputs: &StepInputs) -> Result<f32> {
-        let on_grid = self.taken >= self.settings.steps - self.settings.steps / 4;
-        let unrounded = match self.settings.delta_encoding.coarse_levels() {
-            Some(levels) if on_grid => self.round_to_grid(levels)?,
-            _ => vec![],
-        };
+        if self.taken == self.settings.steps {
+            self.start_distillation()?;
+        }
         self.taken += 1;
-        let (loss, backward) = self.forward_loss(inputs)?;
+        let (loss, backward, unrounded) = match &self.teacher {
+            None => {
+                let target = self.target(inputs)?;
+                let (loss, backward) = self.forward_loss(inputs, &self.text, &target)?;
+                (loss, backward, vec![])
+            }
+            Some(teacher) => {
+                let student = self.unrounded_weights()?;
+                let text = teacher.text(
+                    self.taken - 1 - self.settings.steps,
+                    self.settings.batch_size,
+                )?;
+                let t = inputs.timesteps.to_dtype(DType::F32)?;
+                let target = teacher.predict(self.sd, &self.noisy(inputs)?, &t, &text)?;
+                // The forward pass sees the delta on the grid; the gradient updates the
+                // unrounded one (the straight-through estimator).
+                set_on_grid(self.sd, &student, teacher.levels)?;
+                let (loss, backward) = self.forward_loss(inputs, &text, &target)?;
+                let unrounded = match self.master {
+                    None => student.into_iter().map(|(_, var, w)| (var, w)).collect(),
+                    Some(_) => vec![],
+                };
+                (loss, backward, unrounded)
+            }
+        };
         let grads = match self.master.as_mut() {
             None => {
                 let grads = backward.backward(&loss)?;
@@ -385,29 +446,52 @@ impl<'a> Tuner<'a> {
         Ok(loss.to_scalar::<f32>()?)
     }
 
-    /// Sets every trainable weight to the base plus its delta on the `levels` grid; returns the
-    /// unrounded weights of the vars the optimizer updates directly (none with master weights,
-    /// which keep them).
-    fn round_to_grid(&self, levels: i32) -> Result<Vec<(candle_core::Var, Tensor)>> {
-        let base = self.sd.unet_store.tensors();
-        let mut unrounded = vec![];
-        for (name, var) in self.sd.unet_store.trainable_vars() {
-            let base = base[&name].to_dtype(DType::F32)?;
-            let weight = self.unrounded(&var)?;
-            let rounded = (&base + rounded_delta(&weight, &base, levels)?)?;
-            var.set(&rounded.to_dtype(var.dtype())?)?;
-            if self.master.is_none() {
-                unrounded.push((var, weight));
-            }
-        }
-        Ok(unrounded)
+    /// After the tune's last step: the tuned weights become the teacher, and a fresh optimizer
+    /// at the distillation's learning rate takes over the same weights.
+    fn start_distillation(&mut self) -> Result<()> {
+        let Some(distillation) = &self.settings.distillation else {
+            return Ok(());
+        };
+        let Some(levels) = self.settings.delta_encoding.coarse_levels() else {
+            return Ok(());
+        };
+        let weights = self.unrounded_weights()?;
+        self.teacher = Some(Teacher::new(
+            self.sd,
+            weights,
+            levels,
+            &self.settings.token,
+            &distillation.prompts,
+        )?);
+        let vars = match &self.master {
+            Some(master) => master.masters(),
+            None => trainable_vars(self.sd)?,
+        };
+        self.optimizer = self
+            .settings
+            .optimizer
+            .build(vars, distillation.learning_rate)?;
+        Ok(())
+    }
+
+    /// Every trainable var with its name and its weight as the optimizer holds it, in f32.
+    fn unrounded_weights(&self) -> Result<Vec<Weight>> {
+        self.sd
+            .unet_store
+            .trainable_vars()
+            .into_iter()
+            .map(|(name, var)| {
+                let weight = self.unrounded(&var)?;
+                Ok((name, var, weight))
+            })
+            .collect()
     }
 
     /// A trainable weight as the optimizer holds it, in f32: its master copy, which keeps the
     /// updates that half precision would round away, or a copy of the var itself.
     fn unrounded(&self, var: &candle_core::Var) -> Result<Tensor> {
         Ok(match self.master.as_ref().and_then(|m| m.master_of(var)) {
-            Some(master) => master.as_tensor().clone(),
+            Some(master) => master.as_tensor().copy()?,
             None => var.as_tensor().to_dtype(DType::F32)?.copy()?,
         })
     }
@@ -455,6 +539,20 @@ impl<'a> Tuner<'a> {
     }
 }
 
+/// A trainable var with its name and a weight for it in f32.
+pub(super) type Weight = (String, candle_core::Var, Tensor);
+
+/// Sets each var to its base weight plus the delta of `weight` on the `levels` grid.
+fn set_on_grid(sd: &StableDiffusion, weights: &[Weight], levels: i32) -> Result<()> {
+    let base = sd.unet_store.tensors();
+    for (name, var, weight) in weights {
+        let base = base[name].to_dtype(DType::F32)?;
+        let rounded = (&base + rounded_delta(weight, &base, levels)?)?;
+        var.set(&rounded.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// `weight - base` on the `levels` grid (vectors as they are: [`codec::on_grid`]).
 fn rounded_delta(weight: &Tensor, base: &Tensor, levels: i32) -> Result<Tensor> {
     codec::on_grid(&(weight - base)?, levels)
@@ -475,8 +573,9 @@ fn trainable_vars(sd: &StableDiffusion) -> Result<Vec<candle_core::Var>> {
     Ok(vars)
 }
 
-/// Runs a whole tune on `image` (already at the size to train at) and returns the session.
-/// `on_step(step, loss)` is called after every step (e.g. for a JSON log).
+/// Runs a whole tune on `image` (already at the size to train at), and its distillation when
+/// it has one, and returns the session. `on_step(step, loss)` is called after every step (e.g.
+/// for a JSON log), the distillation's numbered on from the tune's.
 pub fn tune(
     sd: &StableDiffusion,
     image: &RgbImage,
@@ -489,21 +588,30 @@ pub fn tune(
         progress.warn(&warning);
     }
     let pixels = crate::image_io::image_to_tensor(image, &sd.device)?;
-    let steps = settings.steps;
+    let phases = [
+        ("tuning", settings.steps),
+        (
+            "distilling",
+            settings.distillation.as_ref().map_or(0, |d| d.steps),
+        ),
+    ];
+    let steps = phases[0].1 + phases[1].1;
     let mut tuner = Tuner::new(sd, &pixels, settings)?;
     let mut losses = Vec::with_capacity(steps);
-    progress.start("tuning", steps);
-    for step in 0..steps {
-        if progress.cancelled() {
-            return Err(Error::Interrupted);
+    for (phase, phase_steps) in phases.into_iter().filter(|(_, n)| *n > 0) {
+        progress.start(phase, phase_steps);
+        for _ in 0..phase_steps {
+            if progress.cancelled() {
+                return Err(Error::Interrupted);
+            }
+            let inputs = tuner.draw_inputs(noise)?;
+            let loss = tuner.step(&inputs)?;
+            on_step(losses.len(), loss)?;
+            losses.push(loss);
+            progress.step(Some(&format!("loss {loss:.4}")));
         }
-        let inputs = tuner.draw_inputs(noise)?;
-        let loss = tuner.step(&inputs)?;
-        losses.push(loss);
-        on_step(step, loss)?;
-        progress.step(Some(&format!("loss {loss:.4}")));
+        progress.finish();
     }
-    progress.finish();
     if tuner.skipped_steps() > 0 {
         progress.warn(&format!(
             "{} of {steps} steps were skipped: their f16 gradients overflowed (the loss scale backs off)",
