@@ -1,6 +1,6 @@
 //! What each delta encoding makes of tuned sessions: the file's size against the UNet's weights in
 //! f32, the bits a matrix weight takes, and how far the stored deltas are from the session's.
-//! Sessions that were trained through a grid (`unitune tune --delta-encoding q2`) are exact in
+//! Sessions that were distilled into a grid (`unitune tune --delta-encoding q2`) are exact in
 //! it; the others show what rounding after the tune loses.
 //!
 //!     cargo run --release -p unitune-lab --example session_codes -- MODEL_DIR SESSION...

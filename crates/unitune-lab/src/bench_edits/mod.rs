@@ -461,10 +461,12 @@ fn plans(
     // model's recommendation: at 64 px the library's 16 px feather and dilation would be a
     // quarter of the picture.
     let auto_mask = defaults.auto_mask();
+    // The model's recipe, with the distillation the flags ask for (the sweep's tunes take it too).
+    let base = defaults.tune_job();
     let model_job = TuneJob {
-        distill_steps: args.distill_steps.or(defaults.tune.distill_steps),
-        distill_learning_rate: args.distill_lr.or(defaults.tune.distill_learning_rate),
-        ..defaults.tune_job()
+        distill_steps: args.distill_steps.or(base.distill_steps),
+        distill_learning_rate: args.distill_lr.or(base.distill_learning_rate),
+        ..base
     };
     for &lr in &args.tune_lr {
         let job = TuneJob {

@@ -8,8 +8,8 @@
 //! zero (68% of a Gaussian row) and gives the rest the magnitude of least squared error: about
 //! 1.3 bits a weight, against 8 for int8, for 26% of a Gaussian row's energy lost (the
 //! least-error ±1 grid loses 19% but takes 1.55 bits, as it zeroes only 46%). Rounding a tune's
-//! delta so coarsely afterwards loses much of what the tune learnt; tunes train through it
-//! instead (`train::tune`).
+//! delta so coarsely afterwards loses much of what the tune learnt; tunes are distilled into
+//! it instead (`train::distill`).
 
 use std::io::{Read, Write};
 
@@ -26,7 +26,7 @@ const TERNARY_ZERO_BAND: f64 = 1.0;
 /// of least squared error (Lloyd's alternation between the steps and the scale, from the best
 /// step for a Gaussian row); ±1 zeroes the band [`TERNARY_ZERO_BAND`] (for fewer bits: see the
 /// module doc) and fits the scale to the rest. Each rule gives a row that is already on its grid
-/// back unchanged, so a session trained through a grid is stored exactly.
+/// back unchanged, so a session distilled into a grid is stored exactly.
 pub(crate) fn grid(delta: &Tensor, levels: i32) -> Result<(Tensor, Tensor)> {
     let d = delta.to_dtype(DType::F32)?.flatten_from(1)?;
     let rms = d.sqr()?.mean_keepdim(1)?.sqrt()?;
