@@ -167,13 +167,25 @@ pub fn tune_and_save(
     };
     let session = prepared.run(sd, &mut BarProgress::new(), &mut on_step)?;
     session.save(output, session.settings.delta_encoding)?;
-    let n = session.losses.len().clamp(1, 8) as f32;
-    let first = session.losses.iter().take(8).sum::<f32>() / n;
-    let last = session.losses.iter().rev().take(8).sum::<f32>() / n;
+    // The tune's losses, then the distillation's (against the tuned model), each summed up.
+    let (tune, distill) = session
+        .losses
+        .split_at(session.settings.steps.min(session.losses.len()));
+    let trend = |losses: &[f32]| {
+        let n = losses.len().clamp(1, 8) as f32;
+        let first = losses.iter().take(8).sum::<f32>() / n;
+        let last = losses.iter().rev().take(8).sum::<f32>() / n;
+        format!("{first:.4} -> {last:.4}")
+    };
+    let distilled = match distill {
+        [] => String::new(),
+        d => format!(", distillation loss {}", trend(d)),
+    };
     eprintln!(
-        "wrote {} ({} tensors changed; loss {first:.4} -> {last:.4}, means of first/last 8 steps)",
+        "wrote {} ({} tensors changed; loss {}{distilled}, means of first/last 8 steps)",
         output.display(),
-        session.deltas.len()
+        session.deltas.len(),
+        trend(tune)
     );
     Ok(session)
 }
