@@ -340,7 +340,9 @@ impl<'a> Tuner<'a> {
     /// The training loss for given inputs (no update).
     pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
         let target = self.target(inputs)?;
-        Ok(self.forward_loss(inputs, &self.text, &target)?.0)
+        Ok(self
+            .forward_loss(&self.noised(inputs)?, &self.text, &target)?
+            .0)
     }
 
     /// The tune's target: what the model is trained to predict, by `prediction_type`.
@@ -355,26 +357,27 @@ impl<'a> Tuner<'a> {
         })
     }
 
-    /// The loss against `target` with `text`, and what back-propagates it (through
-    /// checkpointed UNet units too, when the UNet has gradient checkpointing on).
+    /// The loss against `target` on the noised latents with `text`, and what back-propagates
+    /// it (through checkpointed UNet units too, when the UNet has gradient checkpointing on).
     fn forward_loss(
         &self,
-        inputs: &StepInputs,
+        (noisy, t): &(Tensor, Tensor),
         text: &Tensor,
         target: &Tensor,
     ) -> Result<(Tensor, CheckpointGrads)> {
-        let noisy = self.noisy(inputs)?;
-        let t = inputs.timesteps.to_dtype(DType::F32)?;
-        let (pred, grads) = self.sd.unet.forward_train(&noisy, &t, text)?;
+        let (pred, grads) = self.sd.unet.forward_train(noisy, t, text)?;
         let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
             .sqr()?
             .mean_all()?;
         Ok((loss, grads))
     }
 
-    fn noisy(&self, inputs: &StepInputs) -> Result<Tensor> {
-        self.schedule
-            .add_noise(&self.latents, &inputs.noise, &inputs.timesteps)
+    /// The step's noised latents, and its timesteps as the UNet takes them.
+    fn noised(&self, inputs: &StepInputs) -> Result<(Tensor, Tensor)> {
+        let noisy = self
+            .schedule
+            .add_noise(&self.latents, &inputs.noise, &inputs.timesteps)?;
+        Ok((noisy, inputs.timesteps.to_dtype(DType::F32)?))
     }
 
     /// One optimisation step, of the tune or, after its `steps`, of the distillation; returns
@@ -388,7 +391,8 @@ impl<'a> Tuner<'a> {
         let (loss, backward, unrounded) = match &self.teacher {
             None => {
                 let target = self.target(inputs)?;
-                let (loss, backward) = self.forward_loss(inputs, &self.text, &target)?;
+                let (loss, backward) =
+                    self.forward_loss(&self.noised(inputs)?, &self.text, &target)?;
                 (loss, backward, vec![])
             }
             Some(teacher) => {
@@ -397,12 +401,12 @@ impl<'a> Tuner<'a> {
                     self.taken - 1 - self.settings.steps,
                     self.settings.batch_size,
                 )?;
-                let t = inputs.timesteps.to_dtype(DType::F32)?;
-                let target = teacher.predict(self.sd, &self.noisy(inputs)?, &t, &text)?;
+                let noised = self.noised(inputs)?;
+                let target = teacher.predict(self.sd, &noised.0, &noised.1, &text)?;
                 // The forward pass sees the delta on the grid; the gradient updates the
                 // unrounded one (the straight-through estimator).
                 set_on_grid(self.sd, &student, teacher.levels)?;
-                let (loss, backward) = self.forward_loss(inputs, &text, &target)?;
+                let (loss, backward) = self.forward_loss(&noised, &text, &target)?;
                 let unrounded = match self.master {
                     None => student.into_iter().map(|(_, var, w)| (var, w)).collect(),
                     Some(_) => vec![],
@@ -449,28 +453,29 @@ impl<'a> Tuner<'a> {
     /// After the tune's last step: the tuned weights become the teacher, and a fresh optimizer
     /// at the distillation's learning rate takes over the same weights.
     fn start_distillation(&mut self) -> Result<()> {
-        let Some(distillation) = &self.settings.distillation else {
+        let settings = &self.settings;
+        let (Some(distillation), Some(levels)) = (
+            &settings.distillation,
+            settings.delta_encoding.coarse_levels(),
+        ) else {
             return Ok(());
         };
-        let Some(levels) = self.settings.delta_encoding.coarse_levels() else {
-            return Ok(());
-        };
-        let weights = self.unrounded_weights()?;
+        // Master weights change in place as the student trains: the teacher keeps a copy.
+        let weights = (self.unrounded_weights()?.into_iter())
+            .map(|(name, var, weight)| Ok((name, var, weight.copy()?)))
+            .collect::<Result<_>>()?;
         self.teacher = Some(Teacher::new(
             self.sd,
             weights,
             levels,
-            &self.settings.token,
+            &settings.token,
             &distillation.prompts,
         )?);
         let vars = match &self.master {
             Some(master) => master.masters(),
             None => trainable_vars(self.sd)?,
         };
-        self.optimizer = self
-            .settings
-            .optimizer
-            .build(vars, distillation.learning_rate)?;
+        self.optimizer = settings.optimizer.build(vars, distillation.learning_rate)?;
         Ok(())
     }
 
@@ -487,11 +492,12 @@ impl<'a> Tuner<'a> {
             .collect()
     }
 
-    /// A trainable weight as the optimizer holds it, in f32: its master copy, which keeps the
-    /// updates that half precision would round away, or a copy of the var itself.
+    /// A trainable weight as the optimizer holds it, in f32: its master copy (the tensor
+    /// itself, which the optimizer updates in place), which keeps the updates that half
+    /// precision would round away, or a copy of the var itself.
     fn unrounded(&self, var: &candle_core::Var) -> Result<Tensor> {
         Ok(match self.master.as_ref().and_then(|m| m.master_of(var)) {
-            Some(master) => master.as_tensor().copy()?,
+            Some(master) => master.as_tensor().clone(),
             None => var.as_tensor().to_dtype(DType::F32)?.copy()?,
         })
     }
