@@ -81,6 +81,10 @@ pub struct BenchEditsArgs {
     /// the tune's].
     #[arg(long)]
     distill_lr: Option<f64>,
+    /// The distillation's weight on the differences between prompts (see `tune
+    /// --distill-difference-weight`) [default: the model's unitune.json, else 31].
+    #[arg(long)]
+    distill_difference_weight: Option<f64>,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -118,6 +122,7 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         tune_delta_encoding: args.tune_delta_encoding,
         distill_steps: args.distill_steps,
         distill_lr: args.distill_lr,
+        distill_difference_weight: args.distill_difference_weight,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

@@ -75,6 +75,11 @@ pub struct TuneArgs {
     /// --lr].
     #[arg(long)]
     distill_lr: Option<f64>,
+    /// How many times more the distillation weighs its error in the differences between its
+    /// predictions under the prompts (which guidance multiplies) than the error they share, 0
+    /// for plain matching [default: the model's unitune.json, else 31].
+    #[arg(long)]
+    distill_difference_weight: Option<f64>,
     /// The session file to write (safetensors).
     #[arg(long, short)]
     output: PathBuf,
@@ -111,11 +116,17 @@ pub fn run(args: TuneArgs) -> Result<()> {
         distill_steps: args.distill_steps.or(base.distill_steps),
         distill_learning_rate: args.distill_lr.or(base.distill_learning_rate),
         distill_prompts: base.distill_prompts,
+        distill_difference_weight: args
+            .distill_difference_weight
+            .or(base.distill_difference_weight),
     };
-    if (args.distill_steps.is_some() || args.distill_lr.is_some())
-        && job.settings(String::new(), 0).distillation.is_none()
-    {
-        bail!("--distill-steps, --distill-lr: only a tune stored in q2, q3 or q4 is distilled");
+    let distill_flags = [
+        args.distill_steps.is_some(),
+        args.distill_lr.is_some(),
+        args.distill_difference_weight.is_some(),
+    ];
+    if distill_flags.contains(&true) && job.settings(String::new(), 0).distillation.is_none() {
+        bail!("--distill-steps, --distill-lr, --distill-difference-weight: only a tune stored in q2, q3 or q4 is distilled");
     }
     let image = image_io::load_image(&args.image)?;
     let mut sd = args.model.load(Some(job.trainable()))?;

@@ -33,6 +33,9 @@ pub struct TuneParams {
     pub distill_steps: Option<usize>,
     pub distill_lr: Option<f64>,
     pub distill_prompts: Option<Vec<String>>,
+    /// How much more the distillation weighs its error in the differences between prompts
+    /// (`null`: the model's, else the library's).
+    pub distill_difference_weight: Option<f64>,
     /// A seed, or `null` / -1 for a random one.
     pub seed: Option<i64>,
 }
@@ -60,6 +63,7 @@ impl TuneParams {
             distill_steps: job.distill_steps,
             distill_lr: job.distill_learning_rate,
             distill_prompts: job.distill_prompts,
+            distill_difference_weight: job.distill_difference_weight,
             seed: None,
         }
     }
@@ -106,6 +110,7 @@ impl TuneParams {
             distill_steps: self.distill_steps,
             distill_learning_rate: self.distill_lr,
             distill_prompts: self.distill_prompts.clone(),
+            distill_difference_weight: self.distill_difference_weight,
             seed: Some(seed),
             ..TuneJob::default()
         };

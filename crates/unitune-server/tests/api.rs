@@ -245,6 +245,14 @@ async fn bad_requests_get_the_right_4xx_and_a_clear_json_error() {
         (
             tune_form(
                 scene(),
+                r#"{"delta_encoding": "q2", "distill_difference_weight": -2}"#,
+            ),
+            400,
+            "distill-difference-weight",
+        ),
+        (
+            tune_form(
+                scene(),
                 &format!(r#"{{"distill_prompts": {:?}}}"#, ["a"; 17]),
             ),
             400,

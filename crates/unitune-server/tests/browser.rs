@@ -140,20 +140,20 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
     // The form starts from the model's tune (whole-weight `most` here, so no rank to give);
     // this tune is a rank-4 LoRA.
     let layers = client
-        .execute("return [document.getElementById('tune-layers').value, document.getElementById('tune-lora-rank').disabled];", vec![])
+        .execute("return [document.getElementById('tune-layers').value, document.getElementById('tune-lora-rank').disabled, document.getElementById('tune-encoding').value, document.getElementById('tune-encoding').disabled];", vec![])
         .await
         .unwrap();
-    assert_eq!(layers, json!(["most", true]));
+    assert_eq!(layers, json!(["most", true, "q8", false]));
     client.execute("document.getElementById('tune-steps').value = 8; document.getElementById('tune-batch').value = 1; const layers = document.getElementById('tune-layers'); layers.value = 'lora'; layers.dispatchEvent(new Event('change')); document.getElementById('tune-lora-rank').value = 4;", vec![]).await.unwrap();
     assert_eq!(
         client
             .execute(
-                "return document.getElementById('tune-lora-rank').disabled;",
+                "return [document.getElementById('tune-lora-rank').disabled, document.getElementById('tune-encoding').disabled];",
                 vec![]
             )
             .await
             .unwrap(),
-        json!(false)
+        json!([false, true])
     );
     client
         .find(Locator::Id("tune-button"))
@@ -262,5 +262,32 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
         "document.querySelectorAll('#gallery .card').length === 1",
     )
     .await;
+
+    // A whole-weight tune stored in q2: the page shows its distillation, then lists its code.
+    let input = client.find(Locator::Id("file-input")).await.unwrap();
+    input.send_keys(scene.to_str().unwrap()).await.unwrap();
+    until(
+        &client,
+        "the tune button",
+        "!document.getElementById('tune-button').disabled",
+    )
+    .await;
+    client.execute("window.statuses = []; const status = document.getElementById('tune-status'); new MutationObserver(() => window.statuses.push(status.textContent)).observe(status, {childList: true, characterData: true, subtree: true}); document.getElementById('tune-steps').value = 4; document.getElementById('tune-batch').value = 1; const layers = document.getElementById('tune-layers'); layers.value = 'most'; layers.dispatchEvent(new Event('change')); document.getElementById('tune-encoding').value = 'q2'; document.getElementById('tune-button').click();", vec![]).await.unwrap();
+    until(
+        &client,
+        "the q2 session",
+        "document.querySelectorAll('#session-list li.session').length === 2",
+    )
+    .await;
+    let listed = client
+        .execute("return [...document.querySelectorAll('#session-list li.session')].map((li) => li.textContent);", vec![])
+        .await
+        .unwrap();
+    assert!(listed.to_string().contains("most layers, q2"), "{listed}");
+    let statuses = client
+        .execute("return window.statuses;", vec![])
+        .await
+        .unwrap();
+    assert!(statuses.to_string().contains("distilling"), "{statuses}");
     client.close().await.unwrap();
 }

@@ -709,9 +709,15 @@ fn fit(session: &Session) -> f64 {
     losses.iter().sum::<f64>() / losses.len() as f64
 }
 
-/// The mean squared gap between the predictions of `teacher` and `student` (sessions of
-/// tiny-sd1 in `dtype`) on the teacher's picture, noised at four timesteps, under each prompt.
-fn gap(teacher: &Session, student: &Session, prompts: &[&str], dtype: DType) -> f64 {
+/// The predictions of `teacher` and `student` (sessions of tiny-sd1 in `dtype`) on the
+/// teacher's picture, noised at four timesteps (the same noise for every prompt), under each
+/// prompt: `[timestep][prompt] = [teacher's, student's]`, in f32.
+fn predictions(
+    teacher: &Session,
+    student: &Session,
+    prompts: &[&str],
+    dtype: DType,
+) -> Vec<Vec<[Tensor; 2]>> {
     let sessions = [teacher, student].map(|session| {
         let mut sd = load_in("tiny-sd1", None, dtype);
         sd.apply_session(session).unwrap();
@@ -729,10 +735,12 @@ fn gap(teacher: &Session, student: &Session, prompts: &[&str], dtype: DType) -> 
         .unwrap();
     let schedule = NoiseSchedule::new(&sd.scheduler_config).unwrap();
     let mut noise = Noise::seeded(99);
-    let mut gaps = vec![];
-    for prompt in prompts {
-        let text = sd.encode_prompt(prompt).unwrap().0;
-        for t in [100u32, 350, 600, 850] {
+    let texts: Vec<Tensor> = (prompts.iter())
+        .map(|p| sd.encode_prompt(p).unwrap().0)
+        .collect();
+    [100u32, 350, 600, 850]
+        .into_iter()
+        .map(|t| {
             let eps = noise
                 .randn(latents.shape(), &Device::Cpu)
                 .unwrap()
@@ -742,15 +750,77 @@ fn gap(teacher: &Session, student: &Session, prompts: &[&str], dtype: DType) -> 
                 .add_noise(&latents, &eps, &Tensor::new(&[t], &Device::Cpu).unwrap())
                 .unwrap();
             let t = Tensor::new(&[t as f32], &Device::Cpu).unwrap();
-            let [a, b] = sessions.each_ref().map(|sd| {
-                let pred = sd.unet.forward(&noisy, &t, &text).unwrap();
-                pred.to_dtype(DType::F32).unwrap()
-            });
-            let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap();
-            gaps.push(mse.to_scalar::<f32>().unwrap() as f64);
-        }
-    }
+            (texts.iter())
+                .map(|text| {
+                    sessions.each_ref().map(|sd| {
+                        let pred = sd.unet.forward(&noisy, &t, text).unwrap();
+                        pred.to_dtype(DType::F32).unwrap()
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> f64 {
+    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap();
+    mse.to_scalar::<f32>().unwrap() as f64
+}
+
+/// The mean squared gap between the predictions of `teacher` and `student` under each prompt.
+fn gap(teacher: &Session, student: &Session, prompts: &[&str], dtype: DType) -> f64 {
+    let preds = predictions(teacher, student, prompts, dtype);
+    let gaps: Vec<f64> = preds.iter().flatten().map(|[a, b]| mse(a, b)).collect();
     gaps.iter().sum::<f64>() / gaps.len() as f64
+}
+
+/// The mean squared gap between what `teacher` and `student` predict for the difference
+/// between each prompt after the first and the first: what guidance multiplies.
+fn difference_gap(teacher: &Session, student: &Session, prompts: &[&str]) -> f64 {
+    let preds = predictions(teacher, student, prompts, DType::F32);
+    let gaps: Vec<f64> = (preds.iter())
+        .flat_map(|at_t| {
+            let [base_a, base_b] = &at_t[0];
+            at_t[1..]
+                .iter()
+                .map(|[a, b]| mse(&(a - base_a).unwrap(), &(b - base_b).unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    gaps.iter().sum::<f64>() / gaps.len() as f64
+}
+
+/// A tune of tiny-sd1 (32 steps at lr 1e-3, seed 5), distilled when `distill_steps` is given
+/// (lr 1e-4, one prompt besides the token and the empty one).
+fn distilled_tune(
+    dtype: DType,
+    delta_encoding: DeltaEncoding,
+    distill_steps: Option<usize>,
+    difference_weight: f64,
+) -> Session {
+    let sd = load_in("tiny-sd1", Some(TrainableLayers::Most), dtype);
+    let settings = TuneSettings {
+        steps: 32,
+        learning_rate: 1e-3,
+        delta_encoding,
+        distillation: distill_steps.map(|steps| Distillation {
+            steps,
+            learning_rate: 1e-4,
+            prompts: vec!["a red circle".into()],
+            difference_weight,
+        }),
+        ..TuneSettings::new("beikkpic", 5)
+    };
+    let image = image("tune-input.png");
+    tune(
+        &sd,
+        &image,
+        settings,
+        &mut Noise::seeded(5),
+        &mut NoProgress,
+        &mut |_, _| Ok(()),
+    )
+    .unwrap()
 }
 
 /// With a coarse grid (q2 here) the tune is followed by its distillation into the grid: the
@@ -761,28 +831,7 @@ fn gap(teacher: &Session, student: &Session, prompts: &[&str], dtype: DType) -> 
 #[test]
 fn a_coarse_grid_is_distilled_into() {
     let run = |dtype, delta_encoding, distill_steps: Option<usize>| {
-        let sd = load_in("tiny-sd1", Some(TrainableLayers::Most), dtype);
-        let settings = TuneSettings {
-            steps: 32,
-            learning_rate: 1e-3,
-            delta_encoding,
-            distillation: distill_steps.map(|steps| Distillation {
-                steps,
-                learning_rate: 1e-4,
-                prompts: vec!["a red circle".into()],
-            }),
-            ..TuneSettings::new("beikkpic", 5)
-        };
-        let image = image("tune-input.png");
-        tune(
-            &sd,
-            &image,
-            settings,
-            &mut Noise::seeded(5),
-            &mut NoProgress,
-            &mut |_, _| Ok(()),
-        )
-        .unwrap()
+        distilled_tune(dtype, delta_encoding, distill_steps, 0.0)
     };
     let exact = run(DType::F32, DeltaEncoding::F32, None);
     let distilled = run(DType::F32, DeltaEncoding::Q2, Some(32));
@@ -832,6 +881,36 @@ fn a_coarse_grid_is_distilled_into() {
             "{dtype:?}: {g_distilled} vs {g_rounded}"
         );
     }
+}
+
+/// A distillation that weighs its error in the differences between prompts' predictions
+/// (what guidance multiplies) fits those differences better than one that does not, under
+/// prompts it did not see, and still fits the tuned model better than rounding does.
+#[test]
+fn the_difference_weight_fits_what_guidance_multiplies() {
+    let exact = distilled_tune(DType::F32, DeltaEncoding::F32, None, 0.0);
+    let [plain, weighted] =
+        [0.0, 31.0].map(|w| distilled_tune(DType::F32, DeltaEncoding::Q2, Some(32), w));
+    let rounded = distilled_tune(DType::F32, DeltaEncoding::Q2, Some(0), 0.0);
+    let prompts = [
+        "beikkpic",
+        "beikkpic a blue square",
+        "",
+        "beikkpic on a table",
+    ];
+    let (d_plain, d_weighted) = (
+        difference_gap(&exact, &plain, &prompts),
+        difference_gap(&exact, &weighted, &prompts),
+    );
+    println!(
+        "difference gap to the exact tune: weight 0 {d_plain:.3e}, weight 31 {d_weighted:.3e}"
+    );
+    assert!(d_weighted < 0.9 * d_plain, "{d_weighted} vs {d_plain}");
+    let (g_weighted, g_rounded) = (
+        gap(&exact, &weighted, &prompts, DType::F32),
+        gap(&exact, &rounded, &prompts, DType::F32),
+    );
+    assert!(g_weighted < 0.7 * g_rounded, "{g_weighted} vs {g_rounded}");
 }
 
 /// A LoRA tune (`layers` lora, rank 4) on tiny-sd1: it changes only matrix and convolution

@@ -99,10 +99,11 @@ pub struct BenchEditsConfig {
     /// The encoding the tunes train for (a coarse grid is distilled into); `None`: the one
     /// they are stored in. Another one shows what rounding after the tune loses.
     pub tune_delta_encoding: Option<DeltaEncoding>,
-    /// The distillation's steps and learning rate, for a coarse code; `None`: the model's
-    /// (`unitune.json`), else the library's.
+    /// The distillation's steps, learning rate and difference weight, for a coarse code;
+    /// `None`: the model's (`unitune.json`), else the library's.
     pub distill_steps: Option<usize>,
     pub distill_lr: Option<f64>,
+    pub distill_difference_weight: Option<f64>,
 }
 
 impl Default for BenchEditsConfig {
@@ -128,6 +129,7 @@ impl Default for BenchEditsConfig {
             tune_delta_encoding: None,
             distill_steps: None,
             distill_lr: None,
+            distill_difference_weight: None,
         }
     }
 }
@@ -466,6 +468,9 @@ fn plans(
     let model_job = TuneJob {
         distill_steps: args.distill_steps.or(base.distill_steps),
         distill_learning_rate: args.distill_lr.or(base.distill_learning_rate),
+        distill_difference_weight: args
+            .distill_difference_weight
+            .or(base.distill_difference_weight),
         ..base
     };
     for &lr in &args.tune_lr {
@@ -477,6 +482,7 @@ fn plans(
             distill_prompts: model_job.distill_prompts.clone(),
             distill_steps: model_job.distill_steps,
             distill_learning_rate: model_job.distill_learning_rate,
+            distill_difference_weight: model_job.distill_difference_weight,
             ..TuneJob::default()
         };
         let mut edits = vec![];

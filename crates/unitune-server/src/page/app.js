@@ -58,6 +58,7 @@ async function start() {
   const t = state.info.tune;
   $('tune-steps').value = t.steps; $('tune-lr').value = t.lr; $('tune-batch').value = t.batch;
   $('tune-layers').value = t.layers; $('tune-lora-rank').value = t.lora_rank ?? '';
+  if (t.delta_encoding && t.delta_encoding !== 'lora') $('tune-encoding').value = t.delta_encoding;
   showLoraRank();
   fillEditForm(state.info.edit);
   await loadSessions();
@@ -100,8 +101,12 @@ function pickFile(file) {
   image.src = URL.createObjectURL(file);
 }
 
-// The rank means something for a LoRA tune only.
-function showLoraRank() { $('tune-lora-rank').disabled = $('tune-layers').value !== 'lora'; }
+// The rank means something for a LoRA tune only, and a LoRA tune's session holds its factors.
+function showLoraRank() {
+  const lora = $('tune-layers').value === 'lora';
+  $('tune-lora-rank').disabled = !lora;
+  $('tune-encoding').disabled = lora;
+}
 $('tune-layers').onchange = showLoraRank;
 
 $('tune-button').onclick = async () => {
@@ -113,6 +118,7 @@ $('tune-button').onclick = async () => {
   if (settings.layers === 'lora' && $('tune-lora-rank').value !== '') {
     settings.lora_rank = Number($('tune-lora-rank').value);
   }
+  if (settings.layers !== 'lora') settings.delta_encoding = $('tune-encoding').value;
   if ($('tune-token').value.trim()) settings.token = $('tune-token').value.trim();
   if ($('tune-seed').value !== '') settings.seed = Number($('tune-seed').value);
   const form = new FormData();
@@ -127,6 +133,7 @@ $('tune-button').onclick = async () => {
 function watchTune(job) {
   state.tuneJob = job;
   const losses = [];
+  let phase = null;
   $('tune-button').disabled = true;
   $('tune-progress').hidden = false;
   $('tune-bar').style.width = '0';
@@ -134,6 +141,8 @@ function watchTune(job) {
   follow(job, {
     queued: (d) => { $('tune-status').textContent = queuedText(d); },
     progress: (d) => {
+      // The distillation's loss (against the tuned model) is on another scale: a curve of its own.
+      if (d.phase !== phase) { phase = d.phase; losses.length = 0; }
       if (d.loss != null && d.step > 0) losses.push(d.loss);
       $('tune-bar').style.width = `${(100 * d.step) / Math.max(1, d.total)}%`;
       const loss = d.loss != null ? `, loss ${d.loss.toFixed(4)}` : '';
@@ -189,7 +198,7 @@ async function loadSessions() {
     name.textContent = s.name;
     const meta = document.createElement('div');
     meta.className = 'meta';
-    const layers = s.settings.layers === 'lora' ? `LoRA rank ${s.settings.lora_rank}` : `${s.settings.layers} layers`;
+    const layers = s.settings.layers === 'lora' ? `LoRA rank ${s.settings.lora_rank}` : `${s.settings.layers} layers, ${s.settings.delta_encoding}`;
     meta.textContent = `${s.token} · ${s.settings.steps} steps · lr ${s.settings.learning_rate} · ${layers} · ${s.width}×${s.height}`;
     text.append(name, meta);
     item.append(img, text);

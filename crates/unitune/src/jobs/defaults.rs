@@ -46,6 +46,7 @@ pub struct TuneDefaults {
     pub distill_steps: Option<usize>,
     pub distill_learning_rate: Option<f64>,
     pub distill_prompts: Option<Vec<String>>,
+    pub distill_difference_weight: Option<f64>,
 }
 
 /// [`EditRequest`] fields a model may recommend; `auto_mask` turns on the estimated mask with
@@ -96,6 +97,9 @@ impl ModelDefaults {
             distill_steps: t.distill_steps.or(base.distill_steps),
             distill_learning_rate: t.distill_learning_rate.or(base.distill_learning_rate),
             distill_prompts: t.distill_prompts.clone().or(base.distill_prompts),
+            distill_difference_weight: t
+                .distill_difference_weight
+                .or(base.distill_difference_weight),
             ..base
         }
     }

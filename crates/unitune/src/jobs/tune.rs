@@ -6,7 +6,7 @@ use crate::image_io::resize_and_center_crop;
 use crate::noise::{random_seed, Noise};
 use crate::pipelines::{Progress, StableDiffusion};
 use crate::session::{DeltaEncoding, Session};
-use crate::train::distill::{Distillation, DEFAULT_PROMPTS};
+use crate::train::distill::{Distillation, DEFAULT_DIFFERENCE_WEIGHT, DEFAULT_PROMPTS};
 use crate::train::lora::DEFAULT_LORA_RANK;
 use crate::train::tune::{default_token, tune, TrainableLayers, TuneSettings};
 use crate::train::OptimizerKind;
@@ -47,6 +47,8 @@ pub struct TuneJob {
     /// Prompts the distillation matches the tuned model under, besides the token and the empty
     /// prompt; `None`: [`DEFAULT_PROMPTS`].
     pub distill_prompts: Option<Vec<String>>,
+    /// [`Distillation::difference_weight`]; `None`: [`DEFAULT_DIFFERENCE_WEIGHT`].
+    pub distill_difference_weight: Option<f64>,
 }
 
 impl Default for TuneJob {
@@ -68,6 +70,7 @@ impl Default for TuneJob {
             distill_steps: None,
             distill_learning_rate: None,
             distill_prompts: None,
+            distill_difference_weight: None,
         }
     }
 }
@@ -97,6 +100,15 @@ impl TuneJob {
                 ));
             }
         }
+        if let Some(w) = self
+            .distill_difference_weight
+            .filter(|w| !(w.is_finite() && *w >= 0.0))
+        {
+            return Err(Error::argument(
+                "distill-difference-weight",
+                format!("{w} must be a finite number >= 0"),
+            ));
+        }
         self.settings(String::new(), 0).check()
     }
 
@@ -117,6 +129,9 @@ impl TuneJob {
                 .distill_prompts
                 .clone()
                 .unwrap_or_else(|| DEFAULT_PROMPTS.map(String::from).to_vec()),
+            difference_weight: self
+                .distill_difference_weight
+                .unwrap_or(DEFAULT_DIFFERENCE_WEIGHT),
         });
         TuneSettings {
             token,
@@ -252,12 +267,13 @@ mod tests {
             distill_steps: Some(7),
             distill_learning_rate: Some(3e-6),
             distill_prompts: Some(vec!["a cat".into()]),
+            distill_difference_weight: Some(15.0),
             ..q3.clone()
         };
         let d = told.settings("t".into(), 1).distillation.unwrap();
         assert_eq!(
-            (d.steps, d.learning_rate, d.prompts),
-            (7, 3e-6, vec!["a cat".into()])
+            (d.steps, d.learning_rate, d.prompts, d.difference_weight),
+            (7, 3e-6, vec!["a cat".into()], 15.0)
         );
         let q8 = TuneJob {
             delta_encoding: Some(DeltaEncoding::Q8),
@@ -271,5 +287,11 @@ mod tests {
             };
             assert!(bad.check().unwrap_err().to_string().contains("distill-lr"));
         }
+        let negative = TuneJob {
+            distill_difference_weight: Some(-1.0),
+            ..q3
+        };
+        let err = negative.check().unwrap_err().to_string();
+        assert!(err.contains("distill-difference-weight"), "{err}");
     }
 }

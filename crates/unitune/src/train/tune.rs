@@ -27,7 +27,7 @@ use candle_core::{DType, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 
-use super::distill::{Distillation, Teacher};
+use super::distill::{self, Distillation, Teacher};
 use super::lora::LoraFactors;
 use super::master::MasterWeights;
 use super::{OptimizerKind, TrainOptimizer};
@@ -341,7 +341,7 @@ impl<'a> Tuner<'a> {
     pub fn loss(&self, inputs: &StepInputs) -> Result<Tensor> {
         let target = self.target(inputs)?;
         Ok(self
-            .forward_loss(&self.noised(inputs)?, &self.text, &target)?
+            .forward_loss(&self.noised(inputs)?, &self.text, &target, None)?
             .0)
     }
 
@@ -357,18 +357,22 @@ impl<'a> Tuner<'a> {
         })
     }
 
-    /// The loss against `target` on the noised latents with `text`, and what back-propagates
-    /// it (through checkpointed UNet units too, when the UNet has gradient checkpointing on).
+    /// The loss against `target` on the noised latents with `text` (the mean squared error, or
+    /// `teacher`'s distillation loss), and what back-propagates it (through checkpointed UNet
+    /// units too, when the UNet has gradient checkpointing on).
     fn forward_loss(
         &self,
         (noisy, t): &(Tensor, Tensor),
         text: &Tensor,
         target: &Tensor,
+        teacher: Option<&Teacher>,
     ) -> Result<(Tensor, CheckpointGrads)> {
         let (pred, grads) = self.sd.unet.forward_train(noisy, t, text)?;
-        let loss = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?
-            .sqr()?
-            .mean_all()?;
+        let error = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?;
+        let loss = match teacher {
+            None => error.sqr()?.mean_all()?,
+            Some(teacher) => distill::loss(&error, teacher.difference_weight)?,
+        };
         Ok((loss, grads))
     }
 
@@ -392,7 +396,7 @@ impl<'a> Tuner<'a> {
             None => {
                 let target = self.target(inputs)?;
                 let (loss, backward) =
-                    self.forward_loss(&self.noised(inputs)?, &self.text, &target)?;
+                    self.forward_loss(&self.noised(inputs)?, &self.text, &target, None)?;
                 (loss, backward, vec![])
             }
             Some(teacher) => {
@@ -401,12 +405,12 @@ impl<'a> Tuner<'a> {
                     self.taken - 1 - self.settings.steps,
                     self.settings.batch_size,
                 )?;
-                let noised = self.noised(inputs)?;
+                let noised = teacher.inputs(self.noised(inputs)?)?;
                 let target = teacher.predict(self.sd, &noised.0, &noised.1, &text)?;
                 // The forward pass sees the delta on the grid; the gradient updates the
                 // unrounded one (the straight-through estimator).
                 set_on_grid(self.sd, &student, teacher.levels)?;
-                let (loss, backward) = self.forward_loss(&noised, &text, &target)?;
+                let (loss, backward) = self.forward_loss(&noised, &text, &target, Some(teacher))?;
                 let unrounded = match self.master {
                     None => student.into_iter().map(|(_, var, w)| (var, w)).collect(),
                     Some(_) => vec![],
@@ -469,7 +473,7 @@ impl<'a> Tuner<'a> {
             weights,
             levels,
             &settings.token,
-            &distillation.prompts,
+            distillation,
         )?);
         let vars = match &self.master {
             Some(master) => master.masters(),
