@@ -59,7 +59,7 @@ async function start() {
   $('tune-steps').value = t.steps; $('tune-lr').value = t.lr; $('tune-batch').value = t.batch;
   $('tune-layers').value = t.layers; $('tune-lora-rank').value = t.lora_rank ?? '';
   if (t.delta_encoding && t.delta_encoding !== 'lora') $('tune-encoding').value = t.delta_encoding;
-  showLoraRank();
+  showLayerFields();
   fillEditForm(state.info.edit);
   await loadSessions();
 }
@@ -102,12 +102,12 @@ function pickFile(file) {
 }
 
 // The rank means something for a LoRA tune only, and a LoRA tune's session holds its factors.
-function showLoraRank() {
+function showLayerFields() {
   const lora = $('tune-layers').value === 'lora';
   $('tune-lora-rank').disabled = !lora;
   $('tune-encoding').disabled = lora;
 }
-$('tune-layers').onchange = showLoraRank;
+$('tune-layers').onchange = showLayerFields;
 
 $('tune-button').onclick = async () => {
   if (!state.file) return;
