@@ -10,7 +10,7 @@ use unitune::session::DeltaEncoding;
 use unitune::train::tune::TrainableLayers;
 use unitune_lab::bench_edits::{self, BenchEditsConfig};
 
-use crate::common::check_output;
+use crate::common::{check_output, DistillArgs};
 
 #[derive(Args)]
 pub struct BenchEditsArgs {
@@ -73,18 +73,8 @@ pub struct BenchEditsArgs {
     /// rounding after the tune loses.
     #[arg(long)]
     tune_delta_encoding: Option<DeltaEncoding>,
-    /// The distillation's steps, for a coarse --delta-encoding (see `tune --distill-steps`)
-    /// [default: the model's unitune.json, else the tune's].
-    #[arg(long)]
-    distill_steps: Option<usize>,
-    /// The distillation's learning rate [default: the model's unitune.json, else a tenth of
-    /// the tune's].
-    #[arg(long)]
-    distill_lr: Option<f64>,
-    /// The distillation's weight on the differences between prompts (see `tune
-    /// --distill-difference-weight`) [default: the model's unitune.json, else 31].
-    #[arg(long)]
-    distill_difference_weight: Option<f64>,
+    #[command(flatten)]
+    distill: DistillArgs,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -120,9 +110,9 @@ pub fn run(args: BenchEditsArgs) -> Result<()> {
         sessions: args.sessions,
         delta_encoding: args.delta_encoding,
         tune_delta_encoding: args.tune_delta_encoding,
-        distill_steps: args.distill_steps,
-        distill_lr: args.distill_lr,
-        distill_difference_weight: args.distill_difference_weight,
+        distill_steps: args.distill.distill_steps,
+        distill_lr: args.distill.distill_lr,
+        distill_difference_weight: args.distill.distill_difference_weight,
     };
     let m = bench_edits::measure(&config)?;
     if let Some(path) = &args.grid {

@@ -25,6 +25,33 @@ pub fn parse_device(name: &str) -> Result<Device> {
     Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("--device {name}: {e}"))
 }
 
+/// The distillation of a tune into a q2-q4 grid, as `tune` and `bench-edits` take it.
+#[derive(Args, Clone, Debug)]
+pub struct DistillArgs {
+    /// Steps of the distillation into a q2-q4 grid (0: round the tuned delta instead)
+    /// [default: the model's unitune.json, else as many as the tune's steps].
+    #[arg(long)]
+    pub distill_steps: Option<usize>,
+    /// The distillation's learning rate [default: the model's unitune.json, else a tenth of
+    /// the tune's].
+    #[arg(long)]
+    pub distill_lr: Option<f64>,
+    /// How many times more the distillation weighs its error in the differences between its
+    /// predictions under the prompts (which guidance multiplies) than the error they share, 0
+    /// for plain matching [default: the model's unitune.json, else 31].
+    #[arg(long)]
+    pub distill_difference_weight: Option<f64>,
+}
+
+impl DistillArgs {
+    /// Whether any of the flags was given.
+    pub fn any(&self) -> bool {
+        self.distill_steps.is_some()
+            || self.distill_lr.is_some()
+            || self.distill_difference_weight.is_some()
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// Stable Diffusion 1.x/2.x: a folder in the diffusers layout, a single-file checkpoint

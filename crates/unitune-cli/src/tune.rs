@@ -12,7 +12,7 @@ use unitune::session::{DeltaEncoding, Session};
 use unitune::train::tune::TrainableLayers;
 use unitune::train::OptimizerKind;
 
-use crate::common::{check_output_dir, refuse_inputs, ModelArgs};
+use crate::common::{check_output_dir, refuse_inputs, DistillArgs, ModelArgs};
 use crate::progress::BarProgress;
 
 #[derive(Args)]
@@ -67,19 +67,8 @@ pub struct TuneArgs {
     /// q8].
     #[arg(long)]
     delta_encoding: Option<DeltaEncoding>,
-    /// Steps of the distillation into a q2-q4 grid (0: round the tuned delta instead)
-    /// [default: the model's unitune.json, else as many as --steps].
-    #[arg(long)]
-    distill_steps: Option<usize>,
-    /// The distillation's learning rate [default: the model's unitune.json, else a tenth of
-    /// --lr].
-    #[arg(long)]
-    distill_lr: Option<f64>,
-    /// How many times more the distillation weighs its error in the differences between its
-    /// predictions under the prompts (which guidance multiplies) than the error they share, 0
-    /// for plain matching [default: the model's unitune.json, else 31].
-    #[arg(long)]
-    distill_difference_weight: Option<f64>,
+    #[command(flatten)]
+    distill: DistillArgs,
     /// The session file to write (safetensors).
     #[arg(long, short)]
     output: PathBuf,
@@ -113,19 +102,13 @@ pub fn run(args: TuneArgs) -> Result<()> {
         seed: args.seed,
         gradient_checkpointing: args.gradient_checkpointing,
         delta_encoding: args.delta_encoding,
-        distill_steps: args.distill_steps.or(base.distill_steps),
-        distill_learning_rate: args.distill_lr.or(base.distill_learning_rate),
+        distill_steps: args.distill.distill_steps.or(base.distill_steps),
+        distill_learning_rate: args.distill.distill_lr.or(base.distill_learning_rate),
         distill_prompts: base.distill_prompts,
-        distill_difference_weight: args
-            .distill_difference_weight
+        distill_difference_weight: (args.distill.distill_difference_weight)
             .or(base.distill_difference_weight),
     };
-    let distill_flags = [
-        args.distill_steps.is_some(),
-        args.distill_lr.is_some(),
-        args.distill_difference_weight.is_some(),
-    ];
-    if distill_flags.contains(&true) && job.settings(String::new(), 0).distillation.is_none() {
+    if args.distill.any() && job.settings(String::new(), 0).distillation.is_none() {
         bail!("--distill-steps, --distill-lr, --distill-difference-weight: only a tune stored in q2, q3 or q4 is distilled");
     }
     let image = image_io::load_image(&args.image)?;

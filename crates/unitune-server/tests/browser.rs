@@ -9,7 +9,7 @@
 mod common;
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,18 @@ async fn until(client: &Client, what: &str, script: &str) {
     }
 }
 
+/// Picks `photo` in the page's file input, as a user does, and waits for the crop preview.
+async fn pick_photo(client: &Client, photo: &Path) {
+    let input = client.find(Locator::Id("file-input")).await.unwrap();
+    input.send_keys(photo.to_str().unwrap()).await.unwrap();
+    until(
+        client,
+        "the crop preview",
+        "!document.getElementById('crop').hidden",
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_tune_edit_and_find_the_session_after_a_reload() {
     let Some(driver) = driver() else { return };
@@ -129,14 +141,7 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
     .await;
 
     let scene = repo().join("examples/scene.png").canonicalize().unwrap();
-    let input = client.find(Locator::Id("file-input")).await.unwrap();
-    input.send_keys(scene.to_str().unwrap()).await.unwrap();
-    until(
-        &client,
-        "the crop preview",
-        "!document.getElementById('crop').hidden",
-    )
-    .await;
+    pick_photo(&client, &scene).await;
     // The form starts from the model's tune (whole-weight `most` here, so no rank to give);
     // this tune is a rank-4 LoRA.
     let layers = client
@@ -264,14 +269,7 @@ async fn upload_tune_edit_and_find_the_session_after_a_reload() {
     .await;
 
     // A whole-weight tune stored in q2: the page shows its distillation, then lists its code.
-    let input = client.find(Locator::Id("file-input")).await.unwrap();
-    input.send_keys(scene.to_str().unwrap()).await.unwrap();
-    until(
-        &client,
-        "the tune button",
-        "!document.getElementById('tune-button').disabled",
-    )
-    .await;
+    pick_photo(&client, &scene).await;
     client.execute("window.statuses = []; const status = document.getElementById('tune-status'); new MutationObserver(() => window.statuses.push(status.textContent)).observe(status, {childList: true, characterData: true, subtree: true}); document.getElementById('tune-steps').value = 4; document.getElementById('tune-batch').value = 1; const layers = document.getElementById('tune-layers'); layers.value = 'most'; layers.dispatchEvent(new Event('change')); document.getElementById('tune-encoding').value = 'q2'; document.getElementById('tune-button').click();", vec![]).await.unwrap();
     until(
         &client,
